@@ -1,0 +1,111 @@
+"""The ``cosmos-policy`` command.
+
+``fit | validate | test | predict`` are LightningCLI subcommands (``training/cli.py``); the tools
+``layout``, ``convert``, ``collect metaworld`` and ``evaluate metaworld`` are plain functions whose
+signatures and docstrings jsonargparse turns into options and ``--help``. Each subcommand imports only
+its own module, so ``cosmos-policy layout`` starts without loading torch models.
+
+Errors in user input (:class:`~cosmos_policy_lightning.errors.CosmosPolicyError`, missing files) are
+printed as one line ``error: ...`` with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from .errors import CosmosPolicyError
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+# subcommand words -> (module, function, one-line summary)
+TOOLS: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("layout",): ("cosmos_policy_lightning.cli", "layout",
+                  "print the latent-frame layout of an embodiment YAML"),
+    ("convert",): ("cosmos_policy_lightning.data.convert", "convert",
+                   "convert HDF5 / Zarr demonstrations into WebDataset shards + statistics"),
+    ("collect", "metaworld"): ("cosmos_policy_lightning.sim.collect", "collect_metaworld",
+                               "record scripted-expert demonstrations in Meta-World"),
+    ("evaluate", "metaworld"): ("cosmos_policy_lightning.sim.evaluate", "evaluate_metaworld",
+                                "closed-loop evaluation of a checkpoint in Meta-World"),
+}
+
+
+def layout(embodiment: Path, json_output: bool = False) -> None:
+    """Print the latent-frame layout derived from an embodiment (SPEC §1, §2).
+
+    Args:
+        embodiment: path of the embodiment YAML (e.g. ``embodiments/aloha.yaml``).
+        json_output: print JSON (``--json`` also works) instead of a table.
+    """
+    from .embodiment import Embodiment
+    from .layout import OBJECTIVES, SequenceLayout
+
+    lay = SequenceLayout.from_embodiment(Embodiment.from_yaml(embodiment))
+    if json_output:
+        print(json.dumps(lay.to_dict(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    c, h, w = lay.latent_frame_shape
+    table = Table(title=f"{lay.embodiment}: {lay.num_latent_frames} latent frames of {c}x{h}x{w}, "
+                        f"{lay.num_pixel_frames} pixel frames",
+                  caption="C = clean conditioning frame, T = noised target with loss, . = noised, no loss")
+    for col in ("slot", "latent", "pixel frames"):
+        table.add_column(col, justify="left" if col == "slot" else "right")
+    for obj in OBJECTIVES:
+        table.add_column(obj, justify="center")
+    cond = {o: lay.conditioning_mask(o) for o in OBJECTIVES}
+    loss = {o: lay.loss_mask(o) for o in OBJECTIVES}
+    for s in lay.slots:
+        first, last = s.pixel_frames
+        marks = ["C" if cond[o][s.latent_index] else ("T" if loss[o][s.latent_index] else ".") for o in OBJECTIVES]
+        table.add_row(s.name, str(s.latent_index), f"{first}" if first == last else f"{first}-{last}", *marks)
+    Console(width=140).print(table)
+
+
+def _usage() -> str:
+    lines = ["usage: cosmos-policy SUBCOMMAND [options]   (cosmos-policy SUBCOMMAND --help for its options)", "",
+             "training (LightningCLI):"]
+    lines += [f"  {name:<20} {what}" for name, what in (
+        ("fit", "train policy, world model and value jointly (--config recipes/<name>.yaml)"),
+        ("validate", "run the validation loop on a checkpoint"),
+        ("test", "test metrics on held-out episodes (sampled action error, value AUROC, ...)"),
+        ("predict", "sample action chunks, futures and values on a held-out shard"))]
+    lines += ["", "tools:"]
+    lines += [f"  {' '.join(words):<20} {summary}" for words, (_, _, summary) in TOOLS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cosmos-policy`` console script. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    try:
+        if argv[0] in LIGHTNING_SUBCOMMANDS:
+            from .training.cli import run_lightning_cli
+
+            run_lightning_cli(argv)
+            return 0
+        for words, (module, func, _) in TOOLS.items():
+            if tuple(argv[: len(words)]) == words:
+                from jsonargparse import CLI
+
+                rest = ["--json_output=true" if a == "--json" else a for a in argv[len(words):]]
+                fn = getattr(importlib.import_module(module), func)
+                CLI(fn, args=rest, prog=f"cosmos-policy {' '.join(words)}")
+                return 0
+        print(f"error: unknown subcommand {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    except (CosmosPolicyError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Per-dimension statistics and normalisation of actions and proprio to [-1, 1] (SPEC §4).
+
+``minmax``: ``2 (x - min) / (max - min) - 1`` over the successful demonstrations (the reference).
+``quantile``: the same with the 1st / 99th percentiles as bounds, clipped to [-1, 1] (robust to outliers).
+``none``: identity.
+
+Unlike the reference, a constant dimension (``max == min``) never divides by zero: it maps to 0 and
+back to its constant, with one warning naming the dimension. Statistics carry a fingerprint of the
+data they were computed on (dims, chunk size, episode ids) so a later stage refuses stale ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ArrayLike = Any  # np.ndarray | torch.Tensor
+
+#: Ranges below this are treated as constant dimensions.
+ZERO_RANGE_EPS = 1e-8
+
+
+@dataclass
+class Stats:
+    """Per-dimension statistics of a ``(N, D)`` array.
+
+    Attributes (each a float64 array of shape ``(D,)`` except ``count``):
+        min, max, mean, std, q01, q99: in the data's own units.
+        count: number of rows N.
+        names: optional per-dimension names (for warnings and plots).
+    """
+
+    min: np.ndarray
+    max: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    q01: np.ndarray
+    q99: np.ndarray
+    count: int
+    names: tuple[str, ...] | None = None
+
+    @classmethod
+    def compute(cls, data: ArrayLike, names: Sequence[str] | None = None) -> "Stats":
+        """Statistics of ``data`` of shape ``(N, D)`` (N >= 1).
+
+        Raises:
+            ValueError: wrong rank, no rows, or non-finite values.
+        """
+        x = np.asarray(data, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"statistics need a non-empty (N, D) array, got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("statistics: data contains NaN or inf")
+        q01, q99 = np.quantile(x, [0.01, 0.99], axis=0)
+        return cls(x.min(0), x.max(0), x.mean(0), x.std(0), q01, q99, int(x.shape[0]),
+                   tuple(names) if names is not None else None)
+
+    @property
+    def dim(self) -> int:
+        return int(self.min.shape[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(self, k).tolist() for k in ("min", "max", "mean", "std", "q01", "q99")}
+        out["count"] = self.count
+        out["names"] = list(self.names) if self.names is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Stats":
+        arrays = {k: np.asarray(d[k], dtype=np.float64) for k in ("min", "max", "mean", "std", "q01", "q99")}
+        return cls(**arrays, count=int(d["count"]), names=tuple(d["names"]) if d.get("names") else None)
+
+
+class Normalizer:
+    """Maps one modality between robot units and [-1, 1], per dimension.
+
+    Args:
+        stats: statistics of the modality (last axis of the data is the dimension axis).
+        mode: ``minmax`` (bounds min/max), ``quantile`` (bounds q01/q99) or ``none``.
+        clip: clip normalised values to [-1, 1] (always on in ``quantile`` mode).
+        name: modality name used in warnings (e.g. ``action``).
+
+    Constant dimensions map to 0 and un-normalise to their constant; a warning naming them is
+    issued once, at construction.
+    """
+
+    def __init__(self, stats: Stats, mode: str = "minmax", clip: bool = False, name: str = "data"):
+        if mode not in ("minmax", "quantile", "none"):
+            raise ValueError(f"{name}: unknown normalisation mode {mode!r}; expected minmax, quantile or none")
+        self.stats, self.mode, self.name = stats, mode, name
+        self.clip = clip or mode == "quantile"
+        lo, hi = (stats.q01, stats.q99) if mode == "quantile" else (stats.min, stats.max)
+        self.low = np.asarray(lo, dtype=np.float64)
+        self.high = np.asarray(hi, dtype=np.float64)
+        span = self.high - self.low
+        self.constant = span < ZERO_RANGE_EPS
+        # Half-range with constant dims set to 1 so the arithmetic stays finite; they are zeroed below.
+        self.half = np.where(self.constant, 1.0, span / 2.0)
+        self.center = np.where(self.constant, self.low, (self.high + self.low) / 2.0)
+        if mode != "none" and self.constant.any():
+            dims = [stats.names[i] if stats.names else str(i) for i in np.flatnonzero(self.constant)]
+            warnings.warn(f"{name}: constant dimension(s) {', '.join(dims)} (max == min); "
+                          f"they are normalised to 0", stacklevel=2)
+
+    def _params(self, x: ArrayLike):
+        if isinstance(x, torch.Tensor):
+            conv = lambda a: torch.as_tensor(a, dtype=x.dtype, device=x.device)  # noqa: E731
+            return conv(self.center), conv(self.half), torch.as_tensor(self.constant, device=x.device)
+        return self.center, self.half, self.constant
+
+    def normalize(self, x: ArrayLike) -> ArrayLike:
+        """``(..., D)`` robot units -> ``(..., D)`` in [-1, 1] (exactly, for in-range data)."""
+        if self.mode == "none":
+            return x
+        center, half, const = self._params(x)
+        y = (x - center) / half
+        y = y * ~const if isinstance(y, torch.Tensor) else np.where(const, 0.0, y)
+        if self.clip:
+            y = y.clamp(-1, 1) if isinstance(y, torch.Tensor) else np.clip(y, -1, 1)
+        return y
+
+    def unnormalize(self, y: ArrayLike) -> ArrayLike:
+        """``(..., D)`` in [-1, 1] -> robot units; constant dimensions return their constant."""
+        if self.mode == "none":
+            return y
+        center, half, const = self._params(y)
+        if isinstance(y, torch.Tensor):
+            return torch.where(const, center, y * half + center)
+        return np.where(const, center, y * half + center)
+
+
+def fingerprint(action_dim: int, proprio_dim: int, chunk_size: int, episode_ids: Iterable[str]) -> str:
+    """Hash identifying the data statistics were computed on: dims, chunk size and sorted episode ids.
+
+    Returns:
+        16 hex characters of a SHA-256.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps([action_dim, proprio_dim, chunk_size, sorted(map(str, episode_ids))]).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class DatasetStats:
+    """Statistics of a converted dataset: actions and proprio, over successful episodes (used for
+    normalisation, SPEC §4) and over all episodes, plus the fingerprint.
+
+    ``successful`` / ``all`` map modality (``action``, ``proprio``) to :class:`Stats`.
+    """
+
+    fingerprint: str
+    successful: dict[str, Stats]
+    all: dict[str, Stats]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def normalizer(self, modality: str, mode: str = "minmax", clip: bool = False) -> Normalizer:
+        """Normaliser for ``modality`` from the successful-episode statistics (falls back to all
+        episodes when there are no successes)."""
+        stats = self.successful.get(modality) or self.all[modality]
+        return Normalizer(stats, mode=mode, clip=clip, name=modality)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "successful": {k: v.to_dict() for k, v in self.successful.items()},
+            "all": {k: v.to_dict() for k, v in self.all.items()},
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DatasetStats":
+        return cls(d["fingerprint"], {k: Stats.from_dict(v) for k, v in (d.get("successful") or {}).items()},
+                   {k: Stats.from_dict(v) for k, v in d["all"].items()}, d.get("meta", {}))
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON atomically (temp file in the same directory, then rename)."""
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DatasetStats":
+        """Read ``stats.json``. Raises ValueError (one line, naming the file) when malformed."""
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: statistics file not found") from None
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: malformed statistics ({type(err).__name__}: {err})") from None
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` via a temp file and ``os.replace``: readers see the
+    old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
