@@ -1,0 +1,150 @@
+"""Embodiment descriptors: every shipped YAML loads with the reference numbers; every malformed
+descriptor is refused with a one-line error naming the file and the field."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cosmos_policy_lightning.embodiment import Embodiment, EmbodimentError, load_embodiment
+
+from .conftest import EMBODIMENTS
+
+SHIPPED = sorted(EMBODIMENTS.glob("*.yaml"))
+
+
+def test_every_shipped_yaml_is_tested():
+    assert {p.stem for p in SHIPPED} >= {"libero", "robocasa", "aloha", "metaworld"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_embodiment_loads_and_round_trips(path):
+    emb = Embodiment.from_yaml(path)
+    assert emb.name == path.stem
+    again = Embodiment.from_dict(emb.to_dict(), source="roundtrip")
+    assert again.to_dict() == emb.to_dict()
+    assert load_embodiment(path) == emb
+
+
+@pytest.mark.parametrize(
+    "name, cameras, k, adim, pdim, gamma, execute",
+    [
+        ("libero", ["wrist", "agentview"], 16, 7, 9, 0.99, 16),
+        ("robocasa", ["wrist", "left_agentview", "right_agentview"], 32, 7, 9, 0.99, 16),
+        ("aloha", ["left_wrist", "right_wrist", "cam_high"], 50, 14, 14, 0.998, 50),
+    ],
+)
+def test_reference_embodiments_match_spec(name, cameras, k, adim, pdim, gamma, execute):
+    emb = Embodiment.from_yaml(EMBODIMENTS / f"{name}.yaml")
+    assert list(emb.camera_names) == cameras
+    assert (emb.action.chunk_size, emb.action.dim, emb.proprio.dim) == (k, adim, pdim)
+    assert emb.value.gamma == gamma and emb.action.execute_steps == execute
+    assert emb.image_size == (224, 224) and emb.latent_frame_shape == (16, 28, 28)
+    assert emb.latent_frame_volume == 12544
+
+
+def test_metaworld_embodiment():
+    emb = Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml")
+    assert emb.action.dim == 4 and emb.proprio.dim == 4 and emb.action.chunk_size == 16
+    assert emb.value.gamma == 0.99
+    roles = {c.name: c.role for c in emb.cameras}
+    assert roles == {"wrist": "wrist", "corner": "primary"}
+    assert emb.primary_camera.name == "corner"
+    assert emb.image_size[0] <= 96
+
+
+def _base() -> dict:
+    return yaml.safe_load((EMBODIMENTS / "libero.yaml").read_text())
+
+
+def _set(d, dotted, value):
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d[int(k)] if isinstance(d, list) else d[k]
+    last = keys[-1]
+    if value is _DELETE:
+        del d[last]
+    elif isinstance(d, list):
+        d[int(last)] = value
+    else:
+        d[last] = value
+
+
+_DELETE = object()
+
+MALFORMED = [
+    ("name", _DELETE, "name: missing required field"),
+    ("name", "", "name: expected a non-empty string"),
+    ("control_hz", -5, "control_hz: expected a positive number"),
+    ("control_hz", "fast", "control_hz: expected a positive number"),
+    ("image_size", [224], "image_size: expected [H, W]"),
+    ("image_size", [224, 0], "image_size[1]: expected a positive integer"),
+    ("image_size", [100, 100], "image_size[0]: expected a multiple of 16"),
+    ("image_size", [224.0, 224], "image_size[0]: expected a positive integer"),
+    ("cameras", [], "cameras: expected a non-empty list"),
+    ("cameras.1.name", "wrist", "cameras[1].name: duplicate camera name 'wrist'"),
+    ("cameras.0.role", "side", "cameras[0].role: expected one of primary, secondary, wrist"),
+    ("cameras.1.role", "wrist", "cameras: expected at least one camera with role 'primary'"),
+    ("cameras.0", "wrist", "cameras[0]: expected a mapping"),
+    ("proprio.dim", 0, "proprio.dim: expected a positive integer"),
+    ("proprio.dim", True, "proprio.dim: expected a positive integer"),
+    ("proprio.names", ["a", "b"], "proprio.names: expected 9 names"),
+    ("action.names", ["x"] * 7, "action.names: duplicate dimension names"),
+    ("action.chunk_size", 2.5, "action.chunk_size: expected a positive integer"),
+    ("action.execute_steps", 17, "action.execute_steps: expected at most chunk_size (16)"),
+    ("action.chunk_size", 2000, "action: chunk_size * dim = 2000 * 7 = 14000 values do not fit"),
+    ("proprio.dim", 20000, "proprio.dim: 20000 values do not fit"),
+    ("value.gamma", 1.5, "value.gamma: expected a number in (0, 1]"),
+    ("value.gamma", 0, "value.gamma: expected a number in (0, 1]"),
+    ("value", _DELETE, "value: missing required field"),
+    ("normalization.action", "zscore", "normalization.action: expected one of minmax, quantile, none"),
+    ("action.chunk", 4, "action.chunk: unknown field"),
+    ("cameras.0.keys", ["x"], "cameras[0].keys: expected a mapping"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", MALFORMED, ids=[f"{m[0]}={m[1]!r}"[:40] for m in MALFORMED])
+def test_malformed_embodiment_gives_one_line_error(tmp_path, field, value, message):
+    data = copy.deepcopy(_base())
+    if field.startswith("proprio."):
+        data["proprio"].pop("names")
+    _set(data, field, value)
+    path = tmp_path / "robot.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(EmbodimentError) as info:
+        Embodiment.from_yaml(path)
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(f"{path}: ")
+    assert message in text
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(EmbodimentError, match="file not found"):
+        Embodiment.from_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(EmbodimentError, match="not valid YAML") as info:
+        Embodiment.from_yaml(bad)
+    assert "\n" not in str(info.value)
+    top = tmp_path / "list.yaml"
+    top.write_text("- a\n- b\n")
+    with pytest.raises(EmbodimentError, match="<root>: expected a mapping"):
+        Embodiment.from_yaml(top)
+
+
+def test_new_robot_costs_one_file(tmp_path):
+    """A 4-camera robot with no code change: the chunk check uses its own image size."""
+    data = {
+        "name": "quad", "control_hz": 10, "image_size": [32, 48],
+        "cameras": [{"name": n, "role": r} for n, r in
+                    (("a", "wrist"), ("b", "primary"), ("c", "secondary"), ("d", "secondary"))],
+        "proprio": {"dim": 3}, "action": {"dim": 2, "chunk_size": 8}, "value": {"gamma": 1},
+    }
+    path = Path(tmp_path / "quad.yaml")
+    path.write_text(yaml.safe_dump(data))
+    emb = Embodiment.from_yaml(path)
+    assert emb.latent_frame_shape == (16, 4, 6)
+    assert emb.action.execute_steps == 8  # defaults to the chunk size
+    assert emb.normalization == {"action": "minmax", "proprio": "minmax"}
