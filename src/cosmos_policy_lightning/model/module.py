@@ -1,0 +1,392 @@
+"""The LightningModule: one network trained as policy, world model and value function (SPEC §2, §3, §5).
+
+One ``training_step`` serves every objective. Per sample:
+
+1. build the pixel sequence from the layout and encode it with the frozen VAE in one call;
+2. inject proprio, action chunk and value into their latent frames;
+3. pick the sample's objective: its conditioning mask (clean frames) and loss mask;
+4. noise the whole clip at one sigma, frame-replace the conditioning frames with their clean latents,
+   run the DiT with per-frame time 0 on them, replace their outputs with the clean latents;
+5. weighted x0 loss on the objective's loss frames.
+
+The checkpoint carries the embodiment, the layout, the normalisation statistics and the text
+encoder's identity (``checkpoint["cosmos_policy"]``), so inference needs nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAUROC
+
+from ..embodiment import Embodiment, load_embodiment
+from ..layout import OBJECTIVES, SequenceLayout
+from ..normalization import DatasetStats, Normalizer
+from . import diffusion
+from .backbone import VideoDiT, VideoVAE, build_transformer
+from .schedule import lr_multiplier
+from .sequence import build_pixel_sequence, inject_vectors, read_vectors, unit_range_to_images, value_to_unit
+
+CHECKPOINT_KEY = "cosmos_policy"
+
+
+def modality_frames(layout: SequenceLayout) -> dict[str, list[int]]:
+    """Target modalities whose latent-space L1 is logged (SPEC §3) -> their latent indices."""
+    out = {"action": [layout.index("action")], "future_proprio": [layout.index("future_proprio")]}
+    for cam in layout.camera_names:
+        out[f"future_image_{cam}"] = [layout.index(f"future_image/{cam}")]
+    out["value"] = [layout.index("value")]
+    return out
+
+
+class CosmosPolicyModule(L.LightningModule):
+    """Cosmos Policy: a latent video DiT as policy + world model + value function.
+
+    Args:
+        embodiment: embodiment YAML path or its dict (linked from the data module by the CLI).
+        text_dim: width D of the cached text embeddings (linked from the data module).
+        transformer: DiT config name (``tiny`` | ``cosmos-predict2-2b``) or a dict of
+            ``CosmosTransformer3DModel`` arguments.
+        pretrained_transformer: hub id or local directory of pretrained DiT weights; None = random init.
+        vae: local directory / hub id of an ``AutoencoderKLWan`` (e.g. ``assets/tiny_wan_vae`` or the
+            Wan2.1 VAE) or a config dict (random init, tests only).
+        auxiliary_targets: keep the loss on the auxiliary targets (policy: s' and V; world model: V).
+        learning_rate, betas, eps, weight_decay: AdamW (SPEC §5: 1e-4, (0.9, 0.99), 1e-8, 0.1).
+        warmup_steps, decay_steps, decay_factor, final_factor: the piecewise-linear schedule of
+            ``model/schedule.py``; the last segment ends at ``trainer.max_steps``.
+        grad_clip_norm: clip the global gradient norm (SPEC §5: 1.0); 0 disables.
+        activation_checkpointing: recompute every DiT block in the backward pass.
+        image_log_every_n_steps: how often the image grid (current / true future / predicted future
+            frames) goes to TensorBoard; 0 disables.
+        test_num_steps: denoising steps of the sampler in ``test_step`` (SPEC §3: 5).
+    """
+
+    def __init__(
+        self,
+        embodiment: str | dict | None = None,
+        text_dim: int = 384,
+        transformer: str | dict = "tiny",
+        pretrained_transformer: str | None = None,
+        vae: str | dict = "assets/tiny_wan_vae",
+        auxiliary_targets: bool = True,
+        learning_rate: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 1000,
+        decay_steps: int = 30000,
+        decay_factor: float = 0.3,
+        final_factor: float = 0.06,
+        grad_clip_norm: float = 1.0,
+        activation_checkpointing: bool = False,
+        image_log_every_n_steps: int = 200,
+        test_num_steps: int = 5,
+    ):
+        super().__init__()
+        if embodiment is None:
+            raise ValueError("model.embodiment is required (the CLI links it from data.embodiment)")
+        self.embodiment: Embodiment = load_embodiment(embodiment)
+        self.save_hyperparameters()
+        self.hparams["embodiment"] = self.embodiment.to_dict()  # self-contained checkpoints
+        self.layout = SequenceLayout.from_embodiment(self.embodiment)
+        self.stats: DatasetStats | None = None
+        self.text_encoder_identity: str | None = None
+        self.vae = VideoVAE(vae)
+        self.dit: VideoDiT | None = None  # built in configure_model (meta-device friendly for FSDP2)
+        # The VAE is frozen and reloaded from its own path: keep it out of checkpoints.
+        self.strict_loading = False
+
+        T = self.layout.num_latent_frames
+        self.register_buffer("cond_table", torch.tensor([self.layout.conditioning_mask(o) for o in OBJECTIVES]),
+                             persistent=False)
+        self.register_buffer("loss_table", torch.tensor(
+            [self.layout.loss_mask(o, auxiliary_targets) for o in OBJECTIVES]), persistent=False)
+        assert self.cond_table.shape == (len(OBJECTIVES), T)
+        self.modalities = modality_frames(self.layout)
+        names = [f"{o}/{m}" for o in OBJECTIVES for m in self.modalities]
+        self.val_l1 = nn.ModuleDict({n: MeanMetric() for n in names})
+        self.test_l1 = nn.ModuleDict({n: MeanMetric() for n in names})
+        self.val_loss = MeanMetric()
+        a, p = self.embodiment.action, self.embodiment.proprio
+        self.test_action_mae = nn.ModuleList([MeanMetric() for _ in range(a.dim)])
+        self.test_future_proprio_mae = nn.ModuleList([MeanMetric() for _ in range(p.dim)])
+        self.test_value_mae = MeanMetric()
+        self.test_value_auroc = BinaryAUROC()
+        self.flops_per_batch: int | None = None
+
+    # ------------------------------------------------------------------ model construction
+    def configure_model(self) -> None:
+        """Build the DiT (idempotent); under ``ModelParallelStrategy`` shard it with FSDP2 per block,
+        HSDP over the strategy's 2-D mesh: replicate across nodes, shard within a node (SPEC §5)."""
+        if self.dit is not None:
+            return
+        h = self.hparams
+        self.dit = VideoDiT(build_transformer(h.transformer, text_embed_dim=h.text_dim,
+                                              pretrained=h.pretrained_transformer))
+        if h.activation_checkpointing:
+            self.dit.enable_activation_checkpointing()
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if self.device.type == "cuda" else MixedPrecisionPolicy()
+            for block in self.dit.blocks:
+                fully_shard(block, mesh=mesh, mp_policy=mp)
+            fully_shard(self.dit, mesh=mesh, mp_policy=mp)
+
+    # ------------------------------------------------------------------ data-side state
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and getattr(dm, "stats", None) is None and hasattr(dm, "setup"):
+            dm.setup(stage)
+        if dm is not None and getattr(dm, "stats", None) is not None:
+            if self.stats is not None and self.stats.fingerprint != dm.stats.fingerprint:
+                import warnings
+
+                warnings.warn(f"statistics of the checkpoint ({self.stats.fingerprint}) differ from the data "
+                              f"module's ({dm.stats.fingerprint}); using the checkpoint's to keep the model's scale")
+            else:
+                self.stats = dm.stats
+            self.text_encoder_identity = self.text_encoder_identity or getattr(dm, "text_encoder_identity", None)
+
+    def normalizer(self, modality: str) -> Normalizer:
+        """Normaliser of ``action`` / ``proprio`` from the checkpoint's statistics."""
+        if self.stats is None:
+            raise RuntimeError("no normalisation statistics: train with a data module or load a checkpoint")
+        return self.stats.normalizer(modality, self.embodiment.normalization[modality])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "embodiment": self.embodiment.to_dict(),
+            "layout": self.layout.to_dict(),
+            "stats": self.stats.to_dict() if self.stats is not None else None,
+            "text_encoder": self.text_encoder_identity,
+        }
+        sd = checkpoint.get("state_dict")
+        if sd:
+            for key in [k for k in sd if k.startswith("vae.")]:
+                del sd[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get(CHECKPOINT_KEY) or {}
+        if extra.get("stats"):
+            self.stats = DatasetStats.from_dict(extra["stats"])
+        self.text_encoder_identity = extra.get("text_encoder")
+
+    # ------------------------------------------------------------------ the shared forward pieces
+    @torch.no_grad()
+    def encode_batch(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Clean latents ``(B, 16, T, h, w)`` of a batch: pixel sequence -> VAE -> injected vectors."""
+        pixels = build_pixel_sequence(self.layout, batch["images"], batch["future_images"])
+        latents = self.vae.encode(pixels).float()
+        return inject_vectors(latents, self.layout, batch["proprio"], batch["future_proprio"],
+                              batch["actions"], batch["value"])
+
+    def denoise(self, x_sigma: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, clean: torch.Tensor,
+                text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+        """x0 prediction with conditioning frames handled the four ways of SPEC §2.
+
+        Args:
+            x_sigma: ``(B, C, T, h, w)`` noisy latents; sigma: ``(B,)``; cond: ``(B, T)`` bool;
+            clean: ``(B, C, T, h, w)`` clean latents (only conditioning frames are read);
+            text: ``(B, L, D)``; text_mask: ``(B, L)`` bool or None.
+        """
+        assert self.dit is not None, "call configure_model() first"
+        network = lambda x, t: self.dit(x, t, cond, text, text_mask)  # noqa: E731
+        return diffusion.Denoiser(network, clean, cond)(x_sigma, sigma)
+
+    @torch.no_grad()
+    def generate(self, clean: torch.Tensor, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None,
+                 num_steps: int = 5, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample the non-conditioning frames with the SPEC §3 sampler; conditioning frames come back clean.
+
+        Returns:
+            ``(B, C, T, h, w)`` generated latents.
+        """
+        assert self.dit is not None, "call configure_model() first"
+        noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+        network = lambda x, t: self.dit(x, t, cond, text, text_mask)  # noqa: E731
+        return diffusion.sample(diffusion.Denoiser(network, clean, cond), noise, num_steps)
+
+    def _noised_step(self, batch: dict[str, Any]):
+        x0 = self.encode_batch(batch)
+        b, t = x0.shape[0], x0.shape[2]
+        obj = batch["objective"]
+        cond, loss_mask = self.cond_table[obj], self.loss_table[obj]
+        sigma = diffusion.sample_sigma(b, t, device=x0.device)
+        x_sigma = x0 + sigma.view(b, 1, 1, 1, 1) * torch.randn_like(x0)
+        x0_pred = self.denoise(x_sigma, sigma, cond, x0, batch["text"], batch.get("text_mask"))
+        loss = diffusion.diffusion_loss(x0_pred, x0, sigma, loss_mask)
+        return x0, x0_pred, loss, obj
+
+    def _l1_by_objective(self, x0: torch.Tensor, x0_pred: torch.Tensor, obj: torch.Tensor):
+        """Yield ``(name, per-sample L1 tensor)`` for every (objective, modality) target in the batch."""
+        err = (x0_pred.float() - x0.float()).abs().mean(dim=(1, 3, 4))  # (B, T)
+        for o_idx, o in enumerate(OBJECTIVES):
+            sel = obj == o_idx
+            if not sel.any():
+                continue
+            loss_frames = self.loss_table[o_idx]
+            for mod, frames in self.modalities.items():
+                if all(loss_frames[f] for f in frames):
+                    yield f"{o}/{mod}", err[sel][:, frames].mean(dim=1)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x0, x0_pred, loss, obj = self._noised_step(batch)
+        b = x0.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        with torch.no_grad():
+            for name, values in self._l1_by_objective(x0, x0_pred, obj):
+                self.log(f"train/l1/{name}", values.mean(), batch_size=len(values))
+        if self.flops_per_batch is None:
+            self.flops_per_batch = self._estimate_flops(x0, batch["text"].shape[1])
+        every = self.hparams.image_log_every_n_steps
+        if every and self.global_step % every == 0 and self.global_rank == 0:
+            self.log_image_grid(batch, x0_pred.detach(), tag="train/future_frames")
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x0, x0_pred, loss, obj = self._noised_step(batch)
+        self.val_loss.update(loss, weight=x0.shape[0])
+        for name, values in self._l1_by_objective(x0, x0_pred, obj):
+            self.val_l1[name].update(values)
+        if batch_idx == 0 and self.global_rank == 0 and self.hparams.image_log_every_n_steps:
+            self.log_image_grid(batch, x0_pred, tag="val/future_frames")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_l1)
+        if self.val_loss.update_count:
+            self.log("val/loss", self.val_loss.compute(), sync_dist=False)
+        self.val_loss.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Latent L1s at the training sigma, then *sampled* errors in robot units (SPEC §3 sampler):
+        the action chunk and future proprio from parallel decoding of the policy objective (action
+        error on successful episodes only), and the value from the value objective, with the AUROC of
+        the predicted value separating successes from failures."""
+        x0, x0_pred, _, obj = self._noised_step(batch)
+        for name, values in self._l1_by_objective(x0, x0_pred, obj):
+            self.test_l1[name].update(values)
+        b = x0.shape[0]
+        text, text_mask = batch["text"], batch.get("text_mask")
+        steps = self.hparams.test_num_steps
+        emb = self.embodiment
+        pol = self.cond_table[OBJECTIVES.index("policy")].expand(b, -1)
+        gen = read_vectors(self.generate(x0, pol, text, text_mask, steps), self.layout, emb.proprio.dim,
+                           emb.action.chunk_size, emb.action.dim)
+        act_n, prop_n = self.normalizer("action"), self.normalizer("proprio")
+        success = batch["success"].bool()
+        if success.any():
+            act_err = (act_n.unnormalize(gen["actions"][success]) - act_n.unnormalize(batch["actions"][success].float()))
+            for d, metric in enumerate(self.test_action_mae):
+                metric.update(act_err[..., d].abs())
+        prop_err = prop_n.unnormalize(gen["future_proprio"]) - prop_n.unnormalize(batch["future_proprio"].float())
+        for d, metric in enumerate(self.test_future_proprio_mae):
+            metric.update(prop_err[..., d].abs())
+        val = self.cond_table[OBJECTIVES.index("value")].expand(b, -1)
+        value = read_vectors(self.generate(x0, val, text, text_mask, steps), self.layout, emb.proprio.dim,
+                             emb.action.chunk_size, emb.action.dim)["value"]
+        self.test_value_mae.update((value - batch["value"].float()).abs())
+        self.test_value_auroc.update(value_to_unit(value), success.long())
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_l1)
+        emb = self.embodiment
+        names = emb.action.names or [str(i) for i in range(emb.action.dim)]
+        maes = []
+        for name, metric in zip(names, self.test_action_mae):
+            if metric.update_count:
+                maes.append(metric.compute())
+                self.log(f"test/action_mae/{name}", maes[-1])
+            metric.reset()
+        if maes:
+            self.log("test/action_mae", torch.stack(maes).mean())
+        pnames = emb.proprio.names or [str(i) for i in range(emb.proprio.dim)]
+        pm = []
+        for name, metric in zip(pnames, self.test_future_proprio_mae):
+            if metric.update_count:
+                pm.append(metric.compute())
+                self.log(f"test/future_proprio_mae/{name}", pm[-1])
+            metric.reset()
+        if pm:
+            self.log("test/future_proprio_mae", torch.stack(pm).mean())
+        if self.test_value_mae.update_count:
+            self.log("test/value_mae", self.test_value_mae.compute())
+        self.test_value_mae.reset()
+        if self.test_value_auroc.update_count:
+            target = torch.cat(self.test_value_auroc.target) if isinstance(self.test_value_auroc.target, list) \
+                else self.test_value_auroc.target
+            if target.numel() and 0 < int(target.sum()) < target.numel():
+                self.log("test/value_auroc", self.test_value_auroc.compute())
+        self.test_value_auroc.reset()
+
+    def _log_metrics(self, stage: str, metrics: nn.ModuleDict) -> None:
+        for name, metric in metrics.items():
+            if metric.update_count:
+                self.log(f"{stage}/l1/{name}", metric.compute())
+            metric.reset()
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        h = self.hparams
+        params = [p for p in self.dit.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]  # norms and biases: no weight decay
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else h.decay_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(
+            step, h.warmup_steps, h.decay_steps, total, h.decay_factor, h.final_factor))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        params = [p for p in self.dit.parameters() if p.grad is not None]
+        if not params:
+            return
+        max_norm = self.hparams.grad_clip_norm or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        self.log("train/grad_norm", norm, batch_size=1)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
+
+    def _estimate_flops(self, x0: torch.Tensor, text_len: int) -> int:
+        """Training FLOPs per batch, ~6 x DiT parameters x tokens (forward + backward), for MFU."""
+        b, _, t, h, w = x0.shape
+        tokens = t * (h // 2) * (w // 2)
+        n_params = sum(p.numel() for p in self.dit.parameters())
+        return int(6 * n_params * tokens * b)
+
+    # ------------------------------------------------------------------ pictures
+    @torch.no_grad()
+    def decode_future_frames(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode each future-camera latent frame: ``(B, C, T, h, w)`` -> uint8 ``(B, N, H, W, 3)``.
+
+        Each frame is decoded after the blank frame (a 2-latent clip -> 5 pixel frames, the last kept),
+        so injected vector frames never leak into the picture through the causal VAE."""
+        frames = []
+        for cam in self.layout.camera_names:
+            clip = torch.stack([latents[:, :, 0], latents[:, :, self.layout.index(f"future_image/{cam}")]], dim=2)
+            frames.append(self.vae.decode(clip.to(self.vae.dtype))[:, :, -1])
+        return unit_range_to_images(torch.stack(frames, dim=1).float())
+
+    def log_image_grid(self, batch: dict[str, Any], x0_pred: torch.Tensor, tag: str, max_samples: int = 4) -> None:
+        """TensorBoard image: one row per sample; current frames | true future | predicted future."""
+        logger = self.logger
+        experiment = getattr(logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):
+            return
+        n = min(max_samples, x0_pred.shape[0])
+        pred = self.decode_future_frames(x0_pred[:n])                      # (n, N, H, W, 3)
+        cur, fut = batch["images"][:n].to(pred.device), batch["future_images"][:n].to(pred.device)
+        rows = [torch.cat([torch.cat(list(x[i]), dim=1) for x in (cur, fut, pred)], dim=1) for i in range(n)]
+        grid = torch.cat(rows, dim=0)                                      # (n*H, 3*N*W, 3)
+        experiment.add_image(tag, grid.cpu().numpy(), self.global_step, dataformats="HWC")

@@ -1,0 +1,1 @@
+"""LightningCLI entry points and training callbacks."""
