@@ -1,0 +1,469 @@
+"""``cosmos-policy convert``: demonstrations and rollouts (HDF5 / Zarr) -> WebDataset shards,
+statistics, manifest and cached text embeddings (SPEC §1, §4; output schema in ``data/sample.py``).
+
+Flow::
+
+    reader.list_episodes()            cheap listing (sources/)
+      -> split by episode             --val_fraction / --val_episodes, seeded
+      -> per episode, in workers      read + check + resize/JPEG once + samples -> .work/<id>.spill
+      -> per group of episodes        interleave spills -> <split>-NNNNNN.tar (tmp name, then rename)
+      -> at the end                   stats.json, text_embeddings/, manifest.json (status complete)
+
+Resumability. The split, the order of episodes within a split and the grouping of episodes into
+shards are deterministic (seeded, and a shard closes when its episodes' encoded size reaches
+``--shard_size_mb``, which does not depend on timing). An episode is finished when its record
+``.work/<id>.json`` exists (written last, atomically); a shard is finished when it has its final
+name and is listed in ``manifest.json``. A conversion killed at any moment and run again with the
+same options skips finished episodes and shards, redoes the rest, and ends with the same shards:
+nothing duplicated, nothing truncated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..embodiment import Embodiment
+from ..errors import DataError
+from . import sample as S
+from .episode_samples import EncodeSettings, init_worker, process_episode, run_job
+from .shards import shard_name, write_shard
+from .sources import open_source
+from .sources.base import EpisodeRef
+from .sources.labels import LabelOptions
+
+FORMATS = ("robomimic", "episode_hdf5", "zarr")
+WORK_DIR = ".work"
+MANIFEST_VERSION = 1
+#: A shard never interleaves more episodes than this (one open spill file per episode while writing).
+MAX_EPISODES_PER_SHARD = 256
+MB = 1_000_000
+
+
+def convert(
+    source: str,
+    *,
+    output: str,
+    embodiment: str,
+    format: Literal["robomimic", "episode_hdf5", "zarr"] = "robomimic",
+    camera_keys: dict[str, str] | None = None,
+    proprio_keys: list[str] | None = None,
+    action_key: str | None = None,
+    all_success: bool = False,
+    success_sidecar: str | None = None,
+    success_regex: str | None = None,
+    instruction: str | None = None,
+    instruction_from: Literal["auto", "attribute", "filename", "sidecar", "default"] = "auto",
+    val_fraction: float = 0.05,
+    val_episodes: list[str] | None = None,
+    seed: int = 0,
+    shard_size_mb: float = 500.0,
+    workers: int = 1,
+    skip_bad: bool = False,
+    text_encoder: str = "minilm",
+    swap_rb: bool = False,
+    jpeg_quality: int = 95,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Convert HDF5 / Zarr demonstrations (failed episodes included) into WebDataset shards.
+
+    Every step t of every episode becomes one sample (s, a, s', V(s')): the images of every camera at
+    t and at t' = min(t+K, T-1) (resized to the embodiment's image_size, JPEG quality 95), proprio at
+    both, the action chunk actions[t:t+K] padded by repeating the last action, and the value at t'
+    (2 R gamma^(T-1-t') - 1 with R the success score, -1 for failures). The output directory gets
+    train-NNNNNN.tar / validation-NNNNNN.tar, stats.json, manifest.json and text_embeddings/.
+    A killed conversion resumes when run again with the same options.
+
+    Args:
+        source: input file, directory (searched recursively) or glob pattern (quote it).
+        output: output directory (created; must be empty or hold a conversion by this command).
+        embodiment: embodiment YAML (e.g. embodiments/libero.yaml); its keys.<format> name the source keys.
+        format: source layout: robomimic (robomimic / LIBERO HDF5, data/demo_N/...), episode_hdf5 (one
+            HDF5 file per episode: ALOHA, rollout files with success attributes) or zarr (Diffusion
+            Policy replay buffer, directory or .zarr.zip, Zarr format 2 or 3).
+        camera_keys: override the YAML's camera keys, camera name -> source key, e.g.
+            '{wrist: eye_in_hand_rgb, agentview: agentview_rgb}'.
+        proprio_keys: override the YAML's proprio keys (concatenated in order), e.g. '[joint_states, gripper_states]'.
+        action_key: override the YAML's action key.
+        all_success: label every episode a success (score 1), ignoring attributes and rewards.
+        success_sidecar: JSON or CSV file mapping episode (id, group name, file name or stem) to success
+            and/or score (and optionally instruction).
+        success_regex: regex searched in '<file>' or '<file>:<group>'; match = success, else failure; a
+            named group (?P<score>...) gives a fractional score.
+        instruction: default task instruction (used when no sidecar entry or attribute gives one).
+        instruction_from: where instructions come from: auto (sidecar, attribute, --instruction, file
+            name, in that order), attribute, filename, sidecar or default (--instruction).
+        val_fraction: fraction of episodes held out for validation (seeded choice; at least one when > 0).
+        val_episodes: explicit validation episodes (ids or group / file names); overrides val_fraction.
+        seed: seed of the split, of the episode order and of the interleaving inside shards.
+        shard_size_mb: target shard size in MB (a shard closes once its episodes reach it).
+        workers: parallel worker processes, one episode each at a time (1 = in this process).
+        skip_bad: skip (and count in the manifest) episodes with bad data instead of stopping.
+        text_encoder: instruction encoder for the embedding cache: minilm, t5:<hub id or path>, or none
+            (no cache).
+        swap_rb: source frames are BGR (e.g. ALOHA frames JPEG-encoded by OpenCV): swap red and blue.
+        jpeg_quality: JPEG quality of the stored images (the reference uses 95).
+        overwrite: delete a previous conversion in output (with different settings) and start over.
+        progress: show a progress bar.
+
+    Returns:
+        the final manifest (also written to output/manifest.json).
+
+    Raises:
+        DataError: bad input; the message is one line naming the file, episode and key.
+    """
+    emb = Embodiment.from_yaml(embodiment)
+    _check_options(val_fraction, shard_size_mb, workers, jpeg_quality, format)
+    labels = LabelOptions(all_success, success_sidecar, success_regex, instruction, instruction_from)
+    reader = open_source(format, source, emb, labels, camera_keys, proprio_keys, action_key)
+    refs = reader.list_episodes()
+    if not refs:
+        raise DataError(f"{source}: no episodes found")
+    ids = [r.episode_id for r in refs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"{source}: episode id {dup!r} occurs twice")
+    val_ids = choose_validation(refs, val_fraction, val_episodes, seed)
+    orders = split_orders(ids, val_ids, seed)
+
+    settings = {
+        "format": format, "paths": [str(p) for p in reader.paths], "keys": reader.keys.to_dict(),
+        "labels": labels.to_dict(), "image_size": list(emb.image_size), "chunk_size": emb.action.chunk_size,
+        "gamma": emb.value.gamma, "jpeg_quality": jpeg_quality, "swap_rb": swap_rb, "seed": seed,
+        "val_fraction": val_fraction, "validation_episodes": sorted(orders["validation"]),
+        "shard_size_mb": shard_size_mb,
+    }
+    job = _Conversion(Path(output), emb, embodiment, source, settings, orders, overwrite)
+    if job.complete:
+        _log(f"{output}: already converted ({job.manifest['counts']['train']['samples']} train samples); "
+             f"nothing to do")
+        return job.manifest
+    encode = EncodeSettings(str(job.work), tuple(emb.image_size), emb.action.chunk_size, emb.value.gamma,
+                            jpeg_quality, swap_rb, skip_bad)
+    job.run(reader, {r.episode_id: r for r in refs}, encode, workers, progress)
+    return job.finish(text_encoder)
+
+
+def _check_options(val_fraction: float, shard_size_mb: float, workers: int, jpeg_quality: int, fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise DataError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val_fraction: expected a number in [0, 1), got {val_fraction}")
+    if not shard_size_mb > 0:
+        raise DataError(f"--shard_size_mb: expected a positive number, got {shard_size_mb}")
+    if workers < 1:
+        raise DataError(f"--workers: expected at least 1, got {workers}")
+    if not 1 <= jpeg_quality <= 100:
+        raise DataError(f"--jpeg_quality: expected 1..100, got {jpeg_quality}")
+
+
+def choose_validation(refs: list[EpisodeRef], fraction: float, names: list[str] | None, seed: int) -> set[str]:
+    """Ids of the validation episodes.
+
+    ``names`` (ids or any alias: group name, file name, stem) win over ``fraction``; otherwise
+    ``round(fraction * N)`` episodes (at least 1 when ``fraction > 0`` and N >= 2, never all) are
+    drawn with ``seed``.
+
+    Raises:
+        DataError: a name matches no episode, or every episode would be held out.
+    """
+    if names:
+        by_alias: dict[str, str] = {}
+        for r in refs:
+            for a in r.aliases:
+                by_alias.setdefault(a, r.episode_id)
+        unknown = [n for n in names if n not in by_alias]
+        if unknown:
+            raise DataError(f"--val_episodes: no episode named {unknown[0]!r} (ids look like {refs[0].episode_id!r})")
+        chosen = {by_alias[n] for n in names}
+        if len(chosen) >= len(refs):
+            raise DataError("--val_episodes: every episode is held out; keep at least one for training")
+        return chosen
+    n = len(refs)
+    k = int(round(fraction * n))
+    if fraction > 0 and n >= 2:
+        k = min(max(k, 1), n - 1)
+    else:
+        k = 0
+    ids = sorted(r.episode_id for r in refs)
+    rng = np.random.default_rng(seed)
+    return {ids[i] for i in rng.choice(n, size=k, replace=False)} if k else set()
+
+
+def split_orders(ids: list[str], val_ids: set[str], seed: int) -> dict[str, list[str]]:
+    """Episodes of each split in shard order: a seeded permutation, so that consecutive shards (and
+    each shard) mix tasks even when the source lists them task by task."""
+    rng = np.random.default_rng([seed, 1])
+    out = {}
+    for split in S.SPLITS:
+        members = [i for i in ids if (i in val_ids) == (split == "validation")]
+        out[split] = [members[j] for j in rng.permutation(len(members))]
+    return out
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Conversion:
+    """State of one conversion in ``output``: manifest, finished episodes and shards, cursors."""
+
+    def __init__(self, out: Path, emb: Embodiment, emb_file: str, source: str, settings: dict[str, Any],
+                 orders: dict[str, list[str]], overwrite: bool):
+        self.out, self.emb, self.orders, self.settings = out, emb, orders, settings
+        self.work = out / WORK_DIR
+        self.shard_bytes = settings["shard_size_mb"] * MB
+        settings_hash = _hash({"settings": settings, "embodiment": emb.to_dict(), "orders": orders})
+        previous = self._previous_manifest(settings_hash, overwrite)
+        self.complete = bool(previous and previous.get("status") == "complete")
+        if previous:
+            self.manifest = previous
+            if self.complete:
+                shutil.rmtree(self.work, ignore_errors=True)  # killed after completion, before cleanup
+                return
+        else:
+            self.manifest = {
+                "version": MANIFEST_VERSION, "status": "in_progress", "tool": "cosmos-policy convert",
+                "source": {"argument": str(source), "format": settings["format"], "paths": settings["paths"]},
+                "embodiment": emb.to_dict(), "embodiment_file": str(emb_file),
+                "settings": settings, "settings_hash": settings_hash,
+                "splits": orders, "shards": [],
+            }
+            self._save_manifest()
+        self.work.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.out.glob(".*.tmp"), *self.work.glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)  # half-written files of a killed run
+        self._check_shards()
+        self.records = self._load_records()
+        self.cursor = {split: 0 for split in S.SPLITS}
+        for shard in self.manifest["shards"]:
+            self.cursor[shard["split"]] = max(self.cursor[shard["split"]], shard["order_end"])
+        self.shard_index = {split: sum(s["split"] == split for s in self.manifest["shards"]) for split in S.SPLITS}
+
+    # ------------------------------------------------------------------ resume bookkeeping
+    def _previous_manifest(self, settings_hash: str, overwrite: bool) -> dict[str, Any] | None:
+        path = self.out / S.MANIFEST
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text())
+            except ValueError:
+                old = {}
+            if old.get("settings_hash") == settings_hash and not overwrite:
+                return old
+            if not overwrite:
+                diff = next((k for k in self.settings if old.get("settings", {}).get(k) != self.settings[k]),
+                            "embodiment or episode list")
+                raise DataError(f"{self.out}: holds a conversion with other settings (first difference: {diff}); "
+                                f"pass --overwrite to replace it, or choose another --output")
+            self._clear()
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise DataError(f"{self.out}: directory is not empty and holds no {S.MANIFEST}; choose an empty "
+                            f"or new --output")
+        return None
+
+    def _clear(self) -> None:
+        """Remove what a previous conversion wrote (only its own files)."""
+        for split in S.SPLITS:
+            for p in self.out.glob(f"{split}-*.tar"):
+                p.unlink()
+        for p in self.out.glob(".*.tmp"):
+            p.unlink()
+        shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(self.out / S.TEXT_DIR, ignore_errors=True)
+        for name in (S.STATS, S.MANIFEST):
+            (self.out / name).unlink(missing_ok=True)
+
+    def _check_shards(self) -> None:
+        for shard in self.manifest["shards"]:
+            path = self.out / shard["name"]
+            if not path.is_file() or path.stat().st_size != shard["bytes"]:
+                raise DataError(f"{path}: shard listed in {S.MANIFEST} is missing or changed; pass --overwrite "
+                                f"to convert again from scratch")
+
+    def _load_records(self) -> dict[str, dict[str, Any]]:
+        records = {}
+        for path in self.work.glob("*.json"):
+            try:
+                rec = json.loads(path.read_text())
+            except ValueError:
+                continue  # cannot happen with atomic writes; redo the episode if it does
+            records[rec["episode"]] = rec
+        return records
+
+    def _save_manifest(self) -> None:
+        from ..normalization import write_json_atomic
+
+        write_json_atomic(self.out / S.MANIFEST, self.manifest)
+
+    def _needs_work(self, eid: str, in_shard: bool) -> bool:
+        rec = self.records.get(eid)
+        if rec is None:
+            return True
+        if "bad" in rec:
+            return False
+        if not (self.work / f"{eid}.npz").is_file():
+            return True
+        return not in_shard and not (self.work / f"{eid}.spill").is_file()
+
+    # ------------------------------------------------------------------ the work
+    def run(self, reader, refs: dict[str, EpisodeRef], encode: EncodeSettings, workers: int, progress: bool) -> None:
+        """Process every unfinished episode and write every unfinished shard."""
+        bad = [r for r in self.records.values() if "bad" in r]
+        if bad and not encode.skip_bad:
+            raise DataError(bad[0]["bad"])
+        jobs = []
+        for split in S.SPLITS:
+            for pos, eid in enumerate(self.orders[split]):
+                if self._needs_work(eid, pos < self.cursor[split]):
+                    self.records.pop(eid, None)
+                    jobs.append((refs[eid], split))
+        total = sum(len(o) for o in self.orders.values())
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=total - len(jobs), unit="episode", desc="convert", disable=not progress,
+                   dynamic_ncols=True)
+        started, frames = time.perf_counter(), 0
+        try:
+            self._assemble()  # shards whose episodes all finished before a kill
+            for rec in self._results(reader, jobs, encode, workers):
+                self.records[rec["episode"]] = rec
+                frames += rec.get("length", 0) * self.emb.num_cameras
+                bar.update(1)
+                bar.set_postfix(frames_per_s=f"{frames / max(time.perf_counter() - started, 1e-9):.0f}",
+                                bad=sum("bad" in r for r in self.records.values()))
+                self._assemble()
+        finally:
+            bar.close()
+            reader.close()
+        self._assemble()
+
+    def _results(self, reader, jobs, encode: EncodeSettings, workers: int):
+        if workers <= 1 or len(jobs) <= 1:
+            for ref, split in jobs:
+                yield process_episode(reader, ref, split, encode)
+            return
+        reader.close()  # the workers open their own handles
+        ctx = mp.get_context("spawn")  # no inherited HDF5 handles or threads; workers skip torch
+        with ctx.Pool(min(workers, len(jobs)), initializer=init_worker, initargs=(reader, encode)) as pool:
+            yield from pool.imap_unordered(run_job, jobs, chunksize=1)
+
+    def _assemble(self) -> None:
+        """Write every shard whose episodes are all finished (in split order, deterministic grouping)."""
+        for split in S.SPLITS:
+            order = self.orders[split]
+            while True:
+                group, size, pos = [], 0, self.cursor[split]
+                while pos < len(order) and order[pos] in self.records:
+                    rec = self.records[order[pos]]
+                    pos += 1
+                    if "bad" in rec:
+                        continue
+                    group.append(rec)
+                    size += rec["tar_bytes"]
+                    if size >= self.shard_bytes or len(group) >= MAX_EPISODES_PER_SHARD:
+                        break
+                full = size >= self.shard_bytes or len(group) >= MAX_EPISODES_PER_SHARD
+                if pos == len(order) and not group:
+                    self.cursor[split] = pos  # only bad episodes left
+                    break
+                if not group or not (full or pos == len(order)):
+                    break
+                self._write_shard(split, group, pos)
+
+    def _write_shard(self, split: str, group: list[dict[str, Any]], order_end: int) -> None:
+        index = self.shard_index[split]
+        name = shard_name(split, index)
+        spills = [self.work / f"{rec['episode']}.spill" for rec in group]
+        counts = [rec["samples"] for rec in group]
+        nbytes = write_shard(self.out / name, spills, counts, seed=int(_hash([self.settings["seed"], name]), 16))
+        self.manifest["shards"].append({"name": name, "split": split, "samples": sum(counts), "bytes": nbytes,
+                                        "episodes": [rec["episode"] for rec in group], "order_end": order_end})
+        self.manifest["finished_episodes"] = sum(len(s["episodes"]) for s in self.manifest["shards"])
+        self._save_manifest()  # the shard is finished from here on; its spills may go
+        for p in spills:
+            p.unlink(missing_ok=True)
+        self.cursor[split] = order_end
+        self.shard_index[split] = index + 1
+
+    # ------------------------------------------------------------------ statistics, text, manifest
+    def finish(self, text_encoder: str) -> dict[str, Any]:
+        """Statistics, text embeddings, final manifest; removes the work directory."""
+        from ..normalization import DatasetStats, Stats, fingerprint
+
+        good = {split: [self.records[e] for e in self.orders[split] if "bad" not in self.records[e]]
+                for split in S.SPLITS}
+        bad = {r["episode"]: r["bad"] for r in self.records.values() if "bad" in r}
+        train = good["train"]
+        if not train:
+            raise DataError(f"{self.out}: no training episodes left ({len(bad)} bad, "
+                            f"{len(good['validation'])} in validation)")
+        arrays = {}
+        for r in train:
+            with np.load(self.work / f"{r['episode']}.npz") as z:
+                arrays[r["episode"]] = {"actions": z["actions"], "proprio": z["proprio"]}
+        modalities = (("action", "actions", self.emb.action.names), ("proprio", "proprio", self.emb.proprio.names))
+
+        def stats_of(recs: list[dict[str, Any]]) -> dict[str, Stats]:
+            if not recs:
+                return {}
+            return {mod: Stats.compute(np.concatenate([arrays[r["episode"]][key] for r in recs]), names)
+                    for mod, key, names in modalities}
+
+        train_ids = [r["episode"] for r in train]
+        fp = fingerprint(self.emb.action.dim, self.emb.proprio.dim, self.emb.action.chunk_size, train_ids)
+        successes = [r for r in train if r["success"]]
+        if not successes:
+            _log("warning: no successful training episode; normalisation will use statistics of all episodes")
+        stats = DatasetStats(fp, stats_of(successes), stats_of(train),
+                             meta={"split": "train", "episodes": len(train), "successful_episodes": len(successes),
+                                   "embodiment": self.emb.name})
+        stats.save(self.out / S.STATS)
+
+        identity = None
+        instructions = sorted({r["instruction"] for recs in good.values() for r in recs})
+        if text_encoder != "none":
+            from ..model.text import TextEmbeddingCache, build_text_encoder
+
+            cache = TextEmbeddingCache(self.out / S.TEXT_DIR)
+            missing = [t for t in instructions if t not in cache]
+            if missing:
+                cache.add(build_text_encoder(text_encoder), missing)
+            identity = cache.identity
+
+        counts: dict[str, Any] = {}
+        for split in S.SPLITS:
+            recs = good[split]
+            counts[split] = {"episodes": len(recs), "successes": sum(r["success"] for r in recs),
+                             "failures": sum(not r["success"] for r in recs),
+                             "samples": sum(r["samples"] for r in recs),
+                             "shards": sum(s["split"] == split for s in self.manifest["shards"])}
+        counts["bad_episodes"] = len(bad)
+        shard_of = {e: s["name"] for s in self.manifest["shards"] for e in s["episodes"]}
+        episodes = {}
+        for split in S.SPLITS:
+            for r in good[split]:
+                episodes[r["episode"]] = {k: r[k] for k in ("split", "source", "length", "success", "score",
+                                                             "instruction")} | {"shard": shard_of[r["episode"]]}
+        self.manifest.update(status="complete", counts=counts, episodes=episodes, bad_episodes=bad,
+                             instructions=instructions, stats_fingerprint=fp, text_encoder=identity,
+                             finished_episodes=len(episodes) + len(bad))
+        self._save_manifest()
+        shutil.rmtree(self.work, ignore_errors=True)
+        t, v = counts["train"], counts["validation"]
+        _log(f"{self.out}: {t['episodes']} train episodes ({t['successes']} successes, {t['failures']} failures), "
+             f"{t['samples']} samples in {t['shards']} shards; {v['episodes']} validation episodes, "
+             f"{v['samples']} samples in {v['shards']} shards; {len(bad)} bad episodes skipped")
+        return self.manifest

@@ -1,0 +1,171 @@
+"""One episode -> its ``(s, a, s', V(s'))`` samples, spilled to the conversion's work directory
+(SPEC §1, §4; member names from ``data/sample.py``).
+
+This is the per-episode work of ``cosmos-policy convert``, run in worker processes, so it imports
+neither torch nor webdataset. Each camera frame is resized and JPEG-encoded exactly once; a sample
+reuses the bytes of step ``t`` and of ``t' = min(t + K, T - 1)``.
+
+Files written for episode ``<id>`` in the work directory, each under a temporary name then renamed:
+
+- ``<id>.spill``: the samples, one pickled ``(key, {member: bytes})`` per step, in step order;
+- ``<id>.npz``: ``actions (T, A)`` and ``proprio (T, P)`` float32, for the statistics;
+- ``<id>.json``: the episode record, written last: its presence marks the episode finished.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+from . import sample as S
+from .episode import Episode
+from .images import encode_frames
+from .returns import action_chunk, episode_values, future_index
+from .sources.base import EpisodeRef, SourceReader
+
+#: tar stores every member as a 512-byte header plus its data padded to 512 bytes.
+TAR_BLOCK = 512
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What the per-episode work needs besides the reader.
+
+    Attributes:
+        work_dir: where spill / npz / record files go.
+        image_size: ``(H, W)`` of the stored JPEGs (the embodiment's ``image_size``).
+        chunk_size: K, action chunk length.
+        gamma: discount of the value curve.
+        jpeg_quality: JPEG quality (95 in the reference).
+        swap_rb: source frames are BGR.
+        skip_bad: record a bad episode instead of raising.
+    """
+
+    work_dir: str
+    image_size: tuple[int, int]
+    chunk_size: int
+    gamma: float
+    jpeg_quality: int = 95
+    swap_rb: bool = False
+    skip_bad: bool = False
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``.npy`` file content of ``array``."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def tar_size(name_and_sizes: list[tuple[str, int]]) -> int:
+    """Bytes the members take in a tar archive (headers + padded data; long names ignored)."""
+    return sum(TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK for _, n in name_and_sizes)
+
+
+def episode_samples(episode: Episode, jpegs: dict[str, list[bytes]], chunk_size: int, gamma: float):
+    """Yield ``(key, {member: bytes})`` for every step of ``episode`` (the shard schema of ``sample.py``).
+
+    Args:
+        episode: the episode (T >= 2).
+        jpegs: camera -> T JPEG byte strings.
+        chunk_size: K.
+        gamma: value discount.
+    """
+    T = episode.length
+    values = episode_values(T, episode.score, gamma)
+    for t in range(T):
+        tf = future_index(t, chunk_size, T)
+        members: dict[str, bytes] = {}
+        for cam, frames in jpegs.items():
+            members[S.image_member(cam)] = frames[t]
+            members[S.image_member(cam, future=True)] = frames[tf]
+        members[S.PROPRIO] = npy_bytes(episode.proprio[t])
+        members[S.FUTURE_PROPRIO] = npy_bytes(episode.proprio[tf])
+        members[S.ACTIONS] = npy_bytes(np.ascontiguousarray(action_chunk(episode.actions, t, chunk_size)))
+        meta = {"episode": episode.episode_id, "step": t, "future_step": tf, "length": T,
+                "success": episode.success, "score": episode.score, "value": float(values[tf]),
+                "instruction": episode.instruction}
+        members[S.META] = json.dumps(meta).encode()
+        yield S.sample_key(episode.episode_id, t), members
+
+
+def _replace_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_record(work_dir: Path, record: dict[str, Any]) -> None:
+    """Write the episode record last and atomically: it marks the episode finished."""
+    _replace_atomic(work_dir / f"{record['episode']}.json", lambda f: f.write(json.dumps(record).encode()))
+
+
+def process_episode(reader: SourceReader, ref: EpisodeRef, split: str, settings: EncodeSettings) -> dict[str, Any]:
+    """Read, check, encode and spill one episode; return its record.
+
+    Returns:
+        ``{"episode", "split", "source", "length", "samples", "success", "score", "instruction",
+        "tar_bytes"}``, or ``{"episode", "split", "source", "bad": message}`` for a bad episode when
+        ``settings.skip_bad``.
+
+    Raises:
+        DataError: bad episode (one line naming file, episode, key) unless ``skip_bad``.
+    """
+    work = Path(settings.work_dir)
+    try:
+        with reader.open(ref) as episode:
+            jpegs = {cam: encode_frames(episode.images[cam], settings.image_size, settings.jpeg_quality,
+                                        settings.swap_rb) for cam in reader.embodiment.camera_names}
+            sizes: list[tuple[str, int]] = []
+
+            def spill(f) -> None:
+                pickler = pickle.Pickler(f, protocol=pickle.HIGHEST_PROTOCOL)
+                for key, members in episode_samples(episode, jpegs, settings.chunk_size, settings.gamma):
+                    pickler.dump((key, members))
+                    pickler.clear_memo()
+                    sizes.extend((m, len(b)) for m, b in members.items())
+
+            _replace_atomic(work / f"{ref.episode_id}.spill", spill)
+            _replace_atomic(work / f"{ref.episode_id}.npz",
+                            lambda f: np.savez(f, actions=episode.actions, proprio=episode.proprio))
+            record = {"episode": ref.episode_id, "split": split, "source": ref.source, "length": episode.length,
+                      "samples": episode.length, "success": episode.success, "score": episode.score,
+                      "instruction": episode.instruction, "tar_bytes": tar_size(sizes)}
+    except DataError as err:
+        if not settings.skip_bad:
+            raise
+        record = {"episode": ref.episode_id, "split": split, "source": ref.source, "bad": str(err)}
+    write_record(work, record)
+    return record
+
+
+# ---------------------------------------------------------------- worker processes
+_WORKER: dict[str, Any] = {}
+
+
+def init_worker(reader: SourceReader, settings: EncodeSettings) -> None:
+    """Pool initializer: one thread per worker (parallelism comes from processes), keep the reader."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import sys
+
+    if "torch" in sys.modules:  # only set it if something already paid for importing torch
+        sys.modules["torch"].set_num_threads(1)
+    _WORKER.update(reader=reader, settings=settings)
+
+
+def run_job(job: tuple[EpisodeRef, str]) -> dict[str, Any]:
+    """Pool task: process one ``(ref, split)`` with the worker's reader."""
+    ref, split = job
+    return process_episode(_WORKER["reader"], ref, split, _WORKER["settings"])
+
+
+__all__ = ["EncodeSettings", "episode_samples", "process_episode", "init_worker", "run_job", "npy_bytes"]

@@ -1,0 +1,89 @@
+"""Frames -> model-size JPEG bytes, done once at conversion so loading never resizes (SPEC §4).
+
+Every frame is decoded (if stored encoded), converted to RGB, resized to the embodiment's
+``image_size`` with PIL's bilinear filter (which widens its support when shrinking, i.e. it averages
+like an area filter instead of aliasing) and encoded as JPEG quality 95. A frame that already has
+the target size is not resampled.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DataError
+from .episode import FrameSource
+
+JPEG_QUALITY = 95
+#: Frames read from the source per block: bounds memory to a block of raw frames per camera.
+BLOCK = 32
+
+
+def to_pil(frame: np.ndarray | bytes, size_hw: tuple[int, int], where: str, swap_rb: bool = False) -> Image.Image:
+    """One frame as an RGB PIL image of ``size_hw = (H, W)``.
+
+    Args:
+        frame: ``(H, W, 3)`` uint8 (or float in [0, 1]) array, or encoded image bytes.
+        size_hw: target ``(H, W)`` in pixels.
+        where: message prefix naming file, episode and key.
+        swap_rb: the source is BGR (e.g. frames encoded by OpenCV from RGB arrays): swap red and blue.
+
+    Raises:
+        DataError: undecodable bytes.
+    """
+    h, w = size_hw
+    if isinstance(frame, bytes):
+        try:
+            img = Image.open(io.BytesIO(frame))
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when we shrink a lot: much less work, and
+            # the bilinear resize below still runs from a frame at least as large as the target.
+            img.draft("RGB", (w, h))
+            img = img.convert("RGB")
+        except Exception as err:  # PIL raises several types for corrupt data
+            raise DataError(f"{where}: cannot decode image bytes ({type(err).__name__}: {err})") from None
+    else:
+        arr = frame
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        img = Image.fromarray(np.ascontiguousarray(arr), "RGB")
+    if swap_rb:
+        r, g, b = img.split()
+        img = Image.merge("RGB", (b, g, r))
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.Resampling.BILINEAR)
+    return img
+
+
+def encode_jpeg(img: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
+    """JPEG bytes of an RGB PIL image."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def encode_frames(frames: FrameSource, size_hw: tuple[int, int], quality: int = JPEG_QUALITY,
+                  swap_rb: bool = False) -> list[bytes]:
+    """All frames of one camera as model-size JPEG bytes, read ``BLOCK`` frames at a time.
+
+    Returns:
+        ``T`` JPEG byte strings, each ``size_hw`` pixels.
+
+    Raises:
+        DataError: a frame cannot be read or decoded (message names file, episode, key).
+    """
+    out: list[bytes] = []
+    n = len(frames)
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        try:
+            block = frames.read(start, stop)
+        except DataError:
+            raise
+        except Exception as err:  # h5py / zarr / codec errors on a corrupt chunk
+            raise DataError(f"{frames.where}: cannot read frames {start}..{stop - 1} "
+                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        for frame in block:
+            out.append(encode_jpeg(to_pil(frame, size_hw, frames.where, swap_rb), quality))
+    return out
