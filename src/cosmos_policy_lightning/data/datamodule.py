@@ -1,0 +1,516 @@
+"""LightningDataModule over converted shards: the objective mix, augmentation and normalisation
+(SPEC §2, §4).
+
+A converted dataset directory (schema: :mod:`cosmos_policy_lightning.data.sample`) becomes batches:
+
+* **training**: an endless stream -- shards resampled with replacement per worker, samples shuffled in
+  a buffer, each sample given an objective by the configured mix (policy samples from successful
+  episodes only; the other objectives from successes and failures in ``success_fraction`` proportion),
+  decoded, augmented with one random parameter set per sample, normalised. An epoch is
+  ``samples_per_epoch // (batch_size * world_size)`` batches per rank, split over the workers.
+* **validation / test / predict**: one exact pass over the ``validation`` shards (split by rank,
+  then by worker; no resampling, no augmentation, the test-time centre crop), with objectives
+  assigned round-robin so every objective of the mix gets metrics.
+
+Batch contract (a dict; B = batch size, N = cameras in embodiment order, K = chunk size,
+A / P = action / proprio dims, L = longest instruction of the batch in tokens, D = text width):
+
+==================  ==========================  ====================================================
+key                 dtype, shape                content
+==================  ==========================  ====================================================
+``images``          uint8 (B, N, H, W, 3)       cameras at step t (convert to float on the device)
+``future_images``   uint8 (B, N, H, W, 3)       cameras at step t' = min(t + K, T - 1)
+``proprio``         float32 (B, P)              step t, normalised to [-1, 1]
+``future_proprio``  float32 (B, P)              step t', normalised
+``actions``         float32 (B, K, A)           ``actions[t:t+K]``, normalised
+``value``           float32 (B,)                V(s') in [-1, 1] (SPEC §4)
+``objective``       int64 (B,)                  index into ``layout.OBJECTIVES``
+``success``         bool (B,)                   the episode succeeded
+``score``           float32 (B,)                the episode's score in [0, 1]
+``text``            float32 (B, L, D)           per-token instruction embedding, zero-padded
+``text_mask``       bool (B, L)                 True on real tokens
+``episode``         list[str]                   episode ids
+``step``            int64 (B,)                  t
+==================  ==========================  ====================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from ..embodiment import Embodiment
+from ..errors import CosmosPolicyError, DataError
+from ..layout import OBJECTIVES
+from ..model.text import INDEX_FILE, TextEmbeddingCache
+from ..normalization import DatasetStats, Normalizer
+from . import sample as S
+from .stages import (
+    ObjectiveMixer,
+    RoundRobinObjectives,
+    SampleDecoder,
+    Shuffle,
+    SplitByRank,
+    TakeShare,
+    collate,
+)
+
+#: The pre-training mix of SPEC §2; the planning fine-tune uses ``{"policy": 0.1, "world_model": 0.45,
+#: "value": 0.45}``.
+DEFAULT_OBJECTIVE_MIX: dict[str, float] = {"policy": 0.5, "world_model": 0.25, "value": 0.25}
+
+
+# ============================================================================ dataset metadata
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split of a converted dataset.
+
+    Attributes:
+        shards: absolute shard paths, in manifest order.
+        samples: samples per shard (None where the manifest does not say).
+        success_samples, failure_samples: sample counts by episode outcome (None = unknown).
+    """
+
+    shards: tuple[str, ...]
+    samples: tuple[int | None, ...]
+    success_samples: int | None = None
+    failure_samples: int | None = None
+
+    @property
+    def total_samples(self) -> int | None:
+        """Sum of :attr:`samples`, or None when any shard's count is unknown."""
+        return None if any(n is None for n in self.samples) else sum(self.samples)  # type: ignore[arg-type]
+
+    @property
+    def has_success(self) -> bool | None:
+        return None if self.success_samples is None else self.success_samples > 0
+
+    @property
+    def has_failure(self) -> bool | None:
+        return None if self.failure_samples is None else self.failure_samples > 0
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything about a converted dataset that is known without reading a shard.
+
+    Attributes:
+        data_dir: the dataset directory.
+        embodiment: the robot (the given one, checked against the manifest's; else the manifest's).
+        stats: normalisation statistics (``stats.json``), fingerprint checked against the manifest.
+        manifest: ``manifest.json`` as a dict.
+        text_encoder: identity of the encoder of ``text_embeddings/`` (e.g. ``minilm:all-MiniLM-L6-v2``).
+        text_dim: its embedding width D (0 for the ``none`` encoder).
+        splits: ``{"train": SplitInfo, "validation": SplitInfo}``.
+    """
+
+    data_dir: Path
+    embodiment: Embodiment
+    stats: DatasetStats
+    manifest: dict
+    text_encoder: str
+    text_dim: int
+    splits: dict[str, SplitInfo] = field(default_factory=dict)
+
+    def normalizers(self) -> dict[str, Normalizer]:
+        """``{"action": Normalizer, "proprio": Normalizer}`` with the embodiment's modes (SPEC §4)."""
+        return {m: self.stats.normalizer(m, self.embodiment.normalization[m]) for m in ("action", "proprio")}
+
+
+def _load_json(path: Path) -> Any:
+    import json
+
+    if not path.is_file():
+        raise DataError(f"{path}: not found (convert the dataset first: cosmos-policy convert ...)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+
+
+def _check_same_robot(given: Embodiment, stored: Embodiment, manifest_path: Path) -> None:
+    """Refuse shards written for another robot: everything baked into the shards must agree (camera
+    set, image size, dims, chunk size, discount of the stored values). Camera *order* may differ:
+    images are stored by camera name and batched in the given embodiment's order."""
+    checks = [
+        ("cameras", sorted(given.camera_names), sorted(stored.camera_names)),
+        ("image_size", list(given.image_size), list(stored.image_size)),
+        ("proprio.dim", given.proprio.dim, stored.proprio.dim),
+        ("action.dim", given.action.dim, stored.action.dim),
+        ("action.chunk_size", given.action.chunk_size, stored.action.chunk_size),
+        ("value.gamma", given.value.gamma, stored.value.gamma),
+    ]
+    for name, mine, theirs in checks:
+        if mine != theirs:
+            raise DataError(f"{manifest_path}: shards were written for embodiment {stored.name!r} with {name} = "
+                            f"{theirs}, but embodiment {given.source} has {name} = {mine}")
+
+
+def _split_info(manifest: dict, split: str, data_dir: Path, manifest_path: Path) -> SplitInfo:
+    listed = (manifest.get("shards") or {}).get(split)
+    if listed is None:
+        # No shard list: fall back to the ShardWriter naming of sample.py (counts unknown).
+        paths = sorted(data_dir.glob(f"{split}-*.tar"))
+        return SplitInfo(tuple(str(p) for p in paths), tuple(None for _ in paths))
+    shards, samples = [], []
+    for i, entry in enumerate(listed):
+        name = entry.get("name") if isinstance(entry, dict) else entry
+        if not isinstance(name, str):
+            raise DataError(f"{manifest_path}: shards.{split}[{i}] has no file name")
+        path = data_dir / name
+        if not path.is_file():
+            raise DataError(f"{manifest_path}: shards.{split}[{i}] names {name}, which is missing from {data_dir}")
+        shards.append(str(path))
+        samples.append(int(entry["samples"]) if isinstance(entry, dict) and entry.get("samples") is not None else None)
+    counts = (manifest.get("counts") or {}).get(split) or {}
+    get = lambda key: int(counts[key]) if isinstance(counts.get(key), (int, float)) else None  # noqa: E731
+    return SplitInfo(tuple(shards), tuple(samples), get("success_samples"), get("failure_samples"))
+
+
+def read_dataset_info(data_dir: str | Path, embodiment: str | Path | None = None) -> DatasetInfo:
+    """Read and cross-check a converted dataset's metadata without opening a shard (cheap: a few
+    small JSON files). This is what the CLI links into the model (embodiment, text width).
+
+    Args:
+        data_dir: the converted dataset directory.
+        embodiment: embodiment YAML path to use instead of the manifest's; it must describe the same
+            robot (cameras, image size, dims, chunk size, gamma) -- its normalisation modes may differ.
+
+    Returns:
+        the :class:`DatasetInfo`.
+
+    Raises:
+        DataError: a file is missing or malformed, the statistics' fingerprint differs from the
+            manifest's ``stats_fingerprint``, or the embodiment does not match the shards.
+        EmbodimentError: the embodiment YAML (or the manifest's copy) is invalid.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: dataset directory not found")
+    manifest_path, stats_path = data_dir / S.MANIFEST, data_dir / S.STATS
+    manifest = _load_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise DataError(f"{manifest_path}: expected a JSON object")
+    if not isinstance(manifest.get("embodiment"), dict):
+        raise DataError(f"{manifest_path}: missing the 'embodiment' mapping")
+    stored = Embodiment.from_dict(manifest["embodiment"], source=f"{manifest_path}:embodiment")
+    if embodiment is not None:
+        robot = Embodiment.from_yaml(embodiment)
+        _check_same_robot(robot, stored, manifest_path)
+    else:
+        robot = stored
+
+    if not stats_path.is_file():
+        raise DataError(f"{stats_path}: statistics file not found")
+    try:
+        stats = DatasetStats.load(stats_path)
+    except (ValueError, FileNotFoundError) as err:
+        raise DataError(str(err)) from None
+    expected = manifest.get("stats_fingerprint")
+    if not isinstance(expected, str):
+        raise DataError(f"{manifest_path}: missing 'stats_fingerprint'")
+    if stats.fingerprint != expected:
+        raise DataError(f"{stats_path}: fingerprint {stats.fingerprint} does not match stats_fingerprint {expected} "
+                        f"of {manifest_path}; the statistics are stale -- re-run the conversion")
+    for modality, dim in (("action", robot.action.dim), ("proprio", robot.proprio.dim)):
+        have = (stats.successful.get(modality) or stats.all.get(modality))
+        if have is None or have.dim != dim:
+            raise DataError(f"{stats_path}: {modality} statistics have dim {None if have is None else have.dim}, "
+                            f"expected {dim} ({robot.source})")
+
+    text_dir = data_dir / S.TEXT_DIR
+    try:
+        cache = TextEmbeddingCache(text_dir)
+    except CosmosPolicyError as err:
+        raise DataError(str(err)) from None
+    if cache.identity is None:
+        raise DataError(f"{text_dir / INDEX_FILE}: text-embedding index not found (convert the dataset first)")
+
+    splits = {split: _split_info(manifest, split, data_dir, manifest_path) for split in S.SPLITS}
+    return DatasetInfo(data_dir, robot, stats, manifest, cache.identity, int(cache.dim), splits)
+
+
+# ============================================================================ the data module
+def _worker_init(worker_id: int) -> None:
+    # Data-loader workers share the host's cores with each other and with the trainer.
+    torch.set_num_threads(1)
+
+
+def _resample_seed(rank: int) -> int:
+    """Per-(rank, worker) seed of webdataset's ResampledShards (rank carried from the main process)."""
+    info = torch.utils.data.get_worker_info()
+    return rank * 1000 + (info.id if info is not None else 0)
+
+
+class _SizedPipeline(wds.DataPipeline):
+    """A DataPipeline with ``__len__`` (batches per rank per epoch) for progress bars and schedules;
+    a module-level class so spawned workers can unpickle it (``with_length`` builds a class on the fly)."""
+
+    def __init__(self, *stages, length: int):
+        super().__init__(*stages)
+        self.size = int(length)
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class CosmosDataModule(L.LightningDataModule):
+    """Batches of ``(s, a, s', V(s'))`` samples with objectives, from a converted dataset (SPEC §2, §4).
+
+    Args:
+        data_dir: converted dataset directory (shards, ``stats.json``, ``manifest.json``, ``text_embeddings/``).
+        embodiment: embodiment YAML path; default (None): the embodiment stored in the manifest. A given
+            one must describe the same robot as the shards; its normalisation modes are used.
+        batch_size: training samples per batch, per rank.
+        num_workers: data-loader worker processes (persistent when > 0; 1 torch thread each).
+        objective_mix: weight per objective (names of ``layout.OBJECTIVES``), normalised to sum 1. SPEC §2:
+            ``{policy: 0.5, world_model: 0.25, value: 0.25}`` for training, ``{policy: 0.1, world_model:
+            0.45, value: 0.45}`` (or with ``value_future_state``) for the planning fine-tune.
+        success_fraction: share of successful-episode samples among non-policy samples, in [0, 1]
+            (SPEC §2: 0.5). Policy samples always come from successes.
+        shuffle_buffer: samples in each worker's shuffle buffer (undecoded; also the cap of the mixer's
+            per-outcome pools).
+        samples_per_epoch: training samples per epoch over all ranks; default: the number of training
+            samples in the manifest.
+        augment: random SPEC §4 augmentation in training, and the test-time centre crop in validation /
+            test / predict (inference must then centre-crop too: see :attr:`center_crop`). False: raw
+            images everywhere.
+        max_text_tokens: instruction embeddings are cut to this many tokens.
+        seed: base seed of shard resampling, shuffling, objective draws and augmentation.
+        val_batch_size: batch size of validation / test / predict; default ``batch_size``.
+
+    Raises:
+        CosmosPolicyError: an argument is out of range (at construction).
+        DataError: the dataset is missing, inconsistent or does not match the embodiment (at the first
+            access to the metadata or at :meth:`setup`).
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        embodiment: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        objective_mix: dict[str, float] = DEFAULT_OBJECTIVE_MIX,
+        success_fraction: float = 0.5,
+        shuffle_buffer: int = 1000,
+        samples_per_epoch: int | None = None,
+        augment: bool = True,
+        max_text_tokens: int = 512,
+        seed: int = 0,
+        val_batch_size: int | None = None,
+    ):
+        super().__init__()
+        self.data_dir = str(data_dir)
+        self.embodiment_path = None if embodiment is None else str(embodiment)
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.val_batch_size = _positive_int(val_batch_size if val_batch_size is not None else batch_size,
+                                            "val_batch_size")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise CosmosPolicyError(f"data: num_workers must be an integer >= 0, got {num_workers!r}")
+        self.num_workers = num_workers
+        self.objective_weights = normalize_objective_mix(objective_mix)
+        if not (isinstance(success_fraction, (int, float)) and 0.0 <= success_fraction <= 1.0):
+            raise CosmosPolicyError(f"data: success_fraction must be in [0, 1], got {success_fraction!r}")
+        self.success_fraction = float(success_fraction)
+        self.shuffle_buffer = _positive_int(shuffle_buffer, "shuffle_buffer")
+        self.samples_per_epoch = None if samples_per_epoch is None else _positive_int(samples_per_epoch,
+                                                                                      "samples_per_epoch")
+        self.augment = bool(augment)
+        self.max_text_tokens = _positive_int(max_text_tokens, "max_text_tokens")
+        self.seed = int(seed)
+        self.save_hyperparameters()
+        self._info: DatasetInfo | None = None
+        self._normalizers: dict[str, Normalizer] | None = None
+        self._fit_checked = False
+
+    # ------------------------------------------------------------------ metadata (lazy, cheap)
+    @staticmethod
+    def read_info(data_dir: str | Path, embodiment: str | Path | None = None) -> DatasetInfo:
+        """Metadata of a dataset without building loaders (see :func:`read_dataset_info`)."""
+        return read_dataset_info(data_dir, embodiment)
+
+    @property
+    def info(self) -> DatasetInfo:
+        """The dataset's :class:`DatasetInfo`, read on first access (so CLI links work right after
+        construction, before :meth:`setup`)."""
+        if self._info is None:
+            self._info = read_dataset_info(self.data_dir, self.embodiment_path)
+        return self._info
+
+    @property
+    def embodiment(self) -> Embodiment:
+        return self.info.embodiment
+
+    @property
+    def stats(self) -> DatasetStats:
+        return self.info.stats
+
+    @property
+    def manifest(self) -> dict:
+        return self.info.manifest
+
+    @property
+    def text_encoder_identity(self) -> str:
+        return self.info.text_encoder
+
+    @property
+    def text_dim(self) -> int:
+        return self.info.text_dim
+
+    @property
+    def normalizers(self) -> dict[str, Normalizer]:
+        """``{"action": Normalizer, "proprio": Normalizer}`` from ``stats.json`` with the embodiment's modes."""
+        if self._normalizers is None:
+            self._normalizers = self.info.normalizers()
+        return self._normalizers
+
+    @property
+    def center_crop(self) -> bool:
+        """Whether validation / test images get the SPEC §4 centre crop (True when trained with
+        augmentation); inference must do the same (``augment.test_transform``)."""
+        return self.augment
+
+    @property
+    def objective_mix(self) -> dict[str, float]:
+        """The normalised mix, ``{objective: weight}`` over the objectives with nonzero weight."""
+        return {o: w for o, w in zip(OBJECTIVES, self.objective_weights) if w > 0}
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        """Read and check the metadata (idempotent; a few small JSON files)."""
+        info = self.info
+        _ = self.normalizers
+        if stage in (None, "fit") and not self._fit_checked:
+            train = info.splits["train"]
+            if not train.shards:
+                raise DataError(f"{info.data_dir}: no training shards (train-*.tar)")
+            if self.objective_weights[OBJECTIVES.index("policy")] > 0 and train.has_success is False:
+                raise DataError(f"{info.data_dir / S.MANIFEST}: the objective mix has policy samples but the training "
+                                f"split has no successful episode (set objective_mix.policy to 0)")
+            if train.has_failure is False and self.objective_weights[OBJECTIVES.index("policy")] < 1:
+                warnings.warn(f"{info.data_dir}: no failed episodes in the training split; world-model and value "
+                              f"samples all come from successes", stacklevel=2)
+            self._fit_checked = True
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def train_batches_per_epoch(self, world_size: int = 1) -> int:
+        """Batches one rank yields per training epoch: ``samples_per_epoch // (batch_size * world_size)``,
+        at least 1.
+
+        Raises:
+            DataError: ``samples_per_epoch`` unset and the manifest has no sample counts.
+        """
+        total = self.samples_per_epoch or self.info.splits["train"].total_samples
+        if total is None:
+            raise DataError(f"{self.info.data_dir / S.MANIFEST}: no sample counts in shards.train; "
+                            f"set data.samples_per_epoch")
+        return max(1, total // (self.batch_size * world_size))
+
+    def _loader(self, pipeline: wds.DataPipeline) -> DataLoader:
+        return DataLoader(pipeline, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        """Endless resampled stream cut into epochs of :meth:`train_batches_per_epoch` batches."""
+        self.setup("fit")
+        info, (rank, world) = self.info, self._rank_world()
+        train = info.splits["train"]
+        batches = self.train_batches_per_epoch(world)
+        pipeline = _SizedPipeline(
+            # Every worker of every rank draws shards independently with replacement, so no node /
+            # worker splitting is needed (and no rank can run out of data).
+            wds.ResampledShards(list(train.shards), seed=self.seed, deterministic=True,
+                                worker_seed=functools.partial(_resample_seed, rank)),
+            wds.tarfile_to_samples(),
+            Shuffle(self.shuffle_buffer, self.seed, rank),
+            ObjectiveMixer(self.objective_weights, self.success_fraction, train.has_success, train.has_failure,
+                           seed=self.seed, rank=rank, pool_size=self.shuffle_buffer,
+                           stall_limit=4 * self.shuffle_buffer),
+            SampleDecoder(info.embodiment, self.normalizers, str(info.data_dir / S.TEXT_DIR), self.max_text_tokens,
+                          mode="augment" if self.augment else "none", seed=self.seed, rank=rank),
+            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+            TakeShare(batches),
+            length=batches,
+        )
+        return self._loader(pipeline)
+
+    def _held_out_loader(self) -> DataLoader | list:
+        self.setup("validate")
+        info, (rank, world) = self.info, self._rank_world()
+        val = info.splits["validation"]
+        if not val.shards:
+            warnings.warn(f"{info.data_dir}: no validation shards; skipping validation / test", stacklevel=3)
+            return []
+        objectives = [i for i, w in enumerate(self.objective_weights) if w > 0]
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(list(val.shards)),
+            SplitByRank(rank, world),
+            wds.split_by_worker,
+            wds.tarfile_to_samples(),
+            RoundRobinObjectives(objectives, [Path(p).name for p in val.shards]),
+            SampleDecoder(info.embodiment, self.normalizers, str(info.data_dir / S.TEXT_DIR), self.max_text_tokens,
+                          mode="center" if self.augment else "none"),
+            wds.batched(self.val_batch_size, collation_fn=collate, partial=True),
+        )
+        return self._loader(pipeline)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """One exact pass over the validation shards (each held-out sample once, over all ranks and workers)."""
+        return self._held_out_loader()
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Same pass as :meth:`val_dataloader` (the held-out episodes)."""
+        return self._held_out_loader()
+
+    def predict_dataloader(self) -> DataLoader | list:
+        """Same pass as :meth:`val_dataloader`."""
+        return self._held_out_loader()
+
+
+def normalize_objective_mix(mix: dict[str, float]) -> list[float]:
+    """Weights per objective in ``OBJECTIVES`` order, summing to 1.
+
+    Raises:
+        CosmosPolicyError: unknown objective, negative / non-finite weight, or all weights zero.
+    """
+    if not isinstance(mix, dict) or not mix:
+        raise CosmosPolicyError(f"data: objective_mix must be a non-empty mapping objective -> weight, got {mix!r}")
+    weights = [0.0] * len(OBJECTIVES)
+    for name, w in mix.items():
+        if name not in OBJECTIVES:
+            raise CosmosPolicyError(f"data: objective_mix: unknown objective {name!r} "
+                                    f"(expected one of {', '.join(OBJECTIVES)})")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise CosmosPolicyError(f"data: objective_mix.{name} must be a finite weight >= 0, got {w!r}")
+        weights[OBJECTIVES.index(name)] = float(w)
+    total = sum(weights)
+    if total <= 0:
+        raise CosmosPolicyError("data: objective_mix: all weights are zero")
+    return [w / total for w in weights]
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CosmosPolicyError(f"data: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+__all__ = ["CosmosDataModule", "DatasetInfo", "SplitInfo", "read_dataset_info", "normalize_objective_mix",
+           "DEFAULT_OBJECTIVE_MIX"]

@@ -1,0 +1,429 @@
+"""webdataset pipeline stages between the shards and a collated batch (SPEC §2, §4).
+
+The stages run inside data-loader workers, in this order::
+
+    raw samples -> ObjectiveMixer (train) | RoundRobinObjectives (validation / test)
+                -> SampleDecoder (JPEG -> uint8, augmentation, normalisation, text lookup)
+                -> webdataset.batched(collate)
+
+Objectives are assigned *before* decoding, so a sample the mix does not need (surplus successes
+waiting for a failure, say) is dropped without paying for its JPEG decoding.
+
+Every stage is a picklable object whose random state is derived from ``(seed, rank, worker,
+epoch)``: the workers of all ranks draw independent streams, and a run with the same seed and
+worker count is reproducible.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import warnings
+from collections import deque
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from webdataset.filters import PipelineStage, shuffle
+
+from ..embodiment import Embodiment
+from ..errors import CosmosPolicyError, DataError
+from ..layout import OBJECTIVES
+from ..model.text import TextEmbeddingCache
+from ..normalization import Normalizer
+from . import sample as S
+from .augment import SPEC_AUGMENT, apply_uint8, center_crop_params, sample_params
+
+POLICY = OBJECTIVES.index("policy")
+
+#: Batch keys and their per-sample dtypes (the batch contract of :mod:`.datamodule`).
+BATCH_KEYS = ("images", "future_images", "proprio", "future_proprio", "actions", "value", "objective",
+              "success", "score", "text", "text_mask", "episode", "step")
+
+
+def worker_position() -> tuple[int, int]:
+    """``(worker id, number of workers)`` of the calling data-loader worker; ``(0, 1)`` in the main process."""
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def stream_rng(seed: int, rank: int, epoch: int, stream: int) -> np.random.Generator:
+    """Independent numpy generator for one (seed, rank, worker, epoch, stream) tuple."""
+    worker, _ = worker_position()
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, rank, worker, epoch, stream])
+
+
+def _where(sample: dict) -> str:
+    return f"{Path(str(sample.get('__url__', '<stream>'))).name}: sample {sample.get('__key__', '?')}"
+
+
+def read_meta(sample: dict) -> dict:
+    """Parse ``meta.json`` of a raw sample (cached under ``__meta__``).
+
+    Raises:
+        DataError: missing or malformed meta.json (names the shard and the sample key).
+    """
+    if "__meta__" in sample:
+        return sample["__meta__"]
+    raw = sample.get(S.META)
+    if raw is None:
+        raise DataError(f"{_where(sample)}: missing member {S.META}")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{_where(sample)}: {S.META} is not valid JSON ({err})") from None
+    missing = [k for k in S.META_FIELDS if k not in meta]
+    if missing:
+        raise DataError(f"{_where(sample)}: {S.META} lacks field(s) {', '.join(missing)}")
+    sample["__meta__"] = meta
+    return meta
+
+
+# ---------------------------------------------------------------------------------------- splitting
+class SplitByRank(PipelineStage):
+    """``webdataset.split_by_node`` with the rank captured in the main process.
+
+    webdataset's splitter asks ``torch.distributed`` from inside the worker, which is not initialised
+    in a spawned worker; the trainer's rank is known when the loader is built, so we carry it.
+    """
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    def run(self, src: Iterable) -> Iterator:
+        return islice(src, self.rank, None, self.world_size) if self.world_size > 1 else iter(src)
+
+
+class TakeShare(PipelineStage):
+    """End a (resampled, infinite) stream after this worker's share of ``total`` items.
+
+    The ``total`` batches of one rank's epoch are divided over the workers as evenly as possible
+    (worker ``i`` takes ``total // n + (i < total % n)``), so one epoch yields exactly ``total``
+    batches per rank whatever the worker count -- every rank takes the same number of steps.
+    """
+
+    def __init__(self, total: int):
+        self.total = int(total)
+
+    def run(self, src: Iterable) -> Iterator:
+        worker, workers = worker_position()
+        share = self.total // workers + (1 if worker < self.total % workers else 0)
+        return islice(src, share)
+
+
+class Shuffle(PipelineStage):
+    """``webdataset.shuffle`` with a buffer of ``bufsize`` samples, seeded per (seed, rank, worker, epoch).
+
+    The buffer is filled completely before the first sample leaves it: a shard holds few episodes,
+    so a half-filled buffer would give batches of one or two episodes at the start of each epoch.
+    """
+
+    def __init__(self, bufsize: int, seed: int = 0, rank: int = 0):
+        self.bufsize, self.seed, self.rank = max(1, int(bufsize)), seed, rank
+        self.epoch = -1
+
+    def run(self, src: Iterable) -> Iterator:
+        self.epoch += 1
+        rng = random.Random(int(stream_rng(self.seed, self.rank, self.epoch, 0).integers(2**63)))
+        return shuffle(self.bufsize, self.bufsize, rng=rng)(src)
+
+
+# ---------------------------------------------------------------------------------------- objectives
+class ObjectiveMixer(PipelineStage):
+    """Assign an objective to every training sample by the configured mix (SPEC §2).
+
+    Per output sample: draw the objective from ``weights``; a policy sample must come from a
+    successful episode; any other objective takes a success with probability ``success_fraction``
+    and a failure otherwise. Incoming (shuffled) samples wait in one pool per outcome until a draw
+    asks for them; a pool holds at most ``pool_size`` samples (older surplus is dropped, i.e.
+    rejection sampling), so the output follows the mix whatever the data's success rate.
+
+    When the data has no failures (``has_failure=False``, from the manifest), non-policy samples are
+    all successes (and vice versa). When that is unknown (``None``), a class that does not show up
+    within ``stall_limit`` consecutive samples is taken as absent, with one warning.
+
+    Args:
+        weights: probability per objective index (length ``len(OBJECTIVES)``, sums to 1).
+        success_fraction: P(success) for non-policy samples, in [0, 1].
+        has_success, has_failure: whether the split holds successful / failed samples (None = unknown).
+        seed, rank: for the worker's random stream.
+        pool_size: capacity of each outcome pool (samples, undecoded).
+        stall_limit: consecutive unmatched samples before a class is declared absent.
+
+    Raises (while iterating):
+        DataError: the mix needs policy samples and the data has no successful episode.
+    """
+
+    def __init__(self, weights: list[float], success_fraction: float, has_success: bool | None,
+                 has_failure: bool | None, seed: int = 0, rank: int = 0, pool_size: int = 1000,
+                 stall_limit: int = 4000):
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.success_fraction = float(success_fraction)
+        self.has_success, self.has_failure = has_success, has_failure
+        self.seed, self.rank = seed, rank
+        self.pool_size, self.stall_limit = max(1, int(pool_size)), max(1, int(stall_limit))
+        self.epoch = -1
+
+    def _check_policy(self, available: dict[bool, bool]) -> None:
+        if self.weights[POLICY] > 0 and not available[True]:
+            raise DataError("objective mix: the policy objective needs successful episodes, but the training "
+                            "shards hold none (set objective_mix.policy to 0 or add successful demonstrations)")
+
+    def _draw(self, rng: np.random.Generator, available: dict[bool, bool]) -> tuple[int, bool]:
+        obj = int(rng.choice(len(self.weights), p=self.weights))
+        if obj == POLICY:
+            return obj, True
+        want = bool(rng.random() < self.success_fraction)
+        if not available[want]:
+            want = not want
+        return obj, want
+
+    def run(self, src: Iterable[dict]) -> Iterator[dict]:
+        self.epoch += 1
+        rng = stream_rng(self.seed, self.rank, self.epoch, 1)
+        available = {True: self.has_success is not False, False: self.has_failure is not False}
+        if not (available[True] or available[False]):
+            raise DataError("objective mix: the training shards hold no samples")
+        self._check_policy(available)
+        pools: dict[bool, deque] = {True: deque(), False: deque()}
+        want: tuple[int, bool] | None = None
+        misses = 0
+        for sample in src:
+            pools[bool(read_meta(sample)["success"])].append(sample)
+            while True:
+                if want is None:
+                    want = self._draw(rng, available)
+                obj, outcome = want
+                if not pools[outcome]:
+                    break
+                out = pools[outcome].popleft()
+                out["__objective__"] = obj
+                yield out
+                want, misses = None, 0
+            # Here a draw waits for an outcome its pool lacks: count the miss, cap the pools.
+            misses += 1
+            for pool in pools.values():
+                while len(pool) > self.pool_size:
+                    pool.popleft()
+            if misses >= self.stall_limit:
+                outcome = want[1]
+                kind = "successful" if outcome else "failed"
+                available[outcome] = False
+                self._check_policy(available)
+                if not available[not outcome]:
+                    raise DataError("objective mix: the training shards hold neither usable successes nor failures")
+                warnings.warn(f"objective mix: no {kind} sample in {misses} consecutive training samples; "
+                              f"treating the data as having none (write success/failure counts into the "
+                              f"manifest to avoid this guess)", stacklevel=2)
+                want, misses = None, 0
+
+
+class RoundRobinObjectives(PipelineStage):
+    """Deterministic objectives for validation / test: round-robin over ``objectives``.
+
+    The position in the cycle is ``shard index + position of the sample in its shard``, which does
+    not depend on how shards are split over ranks and workers, so every run labels every held-out
+    sample the same way. A failed episode's sample never gets the policy objective: it takes the
+    next objective of the cycle instead, and is skipped when the policy is the only objective.
+
+    Args:
+        objectives: indices into ``OBJECTIVES`` with nonzero weight, in ``OBJECTIVES`` order.
+        shard_names: the split's shard file names, in order.
+    """
+
+    def __init__(self, objectives: list[int], shard_names: list[str]):
+        self.objectives = list(objectives)
+        self.shard_index = {name: i for i, name in enumerate(shard_names)}
+
+    def run(self, src: Iterable[dict]) -> Iterator[dict]:
+        n = len(self.objectives)
+        current, position = None, 0
+        for sample in src:
+            name = Path(str(sample.get("__url__", ""))).name
+            if name != current:
+                current, position = name, 0
+            slot = self.shard_index.get(name, 0) + position
+            position += 1
+            success = bool(read_meta(sample)["success"])
+            for k in range(n):
+                obj = self.objectives[(slot + k) % n]
+                if obj != POLICY or success:
+                    sample["__objective__"] = obj
+                    yield sample
+                    break
+
+
+# ---------------------------------------------------------------------------------------- decoding
+class TextLookup:
+    """Per-instruction text embeddings from ``text_embeddings/`` (model/text.py's cache), kept in memory
+    per worker (a dataset has few instructions), truncated to ``max_tokens``."""
+
+    def __init__(self, directory: str, max_tokens: int):
+        self.directory, self.max_tokens = str(directory), int(max_tokens)
+        self._cache = None
+        self._memo: dict[str, torch.Tensor] = {}
+
+    def __getstate__(self):
+        # Workers rebuild their own in-memory copies.
+        return {"directory": self.directory, "max_tokens": self.max_tokens, "_cache": None, "_memo": {}}
+
+    def get(self, instruction: str, where: str) -> torch.Tensor:
+        """Float32 ``(L, D)`` embedding, ``L <= max_tokens``.
+
+        Raises:
+            DataError: instruction missing from the cache (names the sample).
+        """
+        emb = self._memo.get(instruction)
+        if emb is None:
+            if self._cache is None:
+                self._cache = TextEmbeddingCache(self.directory)
+            try:
+                arr = self._cache.get(instruction)
+            except CosmosPolicyError as err:
+                raise DataError(f"{where}: {err}") from None
+            emb = torch.from_numpy(np.ascontiguousarray(arr[: self.max_tokens], dtype=np.float32))
+            self._memo[instruction] = emb
+        return emb
+
+
+def _decode_jpeg(data: bytes, where: str, member: str, size: tuple[int, int]) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.asarray(img.convert("RGB"))
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise DataError(f"{where}: {member} is not a readable JPEG ({type(err).__name__}: {err})") from None
+    if arr.shape[:2] != tuple(size):
+        raise DataError(f"{where}: {member} is {arr.shape[0]}x{arr.shape[1]}, expected the embodiment's "
+                        f"image_size {size[0]}x{size[1]}")
+    return arr
+
+
+def _load_npy(sample: dict, member: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    raw = sample.get(member)
+    if raw is None:
+        raise DataError(f"{where}: missing member {member}")
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f"{where}: {member} is not a .npy array ({err})") from None
+    if arr.shape != shape:
+        raise DataError(f"{where}: {member} has shape {arr.shape}, expected {shape}")
+    if not np.isfinite(arr).all():
+        raise DataError(f"{where}: {member} contains NaN or inf")
+    return arr.astype(np.float32, copy=False)
+
+
+class SampleDecoder(PipelineStage):
+    """Raw shard sample -> tensors of the batch contract (one sample, no batch axis).
+
+    Images: JPEG -> uint8, stacked ``(2N, H, W, 3)`` (current cameras then future cameras, in the
+    embodiment's camera order), transformed with one parameter set (``mode``: ``"augment"`` =
+    random SPEC §4 augmentation, ``"center"`` = test-time centre crop, ``"none"``), then split.
+    Proprio and actions are normalised to [-1, 1] by the normalisers; the value is V(s') from meta.
+
+    Args:
+        embodiment: the robot (camera order, image size, dims, chunk size).
+        normalizers: ``{"action": Normalizer, "proprio": Normalizer}``.
+        text_dir: the dataset's ``text_embeddings`` directory.
+        max_text_tokens: text embeddings are truncated to this many tokens.
+        mode: ``"augment"``, ``"center"`` or ``"none"``.
+        seed, rank: for the augmentation's random stream.
+
+    Raises (while iterating):
+        DataError: a member is missing, malformed or has the wrong shape (names shard, key, member).
+    """
+
+    def __init__(self, embodiment: Embodiment, normalizers: dict[str, Normalizer], text_dir: str,
+                 max_text_tokens: int, mode: str, seed: int = 0, rank: int = 0):
+        if mode not in ("augment", "center", "none"):
+            raise ValueError(f"SampleDecoder: mode must be augment, center or none, got {mode!r}")
+        self.cameras = embodiment.camera_names
+        self.image_size = tuple(embodiment.image_size)
+        self.proprio_shape = (embodiment.proprio.dim,)
+        self.action_shape = (embodiment.action.chunk_size, embodiment.action.dim)
+        self.normalizers = normalizers
+        self.text = TextLookup(text_dir, max_text_tokens)
+        self.mode, self.seed, self.rank = mode, seed, rank
+        self.epoch = -1
+
+    def decode(self, sample: dict, rng: np.random.Generator | None = None) -> dict[str, Any]:
+        """Decode one raw sample (see the class docstring); ``rng`` is needed in ``augment`` mode."""
+        where = _where(sample)
+        meta = read_meta(sample)
+        images = []
+        for future in (False, True):
+            for cam in self.cameras:
+                member = S.image_member(cam, future)
+                data = sample.get(member)
+                if data is None:
+                    raise DataError(f"{where}: missing member {member} (cameras: {', '.join(self.cameras)})")
+                images.append(_decode_jpeg(data, where, member, self.image_size))
+        pixels = torch.from_numpy(np.stack(images))
+        if self.mode == "augment":
+            pixels = apply_uint8(pixels, sample_params(rng, self.image_size, SPEC_AUGMENT))
+        elif self.mode == "center":
+            pixels = apply_uint8(pixels, center_crop_params(self.image_size))
+        n = len(self.cameras)
+        proprio = _load_npy(sample, S.PROPRIO, self.proprio_shape, where)
+        future_proprio = _load_npy(sample, S.FUTURE_PROPRIO, self.proprio_shape, where)
+        actions = _load_npy(sample, S.ACTIONS, self.action_shape, where)
+        norm_p, norm_a = self.normalizers["proprio"], self.normalizers["action"]
+        value = float(meta["value"])
+        if not -1.0 - 1e-6 <= value <= 1.0 + 1e-6:
+            raise DataError(f"{where}: {S.META} value {value} outside [-1, 1]")
+        return {
+            "images": pixels[:n],
+            "future_images": pixels[n:],
+            "proprio": torch.from_numpy(np.asarray(norm_p.normalize(proprio), dtype=np.float32)),
+            "future_proprio": torch.from_numpy(np.asarray(norm_p.normalize(future_proprio), dtype=np.float32)),
+            "actions": torch.from_numpy(np.asarray(norm_a.normalize(actions), dtype=np.float32)),
+            "value": value,
+            "objective": int(sample["__objective__"]),
+            "success": bool(meta["success"]),
+            "score": float(meta["score"]),
+            "text": self.text.get(str(meta["instruction"]), where),
+            "episode": str(meta["episode"]),
+            "step": int(meta["step"]),
+        }
+
+    def run(self, src: Iterable[dict]) -> Iterator[dict]:
+        self.epoch += 1
+        rng = stream_rng(self.seed, self.rank, self.epoch, 2) if self.mode == "augment" else None
+        for sample in src:
+            yield self.decode(sample, rng)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack decoded samples into the batch contract; text is zero-padded to the longest in the batch.
+
+    Returns:
+        the batch dict documented in :mod:`cosmos_policy_lightning.data.datamodule`.
+    """
+    b = len(samples)
+    texts = [s["text"] for s in samples]
+    dim = texts[0].shape[1] if texts[0].ndim == 2 else 0
+    length = max(t.shape[0] for t in texts)
+    text = torch.zeros(b, length, dim, dtype=torch.float32)
+    mask = torch.zeros(b, length, dtype=torch.bool)
+    for i, t in enumerate(texts):
+        text[i, : t.shape[0]] = t
+        mask[i, : t.shape[0]] = True
+    return {
+        "images": torch.stack([s["images"] for s in samples]),
+        "future_images": torch.stack([s["future_images"] for s in samples]),
+        "proprio": torch.stack([s["proprio"] for s in samples]),
+        "future_proprio": torch.stack([s["future_proprio"] for s in samples]),
+        "actions": torch.stack([s["actions"] for s in samples]),
+        "value": torch.tensor([s["value"] for s in samples], dtype=torch.float32),
+        "objective": torch.tensor([s["objective"] for s in samples], dtype=torch.int64),
+        "success": torch.tensor([s["success"] for s in samples], dtype=torch.bool),
+        "score": torch.tensor([s["score"] for s in samples], dtype=torch.float32),
+        "text": text,
+        "text_mask": mask,
+        "episode": [s["episode"] for s in samples],
+        "step": torch.tensor([s["step"] for s in samples], dtype=torch.int64),
+    }
