@@ -16,6 +16,7 @@ encoder's identity (``checkpoint["cosmos_policy"]``), so inference needs nothing
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -28,11 +29,23 @@ from ..embodiment import Embodiment, load_embodiment
 from ..layout import OBJECTIVES, SequenceLayout
 from ..normalization import DatasetStats, Normalizer
 from . import diffusion
-from .backbone import VideoDiT, VideoVAE, build_transformer
+from .backbone import VideoDiT, VideoVAE
 from .schedule import lr_multiplier
 from .sequence import build_pixel_sequence, inject_vectors, read_vectors, unit_range_to_images, value_to_unit
 
 CHECKPOINT_KEY = "cosmos_policy"
+#: Repository root of a source checkout: shipped assets (e.g. ``assets/tiny_wan_vae``) live there.
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def resolve_path(source: Any) -> Any:
+    """A relative path that does not exist from the working directory is looked up in the repository
+    root, so recipes and checkpoints naming ``assets/...`` work from any directory. Hub ids and dicts
+    pass through."""
+    if isinstance(source, str) and not Path(source).is_absolute() and not Path(source).exists() \
+            and (REPO_ROOT / source).exists():
+        return str(REPO_ROOT / source)
+    return source
 
 
 def modality_frames(layout: SequenceLayout) -> dict[str, list[int]]:
@@ -96,7 +109,7 @@ class CosmosPolicyModule(L.LightningModule):
         self.layout = SequenceLayout.from_embodiment(self.embodiment)
         self.stats: DatasetStats | None = None
         self.text_encoder_identity: str | None = None
-        self.vae = VideoVAE(vae)
+        self.vae = VideoVAE(resolve_path(vae))
         self.dit: VideoDiT | None = None  # built in configure_model (meta-device friendly for FSDP2)
         # The VAE is frozen and reloaded from its own path: keep it out of checkpoints.
         self.strict_loading = False
@@ -126,8 +139,8 @@ class CosmosPolicyModule(L.LightningModule):
         if self.dit is not None:
             return
         h = self.hparams
-        self.dit = VideoDiT(build_transformer(h.transformer, text_embed_dim=h.text_dim,
-                                              pretrained=h.pretrained_transformer))
+        # A text-free dataset (text_dim 0) still needs a cross-attention width; it then gets no tokens.
+        self.dit = VideoDiT(h.transformer, text_embed_dim=h.text_dim or None, pretrained=h.pretrained_transformer)
         if h.activation_checkpointing:
             self.dit.enable_activation_checkpointing()
         mesh = getattr(self, "_device_mesh", None)
@@ -375,7 +388,7 @@ class CosmosPolicyModule(L.LightningModule):
         frames = []
         for cam in self.layout.camera_names:
             clip = torch.stack([latents[:, :, 0], latents[:, :, self.layout.index(f"future_image/{cam}")]], dim=2)
-            frames.append(self.vae.decode(clip.to(self.vae.dtype))[:, :, -1])
+            frames.append(self.vae.decode(clip)[:, :, -1])
         return unit_range_to_images(torch.stack(frames, dim=1).float())
 
     def log_image_grid(self, batch: dict[str, Any], x0_pred: torch.Tensor, tag: str, max_samples: int = 4) -> None:
