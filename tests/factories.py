@@ -93,7 +93,8 @@ def episode_arrays(spec: EpisodeSpec, hw: tuple[int, int] = SOURCE_HW) -> dict[s
             frames[i, ..., 2] = ((xx + yy) * 3 + i * 9) % 256
         out[cam] = frames
     rewards = np.zeros(T, np.float32)
-    rewards[-1] = 1.0 if spec.success else 0.0
+    if T:
+        rewards[-1] = 1.0 if spec.success else 0.0
     out["rewards"], out["dones"] = rewards, rewards.astype(np.uint8)
     out.update(spec.override)
     return out
@@ -135,7 +136,8 @@ def write_robomimic(path: Path, episodes: list[EpisodeSpec], problem_instruction
                      "obs/wrist_rgb": a["wrist"], "obs/front_rgb": a["front"]}
             for name, arr in items.items():
                 if name not in drop:
-                    g.create_dataset(name, data=arr, chunks=(min(8, len(arr)), *arr.shape[1:]) if arr.ndim > 1 else None)
+                    chunked = arr.ndim > 1 and len(arr) > 0
+                    g.create_dataset(name, data=arr, chunks=(min(8, len(arr)), *arr.shape[1:]) if chunked else None)
             g.attrs["num_samples"] = spec.length
             if success_attrs:
                 g.attrs["success"] = spec.success

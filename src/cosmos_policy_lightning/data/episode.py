@@ -47,7 +47,7 @@ class FrameSource:
 
     def __init__(self, data: Any, where: str, start: int = 0, stop: int | None = None):
         self.data, self.where = data, where
-        shape = tuple(getattr(data, "shape", (len(data),)))
+        shape = tuple(data.shape) if hasattr(data, "shape") else (len(data),)
         dtype = np.dtype(getattr(data, "dtype", object))
         self.start = start
         self.stop = shape[0] if stop is None else stop

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import pickle
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from .images import encode_frames
 from .returns import action_chunk, episode_values, future_index
 from .sources.base import EpisodeRef, SourceReader
 
+#: Seconds to pause after spilling each episode. For the kill-and-resume test only; 0 otherwise.
+_TEST_DELAY_S = float(os.environ.get("COSMOS_POLICY_CONVERT_EPISODE_DELAY", "0") or 0)
 #: tar stores every member as a 512-byte header plus its data padded to 512 bytes.
 TAR_BLOCK = 512
 
@@ -135,6 +138,8 @@ def process_episode(reader: SourceReader, ref: EpisodeRef, split: str, settings:
                     sizes.extend((m, len(b)) for m, b in members.items())
 
             _replace_atomic(work / f"{ref.episode_id}.spill", spill)
+            if _TEST_DELAY_S:  # lets the resume test kill a conversion between two writes
+                time.sleep(_TEST_DELAY_S)
             _replace_atomic(work / f"{ref.episode_id}.npz",
                             lambda f: np.savez(f, actions=episode.actions, proprio=episode.proprio))
             record = {"episode": ref.episode_id, "split": split, "source": ref.source, "length": episode.length,

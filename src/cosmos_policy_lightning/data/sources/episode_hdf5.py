@@ -66,12 +66,12 @@ class EpisodeHDF5Reader(SourceReader):
         rewards = next((f[k][()] for k in ("reward", "rewards") if k in f and isinstance(f[k], h5py.Dataset)), None)
         dones = next((f[k][()] for k in ("done", "dones") if k in f and isinstance(f[k], h5py.Dataset)), None)
         attrs = [f.attrs]
-        success, score = self.labeler.success(ref.source, ref.aliases, attrs, rewards, dones)
-        instruction = self.labeler.instruction(ref.path, ref.aliases, attrs, per_episode_file=True)
-        return build_episode(
+        episode = build_episode(
             episode_id=ref.episode_id, source=ref.path, embodiment=self.embodiment,
             actions=(actions[0], actions[1][()]),
             proprio=[(k, d[()]) for k, d in proprio],
             cameras={cam: (k, d) for cam, (k, d) in cameras.items()},
-            success=success, score=score, instruction=instruction, aliases=ref.aliases,
+            aliases=ref.aliases,
         )
+        # labels after the structural checks, so an empty episode is reported as such
+        return self.labeler.label(episode, ref, attrs, rewards, dones, per_episode_file=True)

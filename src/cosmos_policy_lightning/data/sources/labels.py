@@ -148,6 +148,14 @@ class Labeler:
         if options.instruction_from == "sidecar" and not self.sidecar:
             raise DataError("--instruction_from sidecar needs --success_sidecar with an instruction column")
 
+    def label(self, episode, ref, attrs: Sequence[Mapping[str, Any]], rewards: Any = None, dones: Any = None,
+              per_episode_file: bool = False):
+        """Set ``success``, ``score`` and ``instruction`` of an Episode read through ``ref`` (an
+        ``EpisodeRef``: ``source``, ``path``, ``aliases``); returns the episode."""
+        episode.success, episode.score = self.success(ref.source, ref.aliases, attrs, rewards, dones)
+        episode.instruction = self.instruction(ref.path, ref.aliases, attrs, per_episode_file)
+        return episode
+
     def _sidecar_entry(self, aliases: Sequence[str]) -> dict[str, Any] | None:
         for alias in aliases:
             if alias in self.sidecar:

@@ -73,12 +73,12 @@ class RobomimicReader(SourceReader):
         rewards = group["rewards"][()] if "rewards" in group else None
         dones = group["dones"][()] if "dones" in group else None
         attrs = [group.attrs, f["data"].attrs, f.attrs]
-        success, score = self.labeler.success(ref.source, ref.aliases, attrs, rewards, dones)
-        instruction = self.labeler.instruction(ref.path, ref.aliases, attrs, per_episode_file=False)
-        return build_episode(
+        episode = build_episode(
             episode_id=ref.episode_id, source=ref.path, embodiment=self.embodiment,
             actions=(f"data/{ref.key}/{actions[0]}", actions[1][()]),
             proprio=[(f"data/{ref.key}/{k}", d[()]) for k, d in proprio],
             cameras={cam: (f"data/{ref.key}/{k}", d) for cam, (k, d) in cameras.items()},
-            success=success, score=score, instruction=instruction, aliases=ref.aliases,
+            aliases=ref.aliases,
         )
+        # labels after the structural checks, so an empty episode is reported as such
+        return self.labeler.label(episode, ref, attrs, rewards, dones, per_episode_file=False)

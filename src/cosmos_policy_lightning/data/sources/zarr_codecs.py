@@ -18,6 +18,8 @@ _registered = False
 def register_image_codecs() -> None:
     """Make imagecodecs' image codecs readable in Zarr v2 and v3 stores (idempotent)."""
     global _registered
+    # Reading a v3 store that uses such a codec is the point here; zarr's portability warning is noise.
+    warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
     if _registered:
         return
     import imagecodecs.numcodecs as icn

@@ -101,15 +101,15 @@ class ZarrReplayReader(SourceReader):
                 raise DataError(f"{where}: key {key}: {arr.shape[0]} rows, but meta/episode_ends needs {stop}")
         rewards = group["data/reward"][start:stop] if "data/reward" in group else None
         attrs: list[Any] = [self._episode_attrs(group, i), group.attrs]
-        success, score = self.labeler.success(ref.source, ref.aliases, attrs, rewards, None)
-        instruction = self.labeler.instruction(ref.path, ref.aliases, attrs, per_episode_file=False)
-        return build_episode(
+        episode = build_episode(
             episode_id=ref.episode_id, source=ref.path, embodiment=self.embodiment,
             actions=(a_key, a_arr[start:stop]),
             proprio=[(k, arr[start:stop]) for k, arr in proprio],
             cameras=cameras, camera_range=(start, stop),
-            success=success, score=score, instruction=instruction, aliases=ref.aliases,
+            aliases=ref.aliases,
         )
+        # labels after the structural checks, so an empty episode is reported as such
+        return self.labeler.label(episode, ref, attrs, rewards, None, per_episode_file=False)
 
     @staticmethod
     def _episode_attrs(group: Any, i: int) -> dict[str, Any]:
