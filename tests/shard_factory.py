@@ -74,7 +74,7 @@ class ToyDataset:
 
     root: Path
     embodiment: Embodiment
-    records: dict[str, dict]        # sample key -> {"proprio", "future_proprio", "actions", "meta", "split"}
+    records: dict[str, dict]        # sample key -> {"proprio", "future_proprio", "actions", "meta", "split", "images"}
     shard_names: dict[str, list[str]]
 
     def keys(self, split: str) -> set[str]:
@@ -121,7 +121,7 @@ def write_dataset(root: str | Path, episodes: list[EpisodeSpec], embodiment: Emb
     records: dict[str, dict] = {}
     per_split: dict[str, list[tuple[str, dict]]] = {s: [] for s in S.SPLITS}
     stats_rows = {"success": {"action": [], "proprio": []}, "all": {"action": [], "proprio": []}}
-    counts = {s: {"episodes": 0, "samples": 0, "success_samples": 0, "failure_samples": 0} for s in S.SPLITS}
+    counts = {s: {"episodes": 0, "successes": 0, "failures": 0, "samples": 0} for s in S.SPLITS}
 
     for e_index, ep in enumerate(episodes):
         T = ep.length
@@ -136,6 +136,7 @@ def write_dataset(root: str | Path, episodes: list[EpisodeSpec], embodiment: Emb
                 stats_rows[group]["action"].append(actions)
                 stats_rows[group]["proprio"].append(proprio)
         counts[ep.split]["episodes"] += 1
+        counts[ep.split]["successes" if ep.success else "failures"] += 1
         for t in range(T):
             tf = min(t + k, T - 1)
             chunk = np.concatenate([actions[t:t + k], np.repeat(actions[-1:], max(0, t + k - T), axis=0)])
@@ -154,18 +155,18 @@ def write_dataset(root: str | Path, episodes: list[EpisodeSpec], embodiment: Emb
             records[key] = {"proprio": proprio[t], "future_proprio": proprio[tf], "actions": chunk, "meta": meta,
                             "split": ep.split, "images": [frames[(t, c)] for c in range(emb.num_cameras)]}
             counts[ep.split]["samples"] += 1
-            counts[ep.split]["success_samples" if ep.success else "failure_samples"] += 1
 
-    shards: dict[str, list[dict]] = {}
+    # The converter's manifest layout: one flat shard list whose entries name their split.
+    shards: list[dict] = []
     for split, samples in per_split.items():
-        shards[split] = []
         for i in range(0, len(samples), samples_per_shard):
             name = f"{split}-{i // samples_per_shard:06d}.tar"
             chunk = samples[i:i + samples_per_shard]
             with wds.TarWriter(str(root / name)) as sink:
                 for _, s in chunk:
                     sink.write(s)
-            shards[split].append({"name": name, "samples": len(chunk)})
+            shards.append({"name": name, "split": split, "samples": len(chunk)})
+        counts[split]["shards"] = sum(sh["split"] == split for sh in shards)
 
     def stats_of(group: str) -> dict[str, Stats]:
         rows = stats_rows[group]
@@ -176,15 +177,17 @@ def write_dataset(root: str | Path, episodes: list[EpisodeSpec], embodiment: Emb
     train_ids = [ep.episode_id for ep in episodes if ep.split == "train"]
     fp = fingerprint(a_dim, p_dim, k, train_ids)
     DatasetStats(fp, stats_of("success"), stats_of("all")).save(root / S.STATS)
-    TextEmbeddingCache(root / S.TEXT_DIR).add(text_encoder or HashTextEncoder(),
-                                              sorted({ep.instruction for ep in episodes}))
+    encoder = text_encoder or HashTextEncoder()
+    TextEmbeddingCache(root / S.TEXT_DIR).add(encoder, sorted({ep.instruction for ep in episodes}))
     write_json_atomic(root / S.MANIFEST, {
+        "status": "complete",
         "stats_fingerprint": fp,
         "embodiment": emb.to_dict(),
         "shards": shards,
         "counts": counts,
+        "text_encoder": encoder.identity,
     })
-    return ToyDataset(root, emb, records, {s: [d["name"] for d in v] for s, v in shards.items()})
+    return ToyDataset(root, emb, records, {sp: [d["name"] for d in shards if d["split"] == sp] for sp in S.SPLITS})
 
 
 def standard_episodes(n_train_success: int = 6, n_train_failure: int = 2, n_val_success: int = 3,

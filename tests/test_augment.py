@@ -95,7 +95,8 @@ def test_colour_factors_follow_torchvision_formulas():
     two[:, :, :4] = 200
     two[:, :, 4:] = 100
     out = apply_uint8(two, AugmentParams(*full, contrast=0.6)).float()
-    assert out[0, 0, 0, 0] == pytest.approx(150 + 0.6 * 50, abs=1) and out[0, 0, 7, 0] == pytest.approx(150 - 0.6 * 50, abs=1)
+    assert out[0, 0, 0, 0] == pytest.approx(150 + 0.6 * 50, abs=1)
+    assert out[0, 0, 7, 0] == pytest.approx(150 - 0.6 * 50, abs=1)
     # Saturation 0 gives grey; a hue shift of 1/3 turn maps pure red to pure green.
     red = torch.zeros(1, 4, 4, 3, dtype=torch.uint8)
     red[..., 0] = 255
@@ -120,3 +121,19 @@ def test_bad_input_and_config():
     with pytest.raises(CosmosPolicyError, match="crop_area"):
         AugmentConfig(crop_area=1.5)
     assert SPEC_AUGMENT.crop_area == 0.9 and SPEC_AUGMENT.max_rotation == 5.0
+
+
+def test_warp_matrix_matches_kornia_rotation_about_the_centre():
+    from kornia.geometry.transform import get_rotation_matrix2d
+
+    from cosmos_policy_lightning.data.augment import warp_matrix
+
+    h, w = 60, 64
+    p = AugmentParams(3.2, 1.7, 57.0, 60.0, angle=-4.2)
+    sx, sy = w / p.crop_width, h / p.crop_height
+    crop = torch.tensor([[sx, 0, (0.5 - p.crop_left) * sx - 0.5], [0, sy, (0.5 - p.crop_top) * sy - 0.5], [0, 0, 1.0]],
+                        dtype=torch.float64)
+    rot = get_rotation_matrix2d(torch.tensor([[(w - 1) / 2, (h - 1) / 2]], dtype=torch.float64),
+                                torch.tensor([p.angle], dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64))[0]
+    expected = (torch.cat([rot, torch.tensor([[0, 0, 1.0]], dtype=torch.float64)]) @ crop)[:2]
+    assert torch.allclose(warp_matrix(p, (h, w))[0].double(), expected, atol=1e-5)

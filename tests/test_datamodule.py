@@ -71,7 +71,8 @@ def test_batch_contract(toy):
         for i, ep in enumerate(batch["episode"]):
             meta = toy.records[S.sample_key(ep, int(batch["step"][i]))]["meta"]
             assert int(mask[i].sum()) == len(meta["instruction"].split()) + 1
-            assert bool(batch["success"][i]) == meta["success"] and float(batch["value"][i]) == pytest.approx(meta["value"])
+            assert bool(batch["success"][i]) == meta["success"]
+            assert float(batch["value"][i]) == pytest.approx(meta["value"])
 
 
 def test_objective_mix_and_success_balance(toy):
@@ -175,7 +176,8 @@ def test_normalisation_matches_stats(toy):
     for batch in _collect(dm.val_dataloader(), 3):
         for i, ep in enumerate(batch["episode"]):
             rec = toy.records[S.sample_key(ep, int(batch["step"][i]))]
-            np.testing.assert_allclose(batch["actions"][i].numpy(), 2 * (rec["actions"] - lo) / (hi - lo) - 1, atol=1e-5)
+            np.testing.assert_allclose(batch["actions"][i].numpy(), 2 * (rec["actions"] - lo) / (hi - lo) - 1,
+                                       atol=1e-5)
             np.testing.assert_allclose(batch["proprio"][i].numpy(), 2 * (rec["proprio"] - plo) / (phi - plo) - 1,
                                        atol=1e-5)
             np.testing.assert_allclose(batch["future_proprio"][i].numpy(),
@@ -200,7 +202,8 @@ def test_stale_statistics_and_wrong_embodiment_are_refused(tmp_path, toy):
     assert "\n" not in str(err.value)
     renamed = tmp_path / "renamed.yaml"
     cams = toy_embodiment().to_dict()["cameras"]
-    renamed.write_text(yaml.safe_dump({**toy_embodiment().to_dict(), "cameras": [cams[0], {**cams[1], "name": "side"}]}))
+    renamed.write_text(yaml.safe_dump({**toy_embodiment().to_dict(),
+                                       "cameras": [cams[0], {**cams[1], "name": "side"}]}))
     with pytest.raises(DataError, match="cameras"):
         read_dataset_info(toy.root, renamed)
     # The same robot with cameras listed in another order is accepted: batches follow the given order.
@@ -274,3 +277,49 @@ def test_lightning_fit_and_jsonargparse(toy):
         trainer.fit(model, datamodule=dm)
     assert model.seen["train"] == 2 * 5 and trainer.global_step == 10
     assert model.seen["val_samples"] == 2 * len(toy.keys("validation"))
+
+
+def test_loads_a_real_conversion_of_robomimic_hdf5(tmp_path):
+    """cosmos-policy convert (robomimic HDF5, failures included, no text encoder) -> the data module."""
+    from cosmos_policy_lightning.data.convert import convert
+
+    from . import factories as F
+
+    specs = [F.EpisodeSpec(7, 1), F.EpisodeSpec(6, 2, success=False), F.EpisodeSpec(9, 3), F.EpisodeSpec(5, 4),
+             F.EpisodeSpec(6, 5, success=False), F.EpisodeSpec(8, 6)]
+    emb = F.write_embodiment(tmp_path)
+    src = F.write_robomimic(tmp_path / "demos.hdf5", specs, problem_instruction="stack the red block")
+    out = tmp_path / "out"
+    manifest = convert(str(src), output=str(out), embodiment=str(emb), format="robomimic", val_fraction=0.34,
+                       shard_size_mb=0.05, text_encoder="none", progress=False)
+    dm = CosmosDataModule(str(out), batch_size=4, num_workers=0, shuffle_buffer=20, samples_per_epoch=32)
+    dm.setup("fit")
+    assert dm.embodiment.to_dict() == manifest["embodiment"] and dm.text_dim == 0
+    assert dm.text_encoder_identity == "none"
+
+    # Validation: every held-out step exactly once, actions normalised by the training successes' range.
+    val_eps = set(manifest["splits"]["validation"])
+    batches = _collect(dm.val_dataloader())
+    keys = [S.sample_key(e, int(s)) for b in batches for e, s in zip(b["episode"], b["step"])]
+    expected = [S.sample_key(f"demo_{i}", t) for i, sp in enumerate(specs) if f"demo_{i}" in val_eps
+                for t in range(sp.length)]
+    assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys))
+    train_success = [F.episode_arrays(sp)["actions"] for i, sp in enumerate(specs)
+                     if sp.success and f"demo_{i}" not in val_eps]
+    lo, hi = np.concatenate(train_success).min(0), np.concatenate(train_success).max(0)
+    b = batches[0]
+    for i, ep in enumerate(b["episode"]):
+        raw = F.episode_arrays(specs[int(ep.split("_")[1])])["actions"]
+        t = int(b["step"][i])
+        chunk = np.concatenate([raw[t:t + F.K], np.repeat(raw[-1:], max(0, t + F.K - len(raw)), axis=0)])
+        np.testing.assert_allclose(b["actions"][i].numpy(), 2 * (chunk - lo) / (hi - lo) - 1, atol=1e-4)
+    assert b["text"].shape == (len(b["episode"]), 0, 0) and b["text_mask"].shape == (len(b["episode"]), 0)
+
+    # Training: the policy samples come from the successful training episodes only.
+    train = _collect(dm.train_dataloader())
+    assert len(train) == 8
+    obj, eps = _cat(train, "objective"), _cat(train, "episode")
+    for o, e in zip(obj.tolist(), eps):
+        assert e not in val_eps
+        if o == POLICY:
+            assert specs[int(e.split("_")[1])].success

@@ -30,7 +30,7 @@ from kornia.enhance import (
     adjust_hue,
     adjust_saturation_with_gray_subtraction,
 )
-from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
+from kornia.geometry.transform import warp_affine
 
 from ..errors import CosmosPolicyError
 
@@ -148,16 +148,18 @@ def warp_matrix(params: AugmentParams, image_size: tuple[int, int]) -> torch.Ten
     sx, sy = w / params.crop_width, h / params.crop_height
     # Pixel centre x maps to edge coordinate x + 0.5; the crop window [left, left + cw) is stretched
     # onto [0, W), then we return to centre coordinates.
-    crop = torch.tensor([[sx, 0.0, (0.5 - params.crop_left) * sx - 0.5],
-                         [0.0, sy, (0.5 - params.crop_top) * sy - 0.5],
-                         [0.0, 0.0, 1.0]], dtype=torch.float64)
-    if params.angle == 0.0:
-        return crop[:2].unsqueeze(0).float()
-    center = torch.tensor([[(w - 1) / 2.0, (h - 1) / 2.0]], dtype=torch.float64)
-    rot = get_rotation_matrix2d(center, torch.tensor([params.angle], dtype=torch.float64),
-                                torch.ones(1, 2, dtype=torch.float64))[0]
-    rot = torch.cat([rot, torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)])
-    return (rot @ crop)[:2].unsqueeze(0).float()
+    crop = np.array([[sx, 0.0, (0.5 - params.crop_left) * sx - 0.5],
+                     [0.0, sy, (0.5 - params.crop_top) * sy - 0.5],
+                     [0.0, 0.0, 1.0]])
+    # Rotation about the centre, counter-clockwise on screen (y points down): OpenCV's / kornia's
+    # get_rotation_matrix2d, written out because building it through kornia costs more than the warp.
+    a = math.radians(params.angle)
+    cos, sin = math.cos(a), math.sin(a)
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    rot = np.array([[cos, sin, (1 - cos) * cx - sin * cy],
+                    [-sin, cos, sin * cx + (1 - cos) * cy],
+                    [0.0, 0.0, 1.0]])
+    return torch.from_numpy((rot @ crop)[:2]).float().unsqueeze(0)
 
 
 def apply_float(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:

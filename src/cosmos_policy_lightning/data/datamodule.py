@@ -108,8 +108,9 @@ class DatasetInfo:
         embodiment: the robot (the given one, checked against the manifest's; else the manifest's).
         stats: normalisation statistics (``stats.json``), fingerprint checked against the manifest.
         manifest: ``manifest.json`` as a dict.
-        text_encoder: identity of the encoder of ``text_embeddings/`` (e.g. ``minilm:all-MiniLM-L6-v2``).
-        text_dim: its embedding width D (0 for the ``none`` encoder).
+        text_encoder: identity of the encoder of ``text_embeddings/`` (e.g. ``minilm:all-MiniLM-L6-v2``);
+            ``"none"`` for a dataset converted without text (then ``text`` is ``(B, 0, 0)``).
+        text_dim: its embedding width D (0 without text).
         splits: ``{"train": SplitInfo, "validation": SplitInfo}``.
     """
 
@@ -155,8 +156,26 @@ def _check_same_robot(given: Embodiment, stored: Embodiment, manifest_path: Path
                             f"{theirs}, but embodiment {given.source} has {name} = {mine}")
 
 
+def _listed_shards(manifest: dict, split: str) -> list | None:
+    """The manifest's shard entries of ``split``: the converter writes one flat list whose entries carry
+    ``split``; a mapping ``{split: [entries]}`` is accepted too. None when the manifest lists none."""
+    shards = manifest.get("shards")
+    if isinstance(shards, dict):
+        return shards.get(split)
+    if isinstance(shards, list):
+        return [e for e in shards if isinstance(e, dict) and e.get("split", split) == split]
+    return None
+
+
+def _outcome(counts: dict, *keys: str) -> int | None:
+    for key in keys:
+        if isinstance(counts.get(key), (int, float)) and not isinstance(counts.get(key), bool):
+            return int(counts[key])
+    return None
+
+
 def _split_info(manifest: dict, split: str, data_dir: Path, manifest_path: Path) -> SplitInfo:
-    listed = (manifest.get("shards") or {}).get(split)
+    listed = _listed_shards(manifest, split)
     if listed is None:
         # No shard list: fall back to the ShardWriter naming of sample.py (counts unknown).
         paths = sorted(data_dir.glob(f"{split}-*.tar"))
@@ -165,15 +184,16 @@ def _split_info(manifest: dict, split: str, data_dir: Path, manifest_path: Path)
     for i, entry in enumerate(listed):
         name = entry.get("name") if isinstance(entry, dict) else entry
         if not isinstance(name, str):
-            raise DataError(f"{manifest_path}: shards.{split}[{i}] has no file name")
+            raise DataError(f"{manifest_path}: shard entry {i} of split {split} has no file name")
         path = data_dir / name
         if not path.is_file():
-            raise DataError(f"{manifest_path}: shards.{split}[{i}] names {name}, which is missing from {data_dir}")
+            raise DataError(f"{manifest_path}: lists shard {name}, which is missing from {data_dir}")
         shards.append(str(path))
         samples.append(int(entry["samples"]) if isinstance(entry, dict) and entry.get("samples") is not None else None)
     counts = (manifest.get("counts") or {}).get(split) or {}
-    get = lambda key: int(counts[key]) if isinstance(counts.get(key), (int, float)) else None  # noqa: E731
-    return SplitInfo(tuple(shards), tuple(samples), get("success_samples"), get("failure_samples"))
+    # Presence of successes / failures is what the mixer needs: sample counts or episode counts.
+    return SplitInfo(tuple(shards), tuple(samples), _outcome(counts, "success_samples", "successes"),
+                     _outcome(counts, "failure_samples", "failures"))
 
 
 def read_dataset_info(data_dir: str | Path, embodiment: str | Path | None = None) -> DatasetInfo:
@@ -200,6 +220,10 @@ def read_dataset_info(data_dir: str | Path, embodiment: str | Path | None = None
     manifest = _load_json(manifest_path)
     if not isinstance(manifest, dict):
         raise DataError(f"{manifest_path}: expected a JSON object")
+    status = manifest.get("status", "complete")
+    if status != "complete":
+        raise DataError(f"{manifest_path}: conversion not finished (status {status!r}); run the same "
+                        f"cosmos-policy convert command again to complete it")
     if not isinstance(manifest.get("embodiment"), dict):
         raise DataError(f"{manifest_path}: missing the 'embodiment' mapping")
     stored = Embodiment.from_dict(manifest["embodiment"], source=f"{manifest_path}:embodiment")
@@ -233,10 +257,20 @@ def read_dataset_info(data_dir: str | Path, embodiment: str | Path | None = None
     except CosmosPolicyError as err:
         raise DataError(str(err)) from None
     if cache.identity is None:
-        raise DataError(f"{text_dir / INDEX_FILE}: text-embedding index not found (convert the dataset first)")
+        # A conversion with --text_encoder none writes no cache: no text conditioning, D = 0.
+        if "text_encoder" in manifest and manifest["text_encoder"] in (None, "none"):
+            identity, dim = "none", 0
+        else:
+            raise DataError(f"{text_dir / INDEX_FILE}: text-embedding index not found (convert the dataset first)")
+    else:
+        identity, dim = cache.identity, int(cache.dim)
+        declared = manifest.get("text_encoder")
+        if declared not in (None, identity):
+            raise DataError(f"{text_dir / INDEX_FILE}: embeddings of encoder {identity!r}, but {manifest_path} "
+                            f"names text_encoder {declared!r}")
 
     splits = {split: _split_info(manifest, split, data_dir, manifest_path) for split in S.SPLITS}
-    return DatasetInfo(data_dir, robot, stats, manifest, cache.identity, int(cache.dim), splits)
+    return DatasetInfo(data_dir, robot, stats, manifest, identity, dim, splits)
 
 
 # ============================================================================ the data module

@@ -260,7 +260,8 @@ class RoundRobinObjectives(PipelineStage):
 # ---------------------------------------------------------------------------------------- decoding
 class TextLookup:
     """Per-instruction text embeddings from ``text_embeddings/`` (model/text.py's cache), kept in memory
-    per worker (a dataset has few instructions), truncated to ``max_tokens``."""
+    per worker (a dataset has few instructions), truncated to ``max_tokens``. Without a cache (dataset
+    converted with ``--text_encoder none``) every instruction gives a ``(0, 0)`` embedding."""
 
     def __init__(self, directory: str, max_tokens: int):
         self.directory, self.max_tokens = str(directory), int(max_tokens)
@@ -281,6 +282,11 @@ class TextLookup:
         if emb is None:
             if self._cache is None:
                 self._cache = TextEmbeddingCache(self.directory)
+            if self._cache.identity is None:
+                # Dataset converted without text conditioning: zero tokens of width 0.
+                emb = torch.zeros(0, 0)
+                self._memo[instruction] = emb
+                return emb
             try:
                 arr = self._cache.get(instruction)
             except CosmosPolicyError as err:
