@@ -467,6 +467,9 @@ class CosmosDataModule(L.LightningDataModule):
         info, (rank, world) = self.info, self._rank_world()
         train = info.splits["train"]
         batches = self.train_batches_per_epoch(world)
+        # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is
+        # exact by construction (TakeShare), so that one message is silenced.
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
         pipeline = _SizedPipeline(
             # Every worker of every rank draws shards independently with replacement, so no node /
             # worker splitting is needed (and no rank can run out of data).
