@@ -321,6 +321,10 @@ class CosmosDataModule(L.LightningDataModule):
         max_text_tokens: instruction embeddings are cut to this many tokens.
         seed: base seed of shard resampling, shuffling, objective draws and augmentation.
         val_batch_size: batch size of validation / test / predict; default ``batch_size``.
+        convert_from: keyword arguments of :func:`cosmos_policy_lightning.data.convert.convert` (at least
+            ``source``; ``format``, ``val_fraction``, ...). When ``data_dir`` holds no finished
+            conversion, the shards are made from them first (``output`` = ``data_dir``, ``embodiment`` =
+            this module's), so a recipe runs on a fresh checkout. An unfinished conversion resumes.
 
     Raises:
         CosmosPolicyError: an argument is out of range (at construction).
@@ -342,6 +346,7 @@ class CosmosDataModule(L.LightningDataModule):
         max_text_tokens: int = 512,
         seed: int = 0,
         val_batch_size: int | None = None,
+        convert_from: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.data_dir = str(data_dir)
@@ -362,6 +367,11 @@ class CosmosDataModule(L.LightningDataModule):
         self.augment = bool(augment)
         self.max_text_tokens = _positive_int(max_text_tokens, "max_text_tokens")
         self.seed = int(seed)
+        if convert_from is not None and "source" not in convert_from:
+            raise CosmosPolicyError("data: convert_from needs a 'source' (file, directory or glob of demonstrations)")
+        if convert_from is not None and embodiment is None:
+            raise CosmosPolicyError("data: convert_from needs data.embodiment (the YAML the shards are made for)")
+        self.convert_from = dict(convert_from) if convert_from else None
         self.save_hyperparameters()
         self._info: DatasetInfo | None = None
         self._normalizers: dict[str, Normalizer] | None = None
@@ -378,6 +388,7 @@ class CosmosDataModule(L.LightningDataModule):
         """The dataset's :class:`DatasetInfo`, read on first access (so CLI links work right after
         construction, before :meth:`setup`)."""
         if self._info is None:
+            self._convert_if_missing()
             self._info = read_dataset_info(self.data_dir, self.embodiment_path)
         return self._info
 
@@ -418,6 +429,17 @@ class CosmosDataModule(L.LightningDataModule):
     def objective_mix(self) -> dict[str, float]:
         """The normalised mix, ``{objective: weight}`` over the objectives with nonzero weight."""
         return {o: w for o, w in zip(OBJECTIVES, self.objective_weights) if w > 0}
+
+    def _convert_if_missing(self) -> None:
+        """Run the configured conversion when ``data_dir`` has no finished one (see ``convert_from``)."""
+        if self.convert_from is None:
+            return
+        manifest = Path(self.data_dir) / S.MANIFEST
+        if manifest.is_file() and _load_json(manifest).get("status") == "complete":
+            return
+        from .convert import convert
+
+        convert(**{**self.convert_from, "output": self.data_dir, "embodiment": self.embodiment_path})
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:

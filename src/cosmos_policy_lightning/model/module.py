@@ -211,8 +211,14 @@ class CosmosPolicyModule(L.LightningModule):
             text: ``(B, L, D)``; text_mask: ``(B, L)`` bool or None.
         """
         assert self.dit is not None, "call configure_model() first"
-        network = lambda x, t: self.dit(x, t, cond, text, text_mask)  # noqa: E731
-        return diffusion.Denoiser(network, clean, cond)(x_sigma, sigma)
+        return diffusion.Denoiser(self._network(cond, text, text_mask), clean, cond)(x_sigma, sigma)
+
+    def _network(self, cond: torch.Tensor, text: torch.Tensor | None, text_mask: torch.Tensor | None):
+        """``F(x_in, t)`` for :class:`diffusion.Denoiser`: the DiT with mask and text bound. A dataset
+        converted without text (``text`` of shape (B, 0, 0)) runs with no text tokens."""
+        if text is not None and text.shape[1] == 0:
+            text, text_mask = None, None
+        return lambda x, t: self.dit(x, t, cond, text, text_mask)
 
     @torch.no_grad()
     def generate(self, clean: torch.Tensor, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None,
@@ -224,8 +230,8 @@ class CosmosPolicyModule(L.LightningModule):
         """
         assert self.dit is not None, "call configure_model() first"
         noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
-        network = lambda x, t: self.dit(x, t, cond, text, text_mask)  # noqa: E731
-        return diffusion.sample(diffusion.Denoiser(network, clean, cond), noise, num_steps)
+        return diffusion.sample(diffusion.Denoiser(self._network(cond, text, text_mask), clean, cond), noise,
+                                num_steps)
 
     def _noised_step(self, batch: dict[str, Any]):
         x0 = self.encode_batch(batch)

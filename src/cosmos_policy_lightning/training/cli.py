@@ -1,9 +1,9 @@
 """``cosmos-policy fit | validate | test | predict``: LightningCLI over the module and data module.
 
 Recipes are ``class_path`` / ``init_args`` YAML (``recipes/*.yaml``). Sizes that depend on the
-embodiment and the data never appear twice in a recipe: ``data.init_args.embodiment`` is linked to
-``model.init_args.embodiment`` when the command line is parsed, and the text-embedding width is read
-from the instantiated data module (``apply_on="instantiate"``).
+embodiment and the data never appear twice in a recipe: the model's embodiment and text-embedding
+width are read from the instantiated data module (``apply_on="instantiate"``), which takes them from
+the dataset's manifest (or the embodiment YAML it was given).
 """
 
 from __future__ import annotations
@@ -20,9 +20,14 @@ class CosmosPolicyCLI(LightningCLI):
     """LightningCLI with the embodiment / text-width links."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.init_args.embodiment", "model.init_args.embodiment")
+        parser.link_arguments("data", "model.init_args.embodiment", compute_fn=_embodiment_dict,
+                              apply_on="instantiate")
         parser.link_arguments("data", "model.init_args.text_dim", compute_fn=lambda dm: dm.text_dim,
                               apply_on="instantiate")
+
+
+def _embodiment_dict(dm) -> dict:
+    return dm.embodiment.to_dict()
 
 
 def run_lightning_cli(argv: list[str]) -> CosmosPolicyCLI:
