@@ -109,6 +109,8 @@ class CosmosPolicyModule(L.LightningModule):
         self.layout = SequenceLayout.from_embodiment(self.embodiment)
         self.stats: DatasetStats | None = None
         self.text_encoder_identity: str | None = None
+        # Whether held-out images got the SPEC §4 test-time centre crop (inference must do the same).
+        self.center_crop: bool = False
         self.vae = VideoVAE(resolve_path(vae))
         self.dit: VideoDiT | None = None  # built in configure_model (meta-device friendly for FSDP2)
         # The VAE is frozen and reloaded from its own path: keep it out of checkpoints.
@@ -167,6 +169,7 @@ class CosmosPolicyModule(L.LightningModule):
             else:
                 self.stats = dm.stats
             self.text_encoder_identity = self.text_encoder_identity or getattr(dm, "text_encoder_identity", None)
+            self.center_crop = bool(getattr(dm, "center_crop", self.center_crop))
 
     def normalizer(self, modality: str) -> Normalizer:
         """Normaliser of ``action`` / ``proprio`` from the checkpoint's statistics."""
@@ -180,6 +183,7 @@ class CosmosPolicyModule(L.LightningModule):
             "layout": self.layout.to_dict(),
             "stats": self.stats.to_dict() if self.stats is not None else None,
             "text_encoder": self.text_encoder_identity,
+            "center_crop": self.center_crop,
         }
         sd = checkpoint.get("state_dict")
         if sd:
@@ -191,6 +195,7 @@ class CosmosPolicyModule(L.LightningModule):
         if extra.get("stats"):
             self.stats = DatasetStats.from_dict(extra["stats"])
         self.text_encoder_identity = extra.get("text_encoder")
+        self.center_crop = bool(extra.get("center_crop", False))
 
     # ------------------------------------------------------------------ the shared forward pieces
     @torch.no_grad()

@@ -132,7 +132,8 @@ def build_text_encoder(spec: str, dtype: str | None = None) -> TextEncoder:
     """Build the text encoder named by ``spec`` (table in the module docstring).
 
     Args:
-        spec: ``"minilm"``, ``"t5:<hub id or local directory>"`` or ``"none"``.
+        spec: ``"minilm"``, ``"t5:<hub id or local directory>"`` or ``"none"``; an encoder's
+            ``identity`` (as recorded in caches and checkpoints) is accepted too.
         dtype: optional torch dtype name for the weights (``"bfloat16"`` halves T5-11B's ~19 GB of
             float32 encoder weights); default float32.
 
@@ -148,7 +149,7 @@ def build_text_encoder(spec: str, dtype: str | None = None) -> TextEncoder:
     torch_dtype = _torch_dtype(dtype)
     if spec == "none":
         return NullTextEncoder()
-    if spec == "minilm":
+    if spec in ("minilm", MINILM_IDENTITY):  # a recorded identity rebuilds its encoder (inference)
         return _build_minilm(torch_dtype)
     if spec.startswith("t5:") and spec[3:].strip():
         return _build_t5(spec[3:].strip(), torch_dtype)
