@@ -67,6 +67,15 @@ def layout(embodiment: Path, json_output: bool = False) -> None:
     Console(width=140).print(table)
 
 
+def _underscore_option(arg: str) -> str:
+    """``--noise-std=0.3`` -> ``--noise_std=0.3``: jsonargparse names options after the Python
+    parameters (underscores); accept the dashed spelling that users type too."""
+    if not arg.startswith("--") or len(arg) == 2:
+        return arg
+    name, eq, value = arg.partition("=")
+    return "--" + name[2:].replace("-", "_") + eq + value
+
+
 def _usage() -> str:
     lines = ["usage: cosmos-policy SUBCOMMAND [options]   (cosmos-policy SUBCOMMAND --help for its options)", "",
              "training (LightningCLI):"]
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             if tuple(argv[: len(words)]) == words:
                 from jsonargparse import CLI
 
-                rest = ["--json_output=true" if a == "--json" else a for a in argv[len(words):]]
+                rest = [_underscore_option("--json_output=true" if a == "--json" else a) for a in argv[len(words):]]
                 fn = getattr(importlib.import_module(module), func)
                 CLI(fn, args=rest, prog=f"cosmos-policy {' '.join(words)}")
                 return 0

@@ -1,0 +1,411 @@
+"""Meta-World (MuJoCo) as an embodiment: environment wrapper, scripted expert, correlated action noise.
+
+Used by demonstration collection (:mod:`.collect`) and by closed-loop evaluation. One
+:class:`MetaWorldEnv` is one Meta-World v3 task on the Sawyer arm:
+
+- initial states come from ``metaworld.MT1(task, seed=...)`` (50 object/goal placements per seed);
+  episode ``i`` starts from placement ``i % 50`` of block ``i // 50`` (see :meth:`MetaWorldEnv.reset`);
+- the embodiment's cameras are rendered offscreen with ``mujoco.Renderer`` at its ``image_size``, with
+  shadows and reflections off (several times faster, and the model does not need them) and
+  anti-aliased by supersampling: rendered at 2x the size without multisampling, then 2x2-averaged
+  (as smooth as MuJoCo's 4x MSAA and about twice as fast on a software OpenGL such as llvmpipe);
+- an observation is ``{"images": {camera: (H, W, 3) uint8}, "proprio": (4,) float32}`` with proprio =
+  hand (tool-centre) position x, y, z in metres (world frame) and the gripper opening in [0, 1]
+  (finger distance / 0.1 m, clipped), i.e. ``embodiments/metaworld.yaml``'s proprio;
+- actions are 4-d in [-1, 1]: hand displacement dx, dy, dz (x 1 cm per step) and gripper effort
+  (+1 closes); the control rate is 80 Hz (2.5 ms MuJoCo step x frame skip 5).
+
+Rendering needs an OpenGL backend without a display. :func:`select_gl_backend` picks ``MUJOCO_GL``
+(``egl``, else ``osmesa``) *before* MuJoCo is imported, because MuJoCo reads it only once at import.
+On Debian/Ubuntu the EGL route needs ``libegl1 libegl-mesa0 libgl1-mesa-dri``, osmesa needs
+``libosmesa6``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..embodiment import Embodiment, load_embodiment
+from ..errors import CosmosPolicyError
+
+#: Embodiment shipped with the repository for Meta-World.
+DEFAULT_EMBODIMENT = Path(__file__).resolve().parents[3] / "embodiments" / "metaworld.yaml"
+
+#: Source-format key whose camera names map to MuJoCo cameras (``<mujoco camera>_rgb``).
+SOURCE_FORMAT = "robomimic"
+
+#: Quarter turns (np.rot90) that make each Meta-World camera upright: the four ``corner`` cameras of
+#: the v3 scenes render upside down.
+CAMERA_ROTATIONS = {"topview": 0, "corner": 2, "corner2": 2, "corner3": 2, "corner4": 2,
+                    "behindGripper": 0, "gripperPOV": 0}
+
+#: Number of initial states (object / goal placements) that ``metaworld.MT1`` samples per seed.
+PLACEMENTS_PER_SEED = 50
+
+#: Instruction text of each task (the language the model is conditioned on).
+INSTRUCTIONS = {
+    "assembly-v3": "put the ring on the peg",
+    "basketball-v3": "put the ball into the basket",
+    "bin-picking-v3": "move the cube from one bin to the other",
+    "box-close-v3": "put the lid on the box",
+    "button-press-topdown-v3": "press the button from the top",
+    "button-press-topdown-wall-v3": "press the button behind the wall from the top",
+    "button-press-v3": "press the button",
+    "button-press-wall-v3": "press the button behind the wall",
+    "coffee-button-v3": "press the button of the coffee machine",
+    "coffee-pull-v3": "pull the mug away from the coffee machine",
+    "coffee-push-v3": "push the mug under the coffee machine",
+    "dial-turn-v3": "turn the dial",
+    "disassemble-v3": "take the ring off the peg",
+    "door-close-v3": "close the door",
+    "door-lock-v3": "lock the door",
+    "door-open-v3": "open the door",
+    "door-unlock-v3": "unlock the door",
+    "hand-insert-v3": "insert the gripper into the hole",
+    "drawer-close-v3": "close the drawer",
+    "drawer-open-v3": "open the drawer",
+    "faucet-open-v3": "turn the faucet on",
+    "faucet-close-v3": "turn the faucet off",
+    "hammer-v3": "hammer the nail into the wall",
+    "handle-press-side-v3": "press the handle down from the side",
+    "handle-press-v3": "press the handle down",
+    "handle-pull-side-v3": "pull the handle up from the side",
+    "handle-pull-v3": "pull the handle up",
+    "lever-pull-v3": "pull the lever up",
+    "pick-place-wall-v3": "pick up the puck and place it at the goal behind the wall",
+    "pick-out-of-hole-v3": "pick the puck out of the hole",
+    "pick-place-v3": "pick up the puck and place it at the goal",
+    "plate-slide-v3": "slide the plate into the goal",
+    "plate-slide-side-v3": "slide the plate into the goal from the side",
+    "plate-slide-back-v3": "slide the plate back out of the goal",
+    "plate-slide-back-side-v3": "slide the plate back out of the goal from the side",
+    "peg-insert-side-v3": "insert the peg into the hole from the side",
+    "peg-unplug-side-v3": "unplug the peg from the side",
+    "soccer-v3": "kick the ball into the goal",
+    "stick-push-v3": "push the bottle with the stick",
+    "stick-pull-v3": "pull the bottle with the stick",
+    "push-v3": "push the puck to the goal",
+    "push-wall-v3": "push the puck to the goal behind the wall",
+    "push-back-v3": "pull the puck back to the goal",
+    "reach-v3": "reach the goal position",
+    "reach-wall-v3": "reach the goal position behind the wall",
+    "shelf-place-v3": "place the puck on the shelf",
+    "sweep-into-v3": "sweep the puck into the hole",
+    "sweep-v3": "sweep the puck off the table",
+    "window-open-v3": "open the window",
+    "window-close-v3": "close the window",
+}
+
+
+def instruction_for(task: str) -> str:
+    """Instruction text of a Meta-World task, e.g. ``"drawer-open-v3"`` -> ``"open the drawer"``.
+
+    Unknown names fall back to the task's words (``"new-thing-v3"`` -> ``"new thing"``).
+    """
+    if task in INSTRUCTIONS:
+        return INSTRUCTIONS[task]
+    words = task.rsplit("-v", 1)[0] if task.rsplit("-v", 1)[-1].isdigit() else task
+    return words.replace("-", " ").replace("_", " ").strip()
+
+
+# ---------------------------------------------------------------------------------------- OpenGL
+_RENDER_PROBE = ("import mujoco; m = mujoco.MjModel.from_xml_string('<mujoco><worldbody><geom size=\"1\"/>"
+                 "</worldbody></mujoco>'); r = mujoco.Renderer(m, 8, 8); r.render(); r.close()")
+_GL_HELP = ("install an offscreen OpenGL backend: Debian/Ubuntu `apt-get install libegl1 libegl-mesa0 "
+            "libgl1-mesa-dri` (MUJOCO_GL=egl) or `apt-get install libosmesa6` (MUJOCO_GL=osmesa)")
+
+
+def select_gl_backend() -> str:
+    """Choose ``MUJOCO_GL`` for offscreen rendering; call before MuJoCo is imported.
+
+    An explicit ``MUJOCO_GL`` is respected. Otherwise ``egl`` then ``osmesa`` are probed in a short
+    subprocess (MuJoCo binds its backend at import, so a failed try cannot be undone in-process)
+    and the first that renders is exported, so worker processes inherit it.
+
+    Returns:
+        the backend name.
+
+    Raises:
+        CosmosPolicyError: neither backend renders (the message names the Debian packages).
+    """
+    chosen = os.environ.get("MUJOCO_GL")
+    if chosen:
+        return chosen
+    if "mujoco" in sys.modules:
+        # Too late to choose: whatever MuJoCo bound at import is what we get (checked at render time).
+        return ""
+    for backend in ("egl", "osmesa"):
+        env = dict(os.environ, MUJOCO_GL=backend)
+        env.pop("PYOPENGL_PLATFORM", None)
+        try:
+            ok = subprocess.run([sys.executable, "-c", _RENDER_PROBE], env=env, capture_output=True,
+                                timeout=120).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        if ok:
+            os.environ["MUJOCO_GL"] = backend
+            return backend
+    raise CosmosPolicyError(f"MuJoCo cannot render offscreen with MUJOCO_GL=egl or osmesa; {_GL_HELP}")
+
+
+def _import_sim():
+    """Import ``mujoco`` and ``metaworld`` after choosing the GL backend (clear error if absent)."""
+    import importlib.util
+
+    missing = [m for m in ("mujoco", "metaworld") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CosmosPolicyError(f"Meta-World simulation needs {' and '.join(missing)}: "
+                                f"pip install 'cosmos-policy-lightning[sim]'")
+    select_gl_backend()
+    try:
+        import mujoco
+    except Exception as err:  # mujoco binds its GL backend at import: a missing libEGL fails here
+        raise CosmosPolicyError(f"cannot import mujoco with MUJOCO_GL={os.environ.get('MUJOCO_GL', '<unset>')} "
+                                f"({type(err).__name__}: {err}); {_GL_HELP}") from None
+    import metaworld
+
+    return metaworld, mujoco
+
+
+def check_task(task: str) -> None:
+    """Raise :class:`CosmosPolicyError` unless ``task`` is a Meta-World v3 task with a scripted expert."""
+    metaworld, _ = _import_sim()
+    from metaworld.policies import ENV_POLICY_MAP
+
+    if task not in metaworld.MT1.ENV_NAMES or task not in ENV_POLICY_MAP:
+        raise CosmosPolicyError(f"unknown Meta-World task {task!r}; expected one of "
+                                f"{', '.join(sorted(ENV_POLICY_MAP))}")
+
+
+# ---------------------------------------------------------------------------------------- noise
+class CorrelatedActionNoise:
+    """Ornstein-Uhlenbeck / AR(1) action noise: ``n_{t+1} = (1 - theta) n_t + sigma_e eps_t``.
+
+    ``sigma_e = std * sqrt(1 - (1 - theta)^2)`` keeps the stationary standard deviation at ``std``;
+    the process starts from its stationary distribution, so every step has std ``std``.
+    ``theta = 1`` gives i.i.d. noise; small ``theta`` gives slow drifts (correlation time about
+    ``1 / theta`` steps). The scripted experts correct i.i.d. noise within a step or two and hardly
+    ever fail; drifts of a few centimetres push them into failure (SPEC §2: failures feed the
+    world-model and value objectives).
+
+    Args:
+        dim: action dimension.
+        std: stationary standard deviation, in action units (actions live in [-1, 1]); 0 disables.
+        theta: mean-reversion rate per step, in (0, 1].
+        rng: the numpy generator that makes the noise (determinism comes from its seed).
+
+    Raises:
+        CosmosPolicyError: ``std < 0`` or ``theta`` outside (0, 1].
+    """
+
+    def __init__(self, dim: int, std: float, theta: float, rng: np.random.Generator):
+        if not std >= 0:
+            raise CosmosPolicyError(f"action noise: std must be >= 0, got {std}")
+        if not 0 < theta <= 1:
+            raise CosmosPolicyError(f"action noise: theta must be in (0, 1], got {theta}")
+        self.dim, self.std, self.theta, self.rng = int(dim), float(std), float(theta), rng
+        self._innovation = self.std * float(np.sqrt(1.0 - (1.0 - self.theta) ** 2))
+        self.state = self.rng.normal(0.0, self.std, self.dim) if self.std > 0 else np.zeros(self.dim)
+
+    def __call__(self) -> np.ndarray:
+        """Return the noise for this step, ``(dim,)`` float64, and advance the process."""
+        out = self.state.copy()
+        if self.std > 0:
+            self.state = (1.0 - self.theta) * self.state + self._innovation * self.rng.normal(size=self.dim)
+        return out
+
+
+# ---------------------------------------------------------------------------------------- env
+class MetaWorldEnv:
+    """One Meta-World v3 task with the embodiment's cameras rendered offscreen.
+
+    Args:
+        task: Meta-World v3 task name, e.g. ``"drawer-open-v3"``.
+        embodiment: embodiment YAML path (or :class:`Embodiment`); its cameras' ``robomimic`` keys name
+            the MuJoCo cameras (``corner_rgb`` -> camera ``corner``) and ``image_size`` the render size.
+        seed: selects the initial-state placements (``metaworld.MT1(task, seed=seed)``).
+        max_steps: truncate episodes after this many steps (at most Meta-World's 500).
+        supersample: render at ``supersample`` times the image size, then average blocks (1 = off).
+
+    Raises:
+        CosmosPolicyError: unknown task, unknown MuJoCo camera, missing simulator or OpenGL backend.
+
+    Use as a context manager (or call :meth:`close`) to free the renderer's GL context.
+    """
+
+    def __init__(self, task: str, embodiment: str | Path | Embodiment = DEFAULT_EMBODIMENT, seed: int = 0,
+                 max_steps: int | None = None, supersample: int = 2):
+        self.metaworld, self.mujoco = _import_sim()
+        check_task(task)
+        self.task = task
+        self.instruction = instruction_for(task)
+        self.embodiment = load_embodiment(embodiment)
+        self.seed = int(seed)
+        self.image_size = tuple(self.embodiment.image_size)
+        self._benchmarks: dict[int, Any] = {}
+        bench = self._benchmark(0)
+        self.env = bench.train_classes[task]()
+        self.env.set_task(bench.train_tasks[0])
+        limit = int(self.env.max_path_length)
+        self.max_steps = limit if max_steps is None else int(max_steps)
+        if not 1 <= self.max_steps <= limit:
+            raise CosmosPolicyError(f"max_steps must be in [1, {limit}] for {task}, got {max_steps}")
+
+        # Embodiment camera name -> (MuJoCo camera name, quarter turns).
+        self.cameras: dict[str, tuple[str, int]] = {}
+        model = self.env.model
+        names = {self.mujoco.mj_id2name(model, self.mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)}
+        for cam in self.embodiment.cameras:
+            key = cam.keys.get(SOURCE_FORMAT, f"{cam.name}_rgb")
+            mj_name = key[:-4] if key.endswith("_rgb") else key
+            if mj_name not in names:
+                raise CosmosPolicyError(f"{self.embodiment.source}: camera {cam.name!r} (key {key!r}) names MuJoCo "
+                                        f"camera {mj_name!r}, not one of {', '.join(sorted(names))}")
+            self.cameras[cam.name] = (mj_name, CAMERA_ROTATIONS.get(mj_name, 0))
+        h, w = self.image_size
+        self.supersample = int(supersample)
+        if self.supersample < 1:
+            raise CosmosPolicyError(f"supersample must be >= 1, got {supersample}")
+        rh, rw = h * self.supersample, w * self.supersample
+        # The offscreen buffer must hold the render; multisampling is replaced by supersampling.
+        model.vis.global_.offwidth = max(int(model.vis.global_.offwidth), rw)
+        model.vis.global_.offheight = max(int(model.vis.global_.offheight), rh)
+        model.vis.quality.offsamples = 0 if self.supersample > 1 else int(model.vis.quality.offsamples)
+        try:
+            self.renderer = self.mujoco.Renderer(model, rh, rw)
+        except Exception as err:  # GL failures surface as assorted exception types
+            raise CosmosPolicyError(f"MuJoCo cannot create an offscreen renderer (MUJOCO_GL="
+                                    f"{os.environ.get('MUJOCO_GL', '<unset>')}): {err}; {_GL_HELP}") from None
+        # Shadows and reflections cost most of the render time and carry nothing the policy needs.
+        self.renderer.scene.flags[self.mujoco.mjtRndFlag.mjRND_SHADOW] = False
+        self.renderer.scene.flags[self.mujoco.mjtRndFlag.mjRND_REFLECTION] = False
+        self.state: np.ndarray | None = None  # Meta-World's 39-d state vector (the expert's input)
+        self.steps = 0
+
+    # -------------------------------------------------------------- initial states
+    def _benchmark(self, block: int):
+        """``metaworld.MT1`` holding placements ``50 * block ...``: seed ``seed`` for block 0, then a
+        seed derived from (seed, block) so that blocks never repeat placements of another seed's block 0."""
+        if block not in self._benchmarks:
+            mt_seed = self.seed if block == 0 else int(np.random.SeedSequence([self.seed, block]).generate_state(1)[0])
+            self._benchmarks[block] = self.metaworld.MT1(self.task, seed=mt_seed)
+        return self._benchmarks[block]
+
+    def reset(self, episode: int = 0) -> dict[str, Any]:
+        """Start an episode from initial state number ``episode`` (deterministic for the env's seed).
+
+        Returns:
+            the first observation (see the module docstring).
+        """
+        if episode < 0:
+            raise CosmosPolicyError(f"episode index must be >= 0, got {episode}")
+        block, index = divmod(int(episode), PLACEMENTS_PER_SEED)
+        self.env.set_task(self._benchmark(block).train_tasks[index])
+        self.state, _ = self.env.reset()
+        self.steps = 0
+        return self.observation()
+
+    # -------------------------------------------------------------- observation / step
+    def render(self) -> dict[str, np.ndarray]:
+        """Render every camera of the embodiment: ``{camera: (H, W, 3) uint8}``, upright."""
+        images = {}
+        (h, w), s = self.image_size, self.supersample
+        for name, (mj_name, turns) in self.cameras.items():
+            self.renderer.update_scene(self.env.data, camera=mj_name)
+            img = self.renderer.render()
+            if s > 1:  # box filter: mean of each s x s block, rounded
+                img = (img.reshape(h, s, w, s, 3).mean(axis=(1, 3), dtype=np.float32) + 0.5).astype(np.uint8)
+            images[name] = np.ascontiguousarray(np.rot90(img, turns)) if turns else img.copy()
+        return images
+
+    def proprio(self) -> np.ndarray:
+        """``(4,)`` float32: hand x, y, z (m) and gripper opening in [0, 1]."""
+        if self.state is None:
+            raise CosmosPolicyError("MetaWorldEnv: call reset() before reading observations")
+        return np.asarray(self.state[:4], dtype=np.float32)
+
+    def observation(self) -> dict[str, Any]:
+        """``{"images": {camera: (H, W, 3) uint8}, "proprio": (4,) float32}`` of the current state."""
+        return {"images": self.render(), "proprio": self.proprio()}
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        """Apply one action.
+
+        Args:
+            action: ``(4,)`` in [-1, 1] (clipped): dx, dy, dz, gripper effort.
+
+        Returns:
+            ``(observation, reward, success, truncated, info)``: Meta-World's shaped reward in [0, 10],
+            ``info["success"]`` as a bool, ``truncated`` once ``max_steps`` steps were taken, and
+            Meta-World's info dict.
+
+        Raises:
+            CosmosPolicyError: wrong action shape, non-finite action, or stepping a finished episode.
+        """
+        action = np.asarray(action, dtype=np.float64).reshape(-1)
+        if action.shape != (4,) or not np.isfinite(action).all():
+            raise CosmosPolicyError(f"{self.task}: expected a finite action of shape (4,), got {action}")
+        if self.state is None or self.steps >= self.max_steps:
+            raise CosmosPolicyError(f"{self.task}: reset() the environment before stepping "
+                                    f"(episode finished after {self.steps} steps)")
+        self.state, reward, _, _, info = self.env.step(np.clip(action, -1.0, 1.0).astype(np.float32))
+        self.steps += 1
+        success = bool(info.get("success", False))
+        return self.observation(), float(reward), success, self.steps >= self.max_steps, info
+
+    def expert_policy(self) -> "ScriptedExpert":
+        """The task's scripted expert, bound to this environment."""
+        return ScriptedExpert(self)
+
+    # -------------------------------------------------------------- cleanup
+    def close(self) -> None:
+        """Free the GL context and the simulator (idempotent)."""
+        if getattr(self, "renderer", None) is not None:
+            self.renderer.close()
+            self.renderer = None
+        if getattr(self, "env", None) is not None:
+            self.env.close()
+            self.env = None
+
+    def __enter__(self) -> "MetaWorldEnv":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # the GL context must go before the interpreter tears EGL down
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class ScriptedExpert:
+    """Meta-World's hand-written expert (``metaworld.policies``) for the task of ``env``.
+
+    Calling it returns the expert's action ``(4,)`` float32 in [-1, 1] for the env's current state.
+    It reads the privileged 39-d simulator state (object and goal positions), which is why it can
+    solve the task; the learned policy sees only images and proprio.
+    """
+
+    def __init__(self, env: MetaWorldEnv):
+        from metaworld.policies import ENV_POLICY_MAP
+
+        self.env = env
+        self.policy = ENV_POLICY_MAP[env.task]()
+
+    def __call__(self) -> np.ndarray:
+        if self.env.state is None:
+            raise CosmosPolicyError("ScriptedExpert: reset() the environment first")
+        with warnings.catch_warnings():
+            # The experts use gains above 1 on purpose and warn every step; the env clips anyway.
+            warnings.simplefilter("ignore", UserWarning)
+            action = self.policy.get_action(self.env.state)
+        return np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
