@@ -372,7 +372,8 @@ class CosmosDataModule(L.LightningDataModule):
         if convert_from is not None and embodiment is None:
             raise CosmosPolicyError("data: convert_from needs data.embodiment (the YAML the shards are made for)")
         self.convert_from = dict(convert_from) if convert_from else None
-        self.save_hyperparameters()
+        # The model's hparams hold the embodiment as a dict; Lightning refuses to merge differing values.
+        self.save_hyperparameters(ignore=["embodiment"])
         self._info: DatasetInfo | None = None
         self._normalizers: dict[str, Normalizer] | None = None
         self._fit_checked = False
