@@ -118,7 +118,7 @@ def run_episode(env: MetaWorldEnv, episode: int, noise: CorrelatedActionNoise | 
         if success_step >= 0 and stop_after_success is not None and t >= success_step + stop_after_success:
             break
     return EpisodeRecord(
-        images={c: np.stack(v) for c, v in frames.items()},
+        images={c: np.stack(v) for c, v in frames.items() if v},
         proprio=np.stack(proprio).astype(np.float32),
         actions=np.stack(actions).astype(np.float32),
         rewards=np.asarray(rewards, dtype=np.float32),
