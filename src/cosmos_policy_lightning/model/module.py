@@ -30,8 +30,10 @@ from ..layout import OBJECTIVES, SequenceLayout
 from ..normalization import DatasetStats, Normalizer
 from . import diffusion
 from .backbone import VideoDiT, VideoVAE
+from .predict import predict_batch
 from .schedule import lr_multiplier
 from .sequence import build_pixel_sequence, inject_vectors, read_vectors, unit_range_to_images, value_to_unit
+from .warm_start import load_dit_weights
 
 CHECKPOINT_KEY = "cosmos_policy"
 #: Repository root of a source checkout: shipped assets (e.g. ``assets/tiny_wan_vae``) live there.
@@ -76,7 +78,9 @@ class CosmosPolicyModule(L.LightningModule):
         activation_checkpointing: recompute every DiT block in the backward pass.
         image_log_every_n_steps: how often the image grid (current / true future / predicted future
             frames) goes to TensorBoard; 0 disables.
-        test_num_steps: denoising steps of the sampler in ``test_step`` (SPEC §3: 5).
+        test_num_steps: denoising steps of the sampler in ``test_step`` and ``predict_step`` (SPEC §3: 5).
+        init_from_checkpoint: start from the DiT weights of this ``.ckpt`` (weights only: a new run with
+            fresh optimizer and schedule, e.g. the planning fine-tune on rollouts; see ``warm_start.py``).
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class CosmosPolicyModule(L.LightningModule):
         activation_checkpointing: bool = False,
         image_log_every_n_steps: int = 200,
         test_num_steps: int = 5,
+        init_from_checkpoint: str | None = None,
     ):
         super().__init__()
         if embodiment is None:
@@ -143,6 +148,8 @@ class CosmosPolicyModule(L.LightningModule):
         h = self.hparams
         # A text-free dataset (text_dim 0) still needs a cross-attention width; it then gets no tokens.
         self.dit = VideoDiT(h.transformer, text_embed_dim=h.text_dim or None, pretrained=h.pretrained_transformer)
+        if h.get("init_from_checkpoint"):
+            load_dit_weights(self.dit, resolve_path(h.init_from_checkpoint))
         if h.activation_checkpointing:
             self.dit.enable_activation_checkpointing()
         mesh = getattr(self, "_device_mesh", None)
@@ -319,6 +326,11 @@ class CosmosPolicyModule(L.LightningModule):
                              emb.action.chunk_size, emb.action.dim)["value"]
         self.test_value_mae.update((value - batch["value"].float()).abs())
         self.test_value_auroc.update(value_to_unit(value), success.long())
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Sampled action chunk, future proprio and value per held-out sample, in robot units, next to
+        the ground truth (``model/predict.py``; written by ``training.callbacks.PredictionWriter``)."""
+        return predict_batch(self, batch, self.hparams.test_num_steps)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_l1)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ThroughputMonitor
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 def batch_size(batch: dict[str, Any]) -> int:
@@ -19,3 +26,69 @@ class SampleThroughputMonitor(ThroughputMonitor):
 
     def __init__(self, window_size: int = 20):
         super().__init__(batch_size_fn=batch_size, window_size=window_size)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes what ``predict_step`` returned (``model/predict.py``) once the predict pass ends.
+
+    Files, written to a temporary name and renamed (``-rank<r>`` is added to the names when several
+    processes predict):
+
+    * ``<output_dir>/predictions.npz``: ``episode`` (str), ``step``, ``success``, ``actions`` /
+      ``true_actions`` (N, K, A) and ``future_proprio`` / ``true_future_proprio`` (N, P) in robot
+      units, ``value`` / ``true_value`` (N,) in [0, 1];
+    * ``<output_dir>/predictions.jsonl``: one line per sample with episode, step, success, the
+      predicted and true value and the mean absolute action error (robot units);
+    * ``<output_dir>/summary.json``: sample count, action MAE per dimension and overall, value MAE.
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: cosmos_policy_lightning.training.callbacks.PredictionWriter
+              init_args: {output_dir: runs/predict}
+
+    Args:
+        output_dir: directory receiving the files (created).
+    """
+
+    def __init__(self, output_dir: str = "predictions"):
+        super().__init__(write_interval="epoch")
+        self.output_dir = Path(output_dir)
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        batches = [b for b in batches if b]
+        suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if not batches:
+            rank_zero_warn("PredictionWriter: the predict pass produced no samples (no validation shards?)")
+            return
+        arrays: dict[str, np.ndarray] = {"episode": np.asarray([e for b in batches for e in b["episode"]])}
+        for key in [k for k in batches[0] if k != "episode"]:
+            arrays[key] = torch.cat([b[key] for b in batches]).numpy()
+        _write_atomic(self.output_dir / f"predictions{suffix}.npz", lambda f: np.savez(f, **arrays))
+        err = np.abs(arrays["actions"] - arrays["true_actions"])          # (N, K, A)
+        lines = [json.dumps({"episode": str(e), "step": int(s), "success": bool(ok), "value": float(v),
+                             "true_value": float(tv), "action_mae": float(a.mean())})
+                 for e, s, ok, v, tv, a in zip(arrays["episode"], arrays["step"], arrays["success"],
+                                               arrays["value"], arrays["true_value"], err)]
+        _write_atomic(self.output_dir / f"predictions{suffix}.jsonl", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+        names = pl_module.embodiment.action.names or [str(i) for i in range(err.shape[-1])]
+        summary = {"samples": int(err.shape[0]), "action_mae": float(err.mean()),
+                   "action_mae_per_dim": {n: float(x) for n, x in zip(names, err.mean(axis=(0, 1)))},
+                   "value_mae": float(np.abs(arrays["value"] - arrays["true_value"]).mean())}
+        _write_atomic(self.output_dir / f"summary{suffix}.json",
+                      lambda f: f.write(json.dumps(summary, indent=2).encode()))
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through ``write(binary file)`` into a temp file beside ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

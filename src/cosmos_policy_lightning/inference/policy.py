@@ -1,0 +1,437 @@
+"""A trained checkpoint as a robot policy: observation in, action chunk (+ future state, value) out
+(SPEC §1, §3).
+
+:class:`CosmosPolicy` wraps a :class:`~cosmos_policy_lightning.model.module.CosmosPolicyModule`. The
+checkpoint carries everything inference needs: the embodiment (cameras, dims, chunk size), the
+normalisation statistics, the text encoder's identity and whether images were centre-cropped.
+
+Two decodings (SPEC §3):
+
+* **parallel** (default, the direct policy): one sampling run with the policy conditioning mask
+  (clean: blank + current state) generates action chunk, future proprio, future images and value at once;
+* **autoregressive**: the action chunk (policy mask), then the future state conditioned on that action
+  (world-model mask), then the value conditioned on both (value mask), each stage with its own number
+  of denoising steps. Generated vectors are re-injected (tiled) before they condition the next stage, so
+  every stage sees exactly the representation it was trained on.
+
+Only the clean conditioning frames of a sequence are ever read by the sampler, and the VAE is causal,
+so :meth:`CosmosPolicy.encode` VAE-encodes the pixel prefix up to the last current camera only (exactly
+the same latents as encoding the whole clip; the future slots are unknown placeholders anyway).
+
+Batching: B observations, or ``num_samples`` samples of each, go through the network in one forward
+pass per denoising step (optionally split into micro-batches of ``max_batch``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..errors import CosmosPolicyError
+from ..injection import inject
+from ..layout import OBJECTIVES
+from ..model.sequence import build_pixel_sequence, read_vectors, value_to_unit
+from .preprocess import InstructionCache, Observation, prepare_images, prepare_proprio
+
+Decoding = Literal["parallel", "autoregressive"]
+
+
+@dataclass
+class PolicyOutput:
+    """What :meth:`CosmosPolicy.predict` returns, every array in robot units (numpy, float32).
+
+    Leading dimensions: none for a single observation with ``num_samples=1``; ``(S,)`` for S samples
+    of one observation; ``(B,)`` for B observations; ``(B, S)`` for both.
+
+    Attributes:
+        actions: ``(..., K, A)`` action chunk, un-normalised (normalised values clamped to [-1, 1]
+            first, i.e. inside the range of the training demonstrations for ``minmax``).
+        future_proprio: ``(..., P)`` predicted proprio at step ``t + K``.
+        value: ``(...)`` predicted value of the future state, in [0, 1] (SPEC §1).
+        future_images: camera -> ``(..., H, W, 3)`` uint8 predicted frames at ``t + K`` (model
+            resolution); None unless ``decode_images``.
+        latents: ``(B*S, 16, T, h, w)`` the generated latent sequence of the last stage (torch).
+        seconds: wall-clock time of the call (preprocessing included).
+    """
+
+    actions: np.ndarray
+    future_proprio: np.ndarray
+    value: np.ndarray
+    future_images: dict[str, np.ndarray] | None = None
+    latents: torch.Tensor | None = field(default=None, repr=False)
+    seconds: float = 0.0
+
+
+@dataclass
+class ActionEvaluation:
+    """Futures and values predicted for given action chunks (see :meth:`CosmosPolicy.evaluate_actions`).
+
+    Attributes:
+        values: ``(N, F, V)`` values in [0, 1]: V value samples for each of F future states of each of
+            N action chunks.
+        future_proprio: ``(N, F, P)`` predicted future proprio, robot units.
+    """
+
+    values: np.ndarray
+    future_proprio: np.ndarray
+
+
+@dataclass
+class PreparedBatch:
+    """Observations as model tensors (on the policy's device).
+
+    Attributes:
+        images: uint8 ``(B, N, H, W, 3)`` after resize / JPEG / centre crop.
+        proprio: float32 ``(B, P)`` normalised to [-1, 1].
+        text: float32 ``(B, L, D)``; text_mask: bool ``(B, L)``.
+    """
+
+    images: torch.Tensor
+    proprio: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+
+class CosmosPolicy:
+    """Observation -> action chunk, future proprio / images and value, from a trained model.
+
+    Args:
+        module: a :class:`~cosmos_policy_lightning.model.module.CosmosPolicyModule` with statistics
+            (as loaded from a checkpoint). It is moved to ``device`` and put in eval mode.
+        device: torch device (``"cpu"``, ``"cuda"``, ...).
+        dtype: parameter dtype of the DiT and VAE (``torch.bfloat16`` on GPU halves memory); the
+            diffusion arithmetic stays float32.
+        text_encoder: an encoder object to use instead of rebuilding the recorded one.
+        max_text_tokens: instruction embeddings are cut to this many tokens (as in training).
+        jpeg_quality: camera frames go through JPEG at this quality like the converted shards (None: no).
+        value_objective: conditioning of the value stage: ``value`` (blank, s, a, s'), ``value_future_state``
+            (blank, s' -- a model fine-tuned with V(s') masks, SPEC §2), ``q_value``; ``auto`` picks
+            ``value_future_state`` when the training mix used it and not ``value``.
+        objective_mix: the training objective mix (for ``auto``; read from the checkpoint).
+        max_batch: largest batch per network call (None: everything in one call).
+
+    Raises:
+        CosmosPolicyError: the module has no normalisation statistics, or bad arguments.
+    """
+
+    def __init__(self, module, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 text_encoder=None, max_text_tokens: int = 512, jpeg_quality: int | None = 95,
+                 value_objective: str = "auto", objective_mix: Mapping[str, float] | None = None,
+                 max_batch: int | None = None):
+        if module.stats is None:
+            raise CosmosPolicyError("policy: the model has no normalisation statistics (load a checkpoint saved "
+                                    "by training with a data module)")
+        module.configure_model()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        module.to(self.device)
+        module.dit.to(dtype)
+        module.vae.to(dtype)
+        self.module = module.eval()
+        self.embodiment = module.embodiment
+        self.layout = module.layout
+        self.center_crop = bool(module.center_crop)
+        self.jpeg_quality = jpeg_quality
+        self.action_normalizer = module.normalizer("action")
+        self.proprio_normalizer = module.normalizer("proprio")
+        self.text = InstructionCache(module.text_encoder_identity, text_encoder, max_text_tokens)
+        self.objective_mix = dict(objective_mix or {})
+        self.value_objective = self._resolve_value_objective(value_objective)
+        if max_batch is not None and max_batch < 1:
+            raise CosmosPolicyError(f"policy: max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        last_current = max(self.layout.indices("image", "current"))
+        # Causal VAE: pixel frames 0 .. 4 * last_current give latent frames 0 .. last_current exactly.
+        self._prefix_latents = last_current + 1
+        self._prefix_pixels = self.layout.slots[last_current].pixel_frames[1] + 1
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, **kwargs) -> "CosmosPolicy":
+        """Load a Lightning checkpoint written by ``cosmos-policy fit``.
+
+        The VAE is reloaded from the path recorded in the checkpoint; the data module's recorded
+        ``max_text_tokens`` and objective mix are used unless given in ``kwargs``.
+
+        Raises:
+            CosmosPolicyError: the file is missing or not a Cosmos Policy checkpoint.
+        """
+        from ..model.module import CHECKPOINT_KEY, CosmosPolicyModule
+
+        path = Path(path)
+        if not path.is_file():
+            raise CosmosPolicyError(f"{path}: checkpoint not found")
+        try:
+            # mmap: reading the small metadata does not pull the weights into memory twice.
+            raw = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as err:  # pickle / zip errors of a corrupt file
+            raise CosmosPolicyError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+        if not isinstance(raw, dict) or CHECKPOINT_KEY not in raw:
+            raise CosmosPolicyError(f"{path}: not a Cosmos Policy checkpoint (no {CHECKPOINT_KEY!r} entry)")
+        dm = raw.get("datamodule_hyper_parameters") or {}
+        kwargs.setdefault("max_text_tokens", int(dm.get("max_text_tokens", 512)))
+        kwargs.setdefault("objective_mix", dm.get("objective_mix"))
+        del raw
+        with warnings.catch_warnings():
+            # The frozen VAE is deliberately not in checkpoints (reloaded from its recorded path).
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
+            # init_from_checkpoint only seeded the fine-tune's first step: the weights are all in this file.
+            module = CosmosPolicyModule.load_from_checkpoint(str(path), map_location="cpu", init_from_checkpoint=None)
+        return cls(module, device=device, dtype=dtype, **kwargs)
+
+    def _resolve_value_objective(self, name: str) -> str:
+        if name == "auto":
+            mix = self.objective_mix
+            if mix.get("value_future_state", 0) > 0 and not mix.get("value", 0) > 0:
+                return "value_future_state"
+            return "value"
+        if name not in ("value", "value_future_state", "q_value"):
+            raise CosmosPolicyError(f"policy: value_objective must be auto, value, value_future_state or q_value, "
+                                    f"got {name!r}")
+        return name
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def chunk_size(self) -> int:
+        return self.embodiment.action.chunk_size
+
+    @property
+    def action_dim(self) -> int:
+        return self.embodiment.action.dim
+
+    @property
+    def proprio_dim(self) -> int:
+        return self.embodiment.proprio.dim
+
+    # ------------------------------------------------------------------ building blocks
+    def prepare(self, observations: Sequence[Observation | Mapping[str, Any]],
+                instruction: str | None = None) -> PreparedBatch:
+        """Observations -> :class:`PreparedBatch` on the policy's device (see ``inference/preprocess.py``).
+
+        Args:
+            observations: B observations (``Observation`` or dicts with ``images``, ``proprio``,
+                ``instruction``).
+            instruction: overrides every observation's instruction.
+
+        Raises:
+            CosmosPolicyError: empty list, missing camera, wrong proprio size, non-finite values.
+        """
+        obs = [Observation.coerce(o, instruction) for o in observations]
+        if not obs:
+            raise CosmosPolicyError("policy: no observation given")
+        images = prepare_images(obs, self.embodiment, self.center_crop, self.jpeg_quality)
+        proprio = prepare_proprio(obs, self.proprio_normalizer, self.proprio_dim)
+        text, mask = self.text.batch([o.instruction for o in obs])
+        dev = self.device
+        return PreparedBatch(images.to(dev), proprio.to(dev), text.to(dev), mask.to(dev))
+
+    @torch.no_grad()
+    def encode(self, batch: PreparedBatch) -> torch.Tensor:
+        """Clean latents ``(B, 16, T, h, w)``: blank, current proprio and cameras encoded / injected;
+        every later frame (action, future state, value) is zero, to be generated."""
+        layout, m = self.layout, self.module
+        pixels = build_pixel_sequence(layout, batch.images, batch.images)[:, :, : self._prefix_pixels]
+        prefix = m.vae.encode(pixels).float()
+        b, c, _, h, w = prefix.shape
+        latents = torch.zeros(b, c, layout.num_latent_frames, h, w, device=prefix.device)
+        latents[:, :, : self._prefix_latents] = prefix
+        latents[:, :, layout.index("proprio")] = inject(batch.proprio.float(), (c, h, w))
+        return latents
+
+    def condition_mask(self, objective: str, batch_size: int) -> torch.Tensor:
+        """``(B, T)`` bool conditioning mask of ``objective`` (SPEC §2)."""
+        if objective not in OBJECTIVES:
+            raise CosmosPolicyError(f"policy: unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        return self.module.cond_table[OBJECTIVES.index(objective)].to(self.device).expand(batch_size, -1)
+
+    @torch.no_grad()
+    def sample(self, clean: torch.Tensor, objective: str, text: torch.Tensor, text_mask: torch.Tensor,
+               num_steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Generate the non-conditioning frames of ``objective`` (SPEC §3 sampler, ``num_steps`` network
+        calls), in micro-batches of at most ``max_batch``. Returns ``(B, 16, T, h, w)`` float32."""
+        if num_steps < 1:
+            raise CosmosPolicyError(f"policy: num_steps must be >= 1, got {num_steps}")
+        b = clean.shape[0]
+        step = self.max_batch or b
+        outs = []
+        for i in range(0, b, step):
+            sl = slice(i, i + step)
+            n = clean[sl].shape[0]
+            outs.append(self.module.generate(clean[sl], self.condition_mask(objective, n), text[sl], text_mask[sl],
+                                             num_steps=num_steps, generator=generator))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def read(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Generated latents -> ``actions (B, K, A)`` (clamped to [-1, 1]), ``future_proprio (B, P)``,
+        normalised, and ``value (B,)`` in [0, 1]."""
+        emb = self.embodiment
+        vec = read_vectors(latents, self.layout, emb.proprio.dim, emb.action.chunk_size, emb.action.dim)
+        return {"actions": vec["actions"].clamp(-1, 1), "future_proprio": vec["future_proprio"],
+                "value": value_to_unit(vec["value"])}
+
+    def write(self, latents: torch.Tensor, slot: str, vector: torch.Tensor) -> torch.Tensor:
+        """Inject a normalised vector into ``slot`` (``action`` ``(B, K, A)``, ``future_proprio``
+        ``(B, P)``) of a copy of ``latents`` (SPEC §1)."""
+        out = latents.clone()
+        shape = (out.shape[1], out.shape[3], out.shape[4])
+        out[:, :, self.layout.index(slot)] = inject(vector.to(out.dtype), shape, vector_ndim=2 if slot == "action" else 1)
+        return out
+
+    def generator(self, seed: int | None) -> torch.Generator | None:
+        """A generator on the policy's device seeded with ``seed`` (None: torch's global RNG)."""
+        return None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
+
+    # ------------------------------------------------------------------ the policy
+    @torch.no_grad()
+    def predict(self, observation: Observation | Mapping[str, Any] | Sequence[Observation | Mapping[str, Any]],
+                num_steps: int = 5, seed: int | None = None, num_samples: int = 1, decoding: Decoding = "parallel",
+                stage_steps: tuple[int, int, int] | None = None, decode_images: bool = True,
+                instruction: str | None = None) -> PolicyOutput:
+        """Sample action chunks (and future state and value) for one or B observations.
+
+        Args:
+            observation: one observation or a list of B (``Observation`` or dict with ``images``: camera
+                -> HxWx3 uint8 of any size, ``proprio``: robot units, ``instruction``).
+            num_steps: denoising steps (network calls) per sampling run (SPEC §3: 5; 1 = one x0 prediction).
+            seed: seed of the sampling noise; the same seed gives the same actions. None: global RNG.
+            num_samples: S independent samples per observation, all in the same forward passes.
+            decoding: ``parallel`` (one run, policy mask) or ``autoregressive`` (action, then future
+                state, then value).
+            stage_steps: autoregressive only: steps of the (action, future state, value) stages;
+                default ``num_steps`` each.
+            decode_images: decode the predicted future frames with the VAE (costs a decode per camera).
+            instruction: overrides the observations' instruction.
+
+        Returns:
+            :class:`PolicyOutput` (shapes documented there).
+
+        Raises:
+            CosmosPolicyError: malformed observation or arguments.
+        """
+        start = time.perf_counter()
+        single = isinstance(observation, (Observation, Mapping))
+        observations = [observation] if single else list(observation)
+        if num_samples < 1:
+            raise CosmosPolicyError(f"policy: num_samples must be >= 1, got {num_samples}")
+        if decoding not in ("parallel", "autoregressive"):
+            raise CosmosPolicyError(f"policy: decoding must be 'parallel' or 'autoregressive', got {decoding!r}")
+        batch = self.prepare(observations, instruction)
+        clean = self.encode(batch)
+        if num_samples > 1:  # sample s of observation b sits at row b * S + s
+            clean = clean.repeat_interleave(num_samples, 0)
+        text = batch.text.repeat_interleave(num_samples, 0)
+        mask = batch.text_mask.repeat_interleave(num_samples, 0)
+        gen = self.generator(seed)
+        if decoding == "parallel":
+            latents = self.sample(clean, "policy", text, mask, num_steps, gen)
+            out = self.read(latents)
+        else:
+            s_act, s_wm, s_val = stage_steps or (num_steps,) * 3
+            latents = self.sample(clean, "policy", text, mask, s_act, gen)
+            out = self.read(latents)
+            latents = self.sample(self.write(clean, "action", out["actions"]), "world_model", text, mask, s_wm, gen)
+            out["future_proprio"] = self.read(latents)["future_proprio"]
+            latents = self.write(latents, "future_proprio", out["future_proprio"])
+            latents = self.sample(latents, self.value_objective, text, mask, s_val, gen)
+            out["value"] = self.read(latents)["value"]
+        images = self.module.decode_future_frames(latents) if decode_images else None
+
+        lead = () if single else (len(observations),)
+        lead += (num_samples,) if num_samples > 1 else ()
+
+        def shape(x: torch.Tensor) -> np.ndarray:
+            return x.float().cpu().numpy().reshape((*lead, *x.shape[1:]))
+
+        result = PolicyOutput(
+            actions=shape(self.action_normalizer.unnormalize(out["actions"].double())).astype(np.float32),
+            future_proprio=shape(self.proprio_normalizer.unnormalize(out["future_proprio"].double())).astype(np.float32),
+            value=shape(out["value"]).astype(np.float32),
+            future_images=None if images is None else {
+                cam: images[:, n].cpu().numpy().reshape((*lead, *images.shape[2:]))
+                for n, cam in enumerate(self.layout.camera_names)},
+            latents=latents,
+        )
+        result.seconds = time.perf_counter() - start
+        return result
+
+    __call__ = predict
+
+    # ------------------------------------------------------------------ world model + value function
+    @torch.no_grad()
+    def evaluate_actions(self, observation: Observation | Mapping[str, Any], actions: np.ndarray | torch.Tensor,
+                         num_futures: int = 3, num_values: int = 5, world_model_steps: int = 5, value_steps: int = 5,
+                         seed: int | None = None, instruction: str | None = None) -> ActionEvaluation:
+        """Predict futures and values of N candidate action chunks from one observation (SPEC §3, planning).
+
+        For each chunk, ``num_futures`` future states are sampled with the world-model mask (conditioned
+        on the observation and the chunk); for each future state, ``num_values`` values are sampled with
+        :attr:`value_objective`'s mask. All ``N * F`` world-model samples, then all ``N * F * V`` value
+        samples, go through the network together (in micro-batches of ``max_batch`` if set).
+
+        Args:
+            observation: the current observation.
+            actions: ``(N, K, A)`` candidate chunks in robot units (e.g. another checkpoint's proposals:
+                they are normalised with this model's statistics).
+            num_futures, num_values: ensemble sizes F and V (>= 1).
+            world_model_steps, value_steps: denoising steps of the two stages.
+            seed: sampling seed (None: global RNG).
+
+        Returns:
+            :class:`ActionEvaluation` with ``values (N, F, V)`` in [0, 1] and ``future_proprio (N, F, P)``.
+
+        Raises:
+            CosmosPolicyError: wrong action shape or ensemble sizes.
+        """
+        acts = torch.as_tensor(np.asarray(actions, dtype=np.float64) if not isinstance(actions, torch.Tensor)
+                               else actions.double())
+        k, a = self.chunk_size, self.action_dim
+        if acts.dim() != 3 or tuple(acts.shape[1:]) != (k, a) or not torch.isfinite(acts).all():
+            raise CosmosPolicyError(f"policy: expected finite candidate actions of shape (N, {k}, {a}), got "
+                                    f"{tuple(acts.shape)}")
+        if num_futures < 1 or num_values < 1:
+            raise CosmosPolicyError(f"policy: num_futures and num_values must be >= 1, got {num_futures}, {num_values}")
+        n, f, v = acts.shape[0], num_futures, num_values
+        batch = self.prepare([observation], instruction)
+        clean = self.encode(batch)
+        gen = self.generator(seed)
+        normed = self.action_normalizer.normalize(acts).float().to(self.device)
+        wm_in = self.write(clean.expand(n * f, -1, -1, -1, -1), "action", normed.repeat_interleave(f, 0))
+        text, mask = batch.text.expand(n * f, -1, -1), batch.text_mask.expand(n * f, -1)
+        futures = self.sample(wm_in, "world_model", text, mask, world_model_steps, gen)
+        future_proprio = self.read(futures)["future_proprio"]
+        futures = self.write(futures, "future_proprio", future_proprio)
+        val_in = futures.repeat_interleave(v, 0)
+        text, mask = batch.text.expand(n * f * v, -1, -1), batch.text_mask.expand(n * f * v, -1)
+        values = self.read(self.sample(val_in, self.value_objective, text, mask, value_steps, gen))["value"]
+        fp = self.proprio_normalizer.unnormalize(future_proprio.double()).float()
+        return ActionEvaluation(values=values.view(n, f, v).cpu().numpy(),
+                                future_proprio=fp.view(n, f, -1).cpu().numpy())
+
+
+def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` / ``"float32"`` / ``"float16"`` -> torch dtype.
+
+    Raises:
+        CosmosPolicyError: not a floating dtype name.
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise CosmosPolicyError(f"dtype must be float32, bfloat16 or float16, got {name!r}")
+    return dt
+
+
+__all__ = ["CosmosPolicy", "PolicyOutput", "ActionEvaluation", "PreparedBatch", "Observation", "dtype_from_name"]
