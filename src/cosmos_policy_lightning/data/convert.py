@@ -26,6 +26,8 @@ import multiprocessing as mp
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Literal
 
@@ -356,9 +358,21 @@ class _Conversion:
                 yield process_episode(reader, ref, split, encode)
             return
         reader.close()  # the workers open their own handles
-        ctx = mp.get_context("spawn")  # no inherited HDF5 handles or threads; workers skip torch
-        with ctx.Pool(min(workers, len(jobs)), initializer=init_worker, initargs=(reader, encode)) as pool:
-            yield from pool.imap_unordered(run_job, jobs, chunksize=1)
+        # spawn: no inherited HDF5 handles or threads, and workers never import torch. An executor, not a
+        # Pool: a worker that dies (or fails to start) raises BrokenProcessPool instead of being respawned.
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=init_worker,
+                                 initargs=(reader, encode)) as pool:
+            futures = [pool.submit(run_job, job) for job in jobs]
+            try:
+                for future in as_completed(futures):
+                    yield future.result()
+            except BrokenProcessPool:
+                raise DataError("a conversion worker process died (out of memory?); run again to resume, "
+                                "or use fewer --workers") from None
+            finally:
+                for future in futures:
+                    future.cancel()
 
     def _assemble(self) -> None:
         """Write every shard whose episodes are all finished (in split order, deterministic grouping)."""

@@ -7,17 +7,18 @@ reuses the bytes of step ``t`` and of ``t' = min(t + K, T - 1)``.
 
 Files written for episode ``<id>`` in the work directory, each under a temporary name then renamed:
 
-- ``<id>.spill``: the samples, one pickled ``(key, {member: bytes})`` per step, in step order;
+- ``<id>.spill``: the samples as tar member bytes, one length-prefixed record per step, in step
+  order (``shards.sample_record``), so assembling a shard only copies bytes;
 - ``<id>.npz``: ``actions (T, A)`` and ``proprio (T, P)`` float32, for the statistics;
 - ``<id>.json``: the episode record, written last: its presence marks the episode finished.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,11 @@ from . import sample as S
 from .episode import Episode
 from .images import encode_frames
 from .returns import action_chunk, episode_values, future_index
+from .shards import sample_record, write_records
 from .sources.base import EpisodeRef, SourceReader
 
 #: Seconds to pause after spilling each episode. For the kill-and-resume test only; 0 otherwise.
 _TEST_DELAY_S = float(os.environ.get("COSMOS_POLICY_CONVERT_EPISODE_DELAY", "0") or 0)
-#: tar stores every member as a 512-byte header plus its data padded to 512 bytes.
-TAR_BLOCK = 512
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,19 @@ class EncodeSettings:
     skip_bad: bool = False
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """``.npy`` file content of ``array``."""
+@functools.lru_cache(maxsize=64)
+def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
+    empty = np.zeros(shape, dtype=np.dtype(dtype))
     buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+    np.save(buf, empty, allow_pickle=False)
+    return buf.getvalue()[: buf.tell() - empty.nbytes]
 
 
-def tar_size(name_and_sizes: list[tuple[str, int]]) -> int:
-    """Bytes the members take in a tar archive (headers + padded data; long names ignored)."""
-    return sum(TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK for _, n in name_and_sizes)
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``.npy`` file content of ``array`` (the header is cached per shape and dtype: np.save's header
+    formatting costs more than copying a small vector)."""
+    a = np.ascontiguousarray(array)
+    return _npy_header(a.shape, a.dtype.str) + a.tobytes()
 
 
 def episode_samples(episode: Episode, jpegs: dict[str, list[bytes]], chunk_size: int, gamma: float):
@@ -92,7 +95,7 @@ def episode_samples(episode: Episode, jpegs: dict[str, list[bytes]], chunk_size:
             members[S.image_member(cam, future=True)] = frames[tf]
         members[S.PROPRIO] = npy_bytes(episode.proprio[t])
         members[S.FUTURE_PROPRIO] = npy_bytes(episode.proprio[tf])
-        members[S.ACTIONS] = npy_bytes(np.ascontiguousarray(action_chunk(episode.actions, t, chunk_size)))
+        members[S.ACTIONS] = npy_bytes(action_chunk(episode.actions, t, chunk_size))
         meta = {"episode": episode.episode_id, "step": t, "future_step": tf, "length": T,
                 "success": episode.success, "score": episode.score, "value": float(values[tf]),
                 "instruction": episode.instruction}
@@ -128,14 +131,12 @@ def process_episode(reader: SourceReader, ref: EpisodeRef, split: str, settings:
         with reader.open(ref) as episode:
             jpegs = {cam: encode_frames(episode.images[cam], settings.image_size, settings.jpeg_quality,
                                         settings.swap_rb) for cam in reader.embodiment.camera_names}
-            sizes: list[tuple[str, int]] = []
+            tar_bytes = 0
 
             def spill(f) -> None:
-                pickler = pickle.Pickler(f, protocol=pickle.HIGHEST_PROTOCOL)
-                for key, members in episode_samples(episode, jpegs, settings.chunk_size, settings.gamma):
-                    pickler.dump((key, members))
-                    pickler.clear_memo()
-                    sizes.extend((m, len(b)) for m, b in members.items())
+                nonlocal tar_bytes
+                samples = episode_samples(episode, jpegs, settings.chunk_size, settings.gamma)
+                tar_bytes = write_records(f, (sample_record(key, members) for key, members in samples))
 
             _replace_atomic(work / f"{ref.episode_id}.spill", spill)
             if _TEST_DELAY_S:  # lets the resume test kill a conversion between two writes
@@ -144,7 +145,7 @@ def process_episode(reader: SourceReader, ref: EpisodeRef, split: str, settings:
                             lambda f: np.savez(f, actions=episode.actions, proprio=episode.proprio))
             record = {"episode": ref.episode_id, "split": split, "source": ref.source, "length": episode.length,
                       "samples": episode.length, "success": episode.success, "score": episode.score,
-                      "instruction": episode.instruction, "tar_bytes": tar_size(sizes)}
+                      "instruction": episode.instruction, "tar_bytes": tar_bytes}
     except DataError as err:
         if not settings.skip_bad:
             raise

@@ -47,7 +47,7 @@ def to_pil(frame: np.ndarray | bytes, size_hw: tuple[int, int], where: str, swap
         arr = frame
         if arr.dtype != np.uint8:
             arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        img = Image.fromarray(np.ascontiguousarray(arr), "RGB")
+        img = Image.fromarray(np.ascontiguousarray(arr))
     if swap_rb:
         r, g, b = img.split()
         img = Image.merge("RGB", (b, g, r))
