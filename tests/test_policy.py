@@ -187,7 +187,7 @@ def test_predict_cli_writes_robot_unit_predictions(ckpt, tmp_path):
                "--data", "cosmos_policy_lightning.data.datamodule.CosmosDataModule",
                "--data.data_dir", str(ckpt.parent / "data"), "--data.num_workers", "0",
                "--ckpt_path", str(ckpt), "--trainer.logger", "false", "--trainer.accelerator", "cpu",
-               "--trainer.enable_progress_bar", "false",
+               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
                "--trainer.callbacks+=cosmos_policy_lightning.training.callbacks.PredictionWriter",
                f"--trainer.callbacks.output_dir={out}"])
     assert rc == 0

@@ -1,0 +1,310 @@
+"""``cosmos-policy evaluate metaworld``: closed-loop evaluation in Meta-World (SPEC §3, §5).
+
+The policy is called once per action chunk; the first ``execute_steps`` actions of the chunk are
+executed (the embodiment's value unless overridden), then the policy is called again on the new
+observation. An episode ends at the first success or after ``max_steps`` steps. The same command
+evaluates the scripted expert (``--policy expert``, privileged state) and a uniformly random policy
+(``--policy random``) as reference points.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..errors import CosmosPolicyError
+from ..normalization import write_json_atomic
+from .recording import Rollout, plot_values, save_gif, write_rollout_hdf5
+
+#: z of a two-sided 95% interval.
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a success rate (95% by default).
+
+    ``(p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)`` with ``p = successes / n``; unlike the
+    normal approximation it stays inside [0, 1] and is informative at 0 / n and n / n.
+
+    Returns:
+        ``(low, high)`` in [0, 1]; ``(0, 1)`` when ``n == 0``.
+
+    Raises:
+        CosmosPolicyError: ``successes`` outside [0, n].
+    """
+    if n == 0:
+        return (0.0, 1.0)
+    if not 0 <= successes <= n:
+        raise CosmosPolicyError(f"wilson_interval: successes must be in [0, {n}], got {successes}")
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def latency_summary(seconds: list[float]) -> dict[str, float | int]:
+    """``{"calls", "mean_s", "p50_s", "p95_s"}`` of per-chunk policy latencies (empty: calls 0)."""
+    if not seconds:
+        return {"calls": 0}
+    arr = np.asarray(seconds)
+    return {"calls": int(arr.size), "mean_s": float(arr.mean()), "p50_s": float(np.percentile(arr, 50)),
+            "p95_s": float(np.percentile(arr, 95))}
+
+
+class _Controller:
+    """Chooses the next action chunk: the checkpoint (direct or with planning), the expert or random."""
+
+    def __init__(self, kind: str, env, *, policy=None, planner=None, num_steps: int = 5, decoding: str = "parallel",
+                 seed: int = 0, action_dim: int = 4, chunk: int = 1):
+        self.kind, self.env, self.policy, self.planner = kind, env, policy, planner
+        self.num_steps, self.decoding, self.seed = num_steps, decoding, seed
+        self.action_dim, self.chunk = action_dim, chunk
+        self.rng = np.random.default_rng(seed)
+        self.expert = env.expert_policy() if kind == "expert" else None
+
+    def __call__(self, obs: dict[str, Any], call_seed: int) -> tuple[np.ndarray, float | None, float]:
+        """Returns ``(actions (n, A), predicted value or None, seconds)``."""
+        start = time.perf_counter()
+        if self.kind == "expert":
+            return self.expert()[None], None, time.perf_counter() - start
+        if self.kind == "random":
+            return self.rng.uniform(-1, 1, (1, self.action_dim)).astype(np.float32), None, time.perf_counter() - start
+        obs = {**obs, "instruction": self.env.instruction}
+        if self.planner is not None:
+            plan = self.planner.plan(obs, seed=call_seed)
+            return plan.actions, plan.value, time.perf_counter() - start
+        out = self.policy.predict(obs, num_steps=self.num_steps, seed=call_seed, decoding=self.decoding,
+                                  decode_images=False)
+        return out.actions, float(out.value), time.perf_counter() - start
+
+
+def run_rollout(env, controller: _Controller, episode: int, execute_steps: int, record_images: bool,
+                seed: int) -> Rollout:
+    """One episode from initial state ``episode``: query a chunk, execute ``execute_steps`` of it, repeat.
+
+    Returns:
+        the :class:`Rollout` (images kept only when ``record_images``).
+    """
+    obs = env.reset(episode)
+    r = Rollout(env.task, episode, env.instruction, images={c: [] for c in env.cameras} if record_images else {})
+    call = 0
+    while True:
+        chunk, value, seconds = controller(obs, call_seed=seed * 1_000_003 + episode * 1_000 + call)
+        call += 1
+        if controller.kind == "model":
+            r.latencies.append(seconds)
+        if value is not None:
+            r.values.append((r.length, value))
+        for action in chunk[:execute_steps]:
+            action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+            if record_images:
+                for cam, img in obs["images"].items():
+                    r.images[cam].append(img)
+            r.proprio.append(np.asarray(obs["proprio"], dtype=np.float32))
+            r.actions.append(action)
+            obs, _, success, truncated, _ = env.step(action)
+            if success:
+                r.success, r.success_step = True, r.length - 1
+                return r
+            if truncated:
+                return r
+
+
+def evaluate_metaworld(
+    checkpoint: Path | None = None,
+    *,
+    tasks: list[str] | str = "drawer-open-v3",
+    episodes: int = 10,
+    seed: int = 1000,
+    policy: Literal["model", "expert", "random"] = "model",
+    planning: bool = False,
+    planning_checkpoint: Path | None = None,
+    num_proposals: int = 8,
+    num_futures: int = 3,
+    num_values: int = 5,
+    aggregation: Literal["majority_mean", "mean", "lcb"] = "majority_mean",
+    num_steps: int = 5,
+    world_model_steps: int | None = None,
+    value_steps: int | None = None,
+    decoding: Literal["parallel", "autoregressive"] = "parallel",
+    execute_steps: int | None = None,
+    max_steps: int = 200,
+    output: Path = Path("runs/evaluate"),
+    record_hdf5: bool = False,
+    videos: int = 2,
+    device: str = "cpu",
+    dtype: str = "float32",
+    embodiment: Path | None = None,
+) -> dict[str, Any]:
+    """Run a checkpoint (or the scripted expert, or a random policy) closed-loop in Meta-World.
+
+    Reports per task the success rate with a Wilson 95% interval, the mean episode length and the
+    policy latency per action chunk (mean, p50, p95; a warm-up call before the first episode, which
+    loads the text encoder, is reported apart as ``warmup_s``). Writes into ``output``: ``results.json``, ``videos/<task>-epNNN.gif``
+    for the first ``videos`` episodes of each task, ``values-<task>.png`` (predicted value over each
+    episode) and, with ``record_hdf5``, ``rollouts/<task>/<task>-epNNN.hdf5`` per episode (per-episode
+    rollout layout with a ``success`` attribute, for ``cosmos-policy convert --format episode_hdf5``).
+
+    Args:
+        checkpoint: ``.ckpt`` of ``cosmos-policy fit`` (needed for ``--policy model``).
+        tasks: Meta-World v3 task names, e.g. ``[drawer-open-v3,reach-v3]`` or ``drawer-open-v3``
+            (a comma-separated string also works).
+        episodes: episodes per task; episode ``i`` starts from Meta-World placement ``i`` of ``seed``.
+        seed: seeds the initial states (``metaworld.MT1(task, seed)``) and the sampling noise; pick one
+            other than the demonstrations' (``collect`` defaults to 0) to test on unseen placements.
+        policy: ``model`` (the checkpoint), ``expert`` (Meta-World's scripted policy, privileged state,
+            one action per step) or ``random`` (uniform actions in [-1, 1]).
+        planning: best-of-N planning instead of the direct policy (SPEC §3, ``inference/planning.py``).
+        planning_checkpoint: checkpoint predicting futures and values (dual deployment); default: the
+            policy checkpoint itself.
+        num_proposals, num_futures, num_values: N proposals, F futures per proposal, V values per future.
+        aggregation: majority_mean (reference), mean or lcb.
+        num_steps: denoising steps of the policy (SPEC §3: 5).
+        world_model_steps, value_steps: planning stages' steps (default ``num_steps``).
+        decoding: parallel (one run) or autoregressive (action, future state, value) for the direct policy.
+        execute_steps: actions executed per chunk (default: the embodiment's ``action.execute_steps``).
+        max_steps: episode time limit in steps (Meta-World allows up to 500).
+        output: output directory (created).
+        record_hdf5: save every rollout as a per-episode HDF5.
+        videos: GIF strips saved per task (the first episodes).
+        device: torch device of the model(s), e.g. cpu or cuda.
+        dtype: float32 or bfloat16 (GPU).
+        embodiment: embodiment YAML for ``expert`` / ``random`` (default: the checkpoint's or
+            ``embodiments/metaworld.yaml``).
+
+    Returns:
+        the results dict written to ``results.json``.
+
+    Raises:
+        CosmosPolicyError: bad arguments, unknown task, missing checkpoint, no offscreen OpenGL.
+    """
+    from .metaworld import DEFAULT_EMBODIMENT, MetaWorldEnv, check_task, select_gl_backend
+
+    task_list = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if not task_list:
+        raise CosmosPolicyError("evaluate metaworld: --tasks is empty")
+    if episodes < 1 or max_steps < 1 or videos < 0:
+        raise CosmosPolicyError(f"evaluate metaworld: need episodes >= 1, max_steps >= 1, videos >= 0; got "
+                                f"{episodes}, {max_steps}, {videos}")
+    if policy not in ("model", "expert", "random"):
+        raise CosmosPolicyError(f"evaluate metaworld: --policy must be model, expert or random, got {policy!r}")
+    if policy == "model" and checkpoint is None:
+        raise CosmosPolicyError("evaluate metaworld: --checkpoint is required with --policy model")
+    if planning and policy != "model":
+        raise CosmosPolicyError("evaluate metaworld: --planning needs --policy model")
+    select_gl_backend()
+    for task in task_list:
+        check_task(task)
+
+    model = planner = None
+    if policy == "model":
+        from ..inference.policy import CosmosPolicy, dtype_from_name
+
+        model = CosmosPolicy.from_checkpoint(checkpoint, device=device, dtype=dtype_from_name(dtype))
+        emb = model.embodiment
+        if planning:
+            from ..inference.planning import Planner
+
+            judge = model if planning_checkpoint is None else CosmosPolicy.from_checkpoint(
+                planning_checkpoint, device=device, dtype=dtype_from_name(dtype))
+            planner = Planner(model, judge, num_proposals=num_proposals, num_futures=num_futures,
+                              num_values=num_values, aggregation=aggregation, policy_steps=num_steps,
+                              world_model_steps=world_model_steps or num_steps, value_steps=value_steps or num_steps)
+    else:
+        from ..embodiment import load_embodiment
+
+        emb = load_embodiment(embodiment or DEFAULT_EMBODIMENT)
+    execute = execute_steps or emb.action.execute_steps
+    if policy == "model" and not 1 <= execute <= emb.action.chunk_size:
+        raise CosmosPolicyError(f"evaluate metaworld: execute_steps must be in [1, {emb.action.chunk_size}], got {execute}")
+    if policy != "model":
+        execute = 1  # the baselines act step by step
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    label = "planning" if planning else policy
+    results: dict[str, Any] = {"config": {
+        "checkpoint": None if checkpoint is None else str(checkpoint), "planning_checkpoint":
+            None if planning_checkpoint is None else str(planning_checkpoint), "policy": label, "tasks": task_list,
+        "episodes": episodes, "seed": seed, "num_steps": num_steps, "decoding": decoding, "execute_steps": execute,
+        "max_steps": max_steps, "device": device, "dtype": dtype, "embodiment": emb.name,
+        **({"num_proposals": num_proposals, "num_futures": num_futures, "num_values": num_values,
+            "aggregation": aggregation, "world_model_steps": world_model_steps or num_steps,
+            "value_steps": value_steps or num_steps} if planning else {})},
+        "tasks": {}, "episodes": []}
+    warmup: float | None = None
+    latencies: list[float] = []
+    bar = tqdm(total=episodes * len(task_list), unit="episode", desc=f"evaluate {label}", dynamic_ncols=True)
+    try:
+        for task in task_list:
+            rollouts: list[Rollout] = []
+            with MetaWorldEnv(task, emb, seed=seed, max_steps=min(max_steps, 500)) as env:
+                controller = _Controller(policy, env, policy=model, planner=planner, num_steps=num_steps,
+                                         decoding=decoding, seed=seed, action_dim=emb.action.dim)
+                if warmup is None and policy == "model":
+                    # One untimed-in-the-stats call: loads the text encoder, allocates buffers. Calls are
+                    # seeded individually, so it changes no episode.
+                    warmup = controller(env.reset(0), call_seed=0)[2]
+                for ep in range(episodes):
+                    t0 = time.perf_counter()
+                    r = run_rollout(env, controller, ep, execute, record_images=record_hdf5 or ep < videos, seed=seed)
+                    rollouts.append(r)
+                    latencies += r.latencies
+                    if ep < videos:
+                        save_gif(output / "videos" / f"{task}-ep{ep:03d}.gif", r)
+                    if record_hdf5:
+                        write_rollout_hdf5(output / "rollouts" / task / f"{task}-ep{ep:03d}.hdf5", r, attrs={
+                            "seed": seed, "policy": label, "checkpoint": str(checkpoint or "")})
+                    r.images = {}  # free the frames
+                    results["episodes"].append({"task": task, "episode": ep, "success": r.success, "length": r.length,
+                                                "seconds": time.perf_counter() - t0,
+                                                "values": [[s, v] for s, v in r.values]})
+                    bar.update(1)
+                    bar.set_postfix(task=task, successes=sum(x.success for x in rollouts), refresh=False)
+            if any(r.values for r in rollouts):
+                plot_values(output / f"values-{task}.png", rollouts, f"{task}: predicted value ({label})")
+            n_succ = sum(r.success for r in rollouts)
+            lo, hi = wilson_interval(n_succ, len(rollouts))
+            results["tasks"][task] = {
+                "episodes": len(rollouts), "successes": n_succ, "success_rate": n_succ / len(rollouts),
+                "ci95": [lo, hi], "mean_length": float(np.mean([r.length for r in rollouts])),
+                "latency": latency_summary([s for r in rollouts for s in r.latencies]),
+            }
+    finally:
+        bar.close()
+    total = sum(t["episodes"] for t in results["tasks"].values())
+    succ = sum(t["successes"] for t in results["tasks"].values())
+    lo, hi = wilson_interval(succ, total)
+    results["overall"] = {"episodes": total, "successes": succ, "success_rate": succ / total, "ci95": [lo, hi],
+                          "mean_length": float(np.mean([e["length"] for e in results["episodes"]])),
+                          "latency": latency_summary(latencies), "warmup_s": warmup}
+    write_json_atomic(output / "results.json", results)
+    _print_table(results, output)
+    return results
+
+
+def _print_table(results: dict[str, Any], output: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Meta-World closed loop: {results['config']['policy']}", caption=f"results: {output}/results.json")
+    for col in ("task", "success", "95% CI", "mean length", "latency/chunk mean", "p50", "p95"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    rows = list(results["tasks"].items()) + [("overall", results["overall"])]
+    for name, t in rows:
+        lat = t["latency"]
+        fmt = lambda k: f"{lat[k]:.3f} s" if k in lat else "-"  # noqa: E731
+        table.add_row(name, f"{t['successes']}/{t['episodes']} ({100 * t['success_rate']:.0f}%)",
+                      f"[{100 * t['ci95'][0]:.0f}%, {100 * t['ci95'][1]:.0f}%]", f"{t['mean_length']:.1f}",
+                      fmt("mean_s"), fmt("p50_s"), fmt("p95_s"))
+    Console(width=140).print(table)
+
+
+__all__ = ["evaluate_metaworld", "wilson_interval", "latency_summary", "run_rollout"]
