@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from cosmos_policy_lightning.data.shards import interleave_order, member_header, sample_record, write_records, write_shard
+from cosmos_policy_lightning.data.shards import interleave_order, member_header, write_samples, write_shard
 
 from .factories import read_split
 
@@ -37,7 +37,7 @@ def test_shard_reads_back_everywhere_including_long_names(tmp_path):
     for eid in (long_id, "short"):
         path = tmp_path / f"{eid[:10]}.spill"
         with open(path, "wb") as f:
-            write_records(f, (sample_record(k, m) for k, m in samples.items() if k.startswith(eid + "_")))
+            write_samples(f, ((k, m) for k, m in samples.items() if k.startswith(eid + "_")))
         spills.append(path)
     size = write_shard(tmp_path / "train-000000.tar", spills, [3, 3], seed=1)
     assert size % tarfile.RECORDSIZE == 0 and not list(tmp_path.glob(".*.tmp"))

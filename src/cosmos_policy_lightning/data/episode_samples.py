@@ -8,7 +8,7 @@ reuses the bytes of step ``t`` and of ``t' = min(t + K, T - 1)``.
 Files written for episode ``<id>`` in the work directory, each under a temporary name then renamed:
 
 - ``<id>.spill``: the samples as tar member bytes, one length-prefixed record per step, in step
-  order (``shards.sample_record``), so assembling a shard only copies bytes;
+  order (``shards.write_samples``), so assembling a shard only copies bytes;
 - ``<id>.npz``: ``actions (T, A)`` and ``proprio (T, P)`` float32, for the statistics;
 - ``<id>.json``: the episode record, written last: its presence marks the episode finished.
 """
@@ -31,7 +31,7 @@ from . import sample as S
 from .episode import Episode
 from .images import encode_frames
 from .returns import action_chunk, episode_values, future_index
-from .shards import sample_record, write_records
+from .shards import write_samples
 from .sources.base import EpisodeRef, SourceReader
 
 #: Seconds to pause after spilling each episode. For the kill-and-resume test only; 0 otherwise.
@@ -135,8 +135,7 @@ def process_episode(reader: SourceReader, ref: EpisodeRef, split: str, settings:
 
             def spill(f) -> None:
                 nonlocal tar_bytes
-                samples = episode_samples(episode, jpegs, settings.chunk_size, settings.gamma)
-                tar_bytes = write_records(f, (sample_record(key, members) for key, members in samples))
+                tar_bytes = write_samples(f, episode_samples(episode, jpegs, settings.chunk_size, settings.gamma))
 
             _replace_atomic(work / f"{ref.episode_id}.spill", spill)
             if _TEST_DELAY_S:  # lets the resume test kill a conversion between two writes

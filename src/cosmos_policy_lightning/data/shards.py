@@ -1,6 +1,6 @@
 """Tar shards in the webdataset layout: one sample = the members ``<key>.<name>`` stored consecutively.
 
-Members are serialised by the conversion workers (:func:`sample_record`, in parallel) and a shard is
+Members are serialised by the conversion workers (:func:`write_samples`, in parallel) and a shard is
 assembled by concatenating whole sample records (:func:`write_shard`), so the main process only
 copies bytes. Samples of the shard's episodes are interleaved in a seeded random order (each
 episode's steps stay in step order) so that a reader's shuffle buffer of a few hundred samples
@@ -48,6 +48,11 @@ def _template() -> bytes:
 
 
 _HEADER = _template()
+# The header split around the three fields that vary, and the byte sum of everything else, so a
+# header is a concatenation and its checksum a sum over the name and size digits only.
+_AFTER_NAME, _AFTER_SIZE, _AFTER_CHKSUM = _HEADER[100:124], _HEADER[136:148], _HEADER[155:512]
+_BASE_SUM = sum(_AFTER_NAME) + sum(_AFTER_SIZE) + 7 * ord(" ") + sum(_AFTER_CHKSUM)  # [155] is the 8th space
+_ZEROS = bytes(BLOCK)
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -58,34 +63,41 @@ def member_header(name: str, size: int) -> bytes:
         info.size, info.mtime, info.mode = size, 0, 0o444
         info.uname = info.gname = "bigdata"
         return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
-    h = bytearray(_HEADER)
-    h[0:100] = raw.ljust(100, b"\0")
-    h[124:136] = b"%011o\0" % size
-    h[148:156] = b"        "  # the checksum is computed with its own field as spaces
-    h[148:155] = b"%06o\0" % sum(h)
-    return bytes(h)
+    size_field = b"%011o\0" % size
+    checksum = _BASE_SUM + sum(raw) + sum(size_field)  # the checksum field counts as 8 spaces
+    return b"".join((raw, _ZEROS[: 100 - len(raw)], _AFTER_NAME, size_field, _AFTER_SIZE,
+                     b"%06o\0" % checksum, _AFTER_CHKSUM))
+
+
+def sample_parts(key: str, members: Mapping[str, bytes]) -> tuple[list[bytes], int]:
+    """Tar members of one sample, in sorted member order (as webdataset writes them), as a list of
+    byte strings to write consecutively, and their total length."""
+    parts: list[bytes] = []
+    total = 0
+    for name in sorted(members):
+        data = members[name]
+        header = member_header(f"{key}.{name}", len(data))
+        pad = -len(data) % BLOCK
+        parts += (header, data, _ZEROS[:pad]) if pad else (header, data)
+        total += len(header) + len(data) + pad
+    return parts, total
 
 
 def sample_record(key: str, members: Mapping[str, bytes]) -> bytes:
-    """All tar members of one sample, in sorted member order (as webdataset writes them)."""
-    parts = []
-    for name in sorted(members):
-        data = members[name]
-        parts.append(member_header(f"{key}.{name}", len(data)))
-        parts.append(data)
-        pad = -len(data) % BLOCK
-        if pad:
-            parts.append(b"\0" * pad)
-    return b"".join(parts)
+    """All tar members of one sample as one byte string (see :func:`sample_parts`)."""
+    return b"".join(sample_parts(key, members)[0])
 
 
-def write_records(stream: BinaryIO, records: Iterator[bytes]) -> int:
-    """Append length-prefixed records (a spill file); returns bytes of records written."""
+def write_samples(stream: BinaryIO, samples: Iterator[tuple[str, Mapping[str, bytes]]]) -> int:
+    """Append ``(key, members)`` samples to a spill file as length-prefixed tar records, writing the
+    member bytes directly (no joined copy); returns the tar bytes written."""
     total = 0
-    for rec in records:
-        stream.write(_LEN.pack(len(rec)))
-        stream.write(rec)
-        total += len(rec)
+    for key, members in samples:
+        parts, n = sample_parts(key, members)
+        stream.write(_LEN.pack(n))
+        for part in parts:
+            stream.write(part)
+        total += n
     return total
 
 
