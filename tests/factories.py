@@ -204,7 +204,7 @@ def write_episode_dir(directory: Path, episodes: list[EpisodeSpec], images: str 
 
 # ---------------------------------------------------------------- Diffusion Policy Zarr
 def write_zarr(path: Path, episodes: list[EpisodeSpec], zarr_format: int = 2, jpeg2k: bool = False,
-               success_meta: bool = False) -> Path:
+               success_meta: bool = False, image_chunk: int = 1) -> Path:
     """A replay buffer ``data/{wrist_img, front_img, state, action}`` + ``meta/episode_ends``.
 
     Args:
@@ -213,6 +213,7 @@ def write_zarr(path: Path, episodes: list[EpisodeSpec], zarr_format: int = 2, jp
         jpeg2k: compress image chunks (one frame per chunk) with imagecodecs' Jpeg2k, lossless
             (``reversible``), as Diffusion Policy does.
         success_meta: write per-episode ``meta/success`` and ``meta/success_score``.
+        image_chunk: frames per image chunk (chunks then straddle episode boundaries).
     """
     import zarr
 
@@ -233,7 +234,7 @@ def write_zarr(path: Path, episodes: list[EpisodeSpec], zarr_format: int = 2, jp
     for name, arr in cat.items():
         kwargs: dict[str, Any] = {}
         if arr.ndim == 4:
-            kwargs["chunks"] = (1, *arr.shape[1:])
+            kwargs["chunks"] = (image_chunk, *arr.shape[1:])
             if jpeg2k:
                 register_image_codecs()
                 if zarr_format == 2:

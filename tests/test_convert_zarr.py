@@ -31,6 +31,23 @@ def test_replay_buffer_round_trip(tmp_path, zarr_format, name, jpeg2k):
     assert manifest["counts"]["train"] == {"episodes": 2, "successes": 1, "failures": 1, "samples": 12, "shards": 1}
 
 
+def test_image_chunks_straddling_episodes_are_read_once_per_block(tmp_path):
+    import zarr
+
+    from cosmos_policy_lightning.data.episode import FrameSource
+
+    src = write_zarr(tmp_path / "r.zarr", SPECS, zarr_format=3, image_chunk=4)
+    arr = zarr.open_group(str(src), mode="r")["data/front_img"]
+    blocks = FrameSource(arr, "x", 5, 15).blocks(6)  # episode rows 5..14, chunks of 4 rows
+    assert blocks == [(0, 3), (3, 10)]  # boundaries on multiples of 8 = 2 chunks
+    emb = write_embodiment(tmp_path)
+    convert(str(src), output=str(tmp_path / "out"), embodiment=str(emb), format="zarr", all_success=True,
+            val_fraction=0.0, text_encoder="none", progress=False)
+    check_conversion(tmp_path / "out", {f"episode_{i:06d}": s for i, s in enumerate(SPECS)}, chunk_size=K,
+                     gamma=GAMMA, successes={f"episode_{i:06d}": True for i in range(3)},
+                     scores={f"episode_{i:06d}": 1.0 for i in range(3)})
+
+
 def test_directory_of_stores(tmp_path):
     write_zarr(tmp_path / "src" / "a.zarr", SPECS[:2], zarr_format=2)
     write_zarr(tmp_path / "src" / "b.zarr.zip", SPECS[2:], zarr_format=3)

@@ -74,6 +74,20 @@ class FrameSource:
     def __len__(self) -> int:
         return self.stop - self.start
 
+    def blocks(self, target: int) -> list[tuple[int, int]]:
+        """Episode-relative ``(start, stop)`` ranges covering all frames, about ``target`` frames each,
+        with boundaries on multiples of the storage chunk length along time (when it is at most
+        256 frames), so that each chunk is read -- and for Jpeg2k Zarr chunks decoded -- once."""
+        chunks = getattr(self.data, "chunks", None)
+        c = int(chunks[0]) if chunks and isinstance(chunks, tuple) and chunks[0] else 1
+        size = c * -(-target // c) if c <= 256 else target
+        out, pos = [], self.start
+        while pos < self.stop:
+            end = min(self.stop, (pos // size + 1) * size)
+            out.append((pos - self.start, end - self.start))
+            pos = end
+        return out
+
     def read(self, start: int, stop: int) -> list[Any]:
         """Frames ``start..stop-1`` (episode-relative): a list of ``(H, W, 3)`` arrays (``array``
         kind) or of ``bytes`` (``encoded`` kind)."""

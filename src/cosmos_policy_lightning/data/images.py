@@ -65,7 +65,8 @@ def encode_jpeg(img: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
 
 def encode_frames(frames: FrameSource, size_hw: tuple[int, int], quality: int = JPEG_QUALITY,
                   swap_rb: bool = False) -> list[bytes]:
-    """All frames of one camera as model-size JPEG bytes, read ``BLOCK`` frames at a time.
+    """All frames of one camera as model-size JPEG bytes, read in blocks of about ``BLOCK`` frames
+    aligned to the storage chunks (``FrameSource.blocks``), so no compressed chunk is decoded twice.
 
     Returns:
         ``T`` JPEG byte strings, each ``size_hw`` pixels.
@@ -74,9 +75,7 @@ def encode_frames(frames: FrameSource, size_hw: tuple[int, int], quality: int = 
         DataError: a frame cannot be read or decoded (message names file, episode, key).
     """
     out: list[bytes] = []
-    n = len(frames)
-    for start in range(0, n, BLOCK):
-        stop = min(start + BLOCK, n)
+    for start, stop in frames.blocks(BLOCK):
         try:
             block = frames.read(start, stop)
         except DataError:

@@ -89,14 +89,12 @@ def sample_record(key: str, members: Mapping[str, bytes]) -> bytes:
 
 
 def write_samples(stream: BinaryIO, samples: Iterator[tuple[str, Mapping[str, bytes]]]) -> int:
-    """Append ``(key, members)`` samples to a spill file as length-prefixed tar records, writing the
-    member bytes directly (no joined copy); returns the tar bytes written."""
+    """Append ``(key, members)`` samples to a spill file as length-prefixed tar records (one write
+    per sample: fewer, larger writes measured faster than one per member); returns the tar bytes."""
     total = 0
     for key, members in samples:
         parts, n = sample_parts(key, members)
-        stream.write(_LEN.pack(n))
-        for part in parts:
-            stream.write(part)
+        stream.write(b"".join([_LEN.pack(n), *parts]))
         total += n
     return total
 
