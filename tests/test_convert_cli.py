@@ -35,3 +35,27 @@ def test_two_workers_write_the_same_shards_as_one(tmp_path):
     for shard in one["shards"]:
         assert (tmp_path / "w1" / shard["name"]).read_bytes() == (tmp_path / "w2" / shard["name"]).read_bytes()
     assert (tmp_path / "w1" / "stats.json").read_text() == (tmp_path / "w2" / "stats.json").read_text()
+
+
+def test_command_line_key_overrides_and_validation_list(tmp_path):
+    import json
+
+    import yaml
+
+    emb = write_embodiment(tmp_path)
+    data = yaml.safe_load(emb.read_text())
+    for cam in data["cameras"]:
+        del cam["keys"]["robomimic"]
+    del data["proprio"]["keys"]["robomimic"], data["action"]["keys"]["robomimic"]
+    emb.write_text(yaml.safe_dump(data))
+    src = write_robomimic(tmp_path / "d.hdf5", [EpisodeSpec(3, i) for i in range(3)])
+    base = ["convert", str(src), "--output", str(tmp_path / "o"), "--embodiment", str(emb), "--text_encoder", "none",
+            "--progress", "false"]
+    assert main(base) == 2  # no robomimic keys in the YAML and none given
+    code = main(base + ["--camera_keys", "{wrist: wrist_rgb, front: front_rgb}", "--proprio_keys", "[joint_pos, gripper]",
+                        "--action_key", "actions", "--val_episodes", "[demo_1]"])
+    assert code == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["settings"]["keys"] == {"cameras": {"wrist": "wrist_rgb", "front": "front_rgb"},
+                                            "proprio": ["joint_pos", "gripper"], "action": "actions"}
+    assert manifest["splits"]["validation"] == ["demo_1"]
