@@ -337,15 +337,16 @@ class _Conversion:
 
         bar = tqdm(total=total, initial=total - len(jobs), unit="episode", desc="convert", disable=not progress,
                    dynamic_ncols=True)
-        started, frames = time.perf_counter(), 0
+        started, frames, n_bad = time.perf_counter(), 0, len(bad)
         try:
             self._assemble()  # shards whose episodes all finished before a kill
             for rec in self._results(reader, jobs, encode, workers):
                 self.records[rec["episode"]] = rec
                 frames += rec.get("length", 0) * self.emb.num_cameras
+                n_bad += "bad" in rec
                 bar.update(1)
                 bar.set_postfix(frames_per_s=f"{frames / max(time.perf_counter() - started, 1e-9):.0f}",
-                                bad=sum("bad" in r for r in self.records.values()))
+                                bad=n_bad)
                 self._assemble()
         finally:
             bar.close()
