@@ -136,8 +136,9 @@ class CosmosPolicy:
         self.device = torch.device(device)
         self.dtype = dtype
         module.to(self.device)
-        module.dit.to(dtype)
-        module.vae.to(dtype)
+        for part in (module.dit, module.vae):
+            if next(part.parameters()).dtype != dtype:  # (diffusers warns on any .to(dtype))
+                part.to(dtype)
         self.module = module.eval()
         self.embodiment = module.embodiment
         self.layout = module.layout
