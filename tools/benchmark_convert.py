@@ -129,7 +129,10 @@ def _run(code: str, *args: str) -> dict:
     while proc.poll() is None:
         try:
             for child in parent.children(recursive=True):
-                peaks[child.pid] = max(peaks.get(child.pid, 0), _peak_kb(child.pid))
+                # only once the spawned interpreter runs: between fork and exec a child still maps (and
+                # reports) the parent's memory
+                if "spawn_main" in " ".join(child.cmdline()):
+                    peaks[child.pid] = max(peaks.get(child.pid, 0), _peak_kb(child.pid))
         except psutil.Error:
             pass
         time.sleep(0.02)
