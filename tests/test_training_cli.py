@@ -177,3 +177,27 @@ def test_killed_fit_resumes_from_last(toy_data, tmp_path):
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     resumed = torch.load(last, map_location="cpu", weights_only=False)
     assert resumed["global_step"] == step + 2
+
+
+def test_model_parallel_two_processes_then_resume_on_one(toy_data, tmp_path):
+    """FSDP2 (ModelParallelStrategy, gloo) over 2 CPU processes writes a sharded checkpoint that a
+    1-process run resumes (distributed checkpoints reshard on load)."""
+    over = _override(tmp_path, toy_data, max_steps=4, every=2)
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text(yaml.safe_dump({"trainer": {"devices": 2, "strategy": {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"save_distributed_checkpoint": True, "process_group_backend": "gloo"}}}}))
+    cmd = [sys.executable, "-m", "cosmos_policy_lightning.cli", "fit", "--config",
+           str(REPO / "recipes" / "quickstart.yaml"), "--config", str(over), "--config", str(fsdp)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    meta = torch.load(last / "meta.pt", map_location="cpu", weights_only=False)
+    assert meta["global_step"] == 4 and meta[CHECKPOINT_KEY]["stats"]["fingerprint"]
+    run = subprocess.run(cmd + ["--trainer.devices", "1", "--trainer.max_steps", "6", "--ckpt_path", "last"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Restored all states" in run.stdout + run.stderr
+    assert torch.load(last / "meta.pt", map_location="cpu", weights_only=False)["global_step"] == 6

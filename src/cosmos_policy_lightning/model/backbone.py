@@ -488,6 +488,12 @@ class VideoVAE(nn.Module):
         """Stay in eval mode whatever is asked (Lightning calls ``train()`` on the whole model)."""
         return super().train(False)
 
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Contribute nothing to a parent's state dict: the frozen VAE is reloaded from its source, so
+        checkpoints (sharded ones included, which must match the model's keys exactly) never carry it.
+        Call ``self.vae.state_dict()`` for its weights."""
+        return destination if destination is not None else {}
+
     @property
     def z_dim(self) -> int:
         """Latent channels (16 for Wan2.1)."""

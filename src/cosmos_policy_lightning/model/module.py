@@ -16,13 +16,14 @@ encoder's identity (``checkpoint["cosmos_policy"]``), so inference needs nothing
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAUROC
 
 from ..embodiment import Embodiment, load_embodiment
@@ -118,7 +119,8 @@ class CosmosPolicyModule(L.LightningModule):
         self.center_crop: bool = False
         self.vae = VideoVAE(resolve_path(vae))
         self.dit: VideoDiT | None = None  # built in configure_model (meta-device friendly for FSDP2)
-        # The VAE is frozen and reloaded from its own path: keep it out of checkpoints.
+        # The frozen VAE is reloaded from its source and stays out of checkpoints (VideoVAE.state_dict),
+        # so its keys are expected to be missing when a checkpoint is loaded.
         self.strict_loading = False
 
         T = self.layout.num_latent_frames
@@ -137,6 +139,7 @@ class CosmosPolicyModule(L.LightningModule):
         self.test_future_proprio_mae = nn.ModuleList([MeanMetric() for _ in range(p.dim)])
         self.test_value_mae = MeanMetric()
         self.test_value_auroc = BinaryAUROC()
+        self.test_count, self.test_successes = SumMetric(), SumMetric()
         self.flops_per_batch: int | None = None
 
     # ------------------------------------------------------------------ model construction
@@ -169,8 +172,6 @@ class CosmosPolicyModule(L.LightningModule):
             dm.setup(stage)
         if dm is not None and getattr(dm, "stats", None) is not None:
             if self.stats is not None and self.stats.fingerprint != dm.stats.fingerprint:
-                import warnings
-
                 warnings.warn(f"statistics of the checkpoint ({self.stats.fingerprint}) differ from the data "
                               f"module's ({dm.stats.fingerprint}); using the checkpoint's to keep the model's scale")
             else:
@@ -192,10 +193,6 @@ class CosmosPolicyModule(L.LightningModule):
             "text_encoder": self.text_encoder_identity,
             "center_crop": self.center_crop,
         }
-        sd = checkpoint.get("state_dict")
-        if sd:
-            for key in [k for k in sd if k.startswith("vae.")]:
-                del sd[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get(CHECKPOINT_KEY) or {}
@@ -292,10 +289,8 @@ class CosmosPolicyModule(L.LightningModule):
             self.log_image_grid(batch, x0_pred, tag="val/future_frames")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_l1)
-        if self.val_loss.update_count:
-            self.log("val/loss", self.val_loss.compute(), sync_dist=False)
-        self.val_loss.reset()
+        self._log_metrics("val/l1", self.val_l1)
+        self._log_metrics("val", {"loss": self.val_loss})
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Latent L1s at the training sigma, then *sampled* errors in robot units (SPEC §3 sampler):
@@ -326,6 +321,8 @@ class CosmosPolicyModule(L.LightningModule):
                              emb.action.chunk_size, emb.action.dim)["value"]
         self.test_value_mae.update((value - batch["value"].float()).abs())
         self.test_value_auroc.update(value_to_unit(value), success.long())
+        self.test_count.update(torch.tensor(float(b), device=value.device))
+        self.test_successes.update(success.sum().float())
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Sampled action chunk, future proprio and value per held-out sample, in robot units, next to
@@ -333,41 +330,36 @@ class CosmosPolicyModule(L.LightningModule):
         return predict_batch(self, batch, self.hparams.test_num_steps)
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test", self.test_l1)
+        self._log_metrics("test/l1", self.test_l1)
         emb = self.embodiment
-        names = emb.action.names or [str(i) for i in range(emb.action.dim)]
-        maes = []
-        for name, metric in zip(names, self.test_action_mae):
-            if metric.update_count:
-                maes.append(metric.compute())
-                self.log(f"test/action_mae/{name}", maes[-1])
-            metric.reset()
-        if maes:
-            self.log("test/action_mae", torch.stack(maes).mean())
-        pnames = emb.proprio.names or [str(i) for i in range(emb.proprio.dim)]
-        pm = []
-        for name, metric in zip(pnames, self.test_future_proprio_mae):
-            if metric.update_count:
-                pm.append(metric.compute())
-                self.log(f"test/future_proprio_mae/{name}", pm[-1])
-            metric.reset()
-        if pm:
-            self.log("test/future_proprio_mae", torch.stack(pm).mean())
-        if self.test_value_mae.update_count:
-            self.log("test/value_mae", self.test_value_mae.compute())
-        self.test_value_mae.reset()
-        if self.test_value_auroc.update_count:
-            target = torch.cat(self.test_value_auroc.target) if isinstance(self.test_value_auroc.target, list) \
-                else self.test_value_auroc.target
-            if target.numel() and 0 < int(target.sum()) < target.numel():
-                self.log("test/value_auroc", self.test_value_auroc.compute())
-        self.test_value_auroc.reset()
+        for prefix, names, metrics in (
+                ("test/action_mae", emb.action.names or [str(i) for i in range(emb.action.dim)], self.test_action_mae),
+                ("test/future_proprio_mae", emb.proprio.names or [str(i) for i in range(emb.proprio.dim)],
+                 self.test_future_proprio_mae)):
+            values = self._log_metrics(prefix, dict(zip(names, metrics)))
+            if values:
+                self.log(prefix, torch.stack(values).mean())
+        self._log_metrics("test", {"value_mae": self.test_value_mae})
+        # AUROC needs both classes among all ranks' samples; the counts are synced like the metric.
+        n, positives = self.test_count.compute(), self.test_successes.compute()
+        if 0 < positives < n:
+            self.log("test/value_auroc", self.test_value_auroc.compute())
+        for m in (self.test_value_auroc, self.test_count, self.test_successes):
+            m.reset()
 
-    def _log_metrics(self, stage: str, metrics: nn.ModuleDict) -> None:
+    def _log_metrics(self, prefix: str, metrics) -> list[torch.Tensor]:
+        """Compute (synced over ranks), log the defined ones, reset. Every rank computes every metric,
+        even one it never updated, so the collective calls match across ranks."""
+        logged = []
         for name, metric in metrics.items():
-            if metric.update_count:
-                self.log(f"{stage}/l1/{name}", metric.compute())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a metric no rank updated is NaN: skipped below
+                value = metric.compute()
+            if torch.isfinite(value).all():
+                self.log(f"{prefix}/{name}", value)
+                logged.append(value)
             metric.reset()
+        return logged
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
