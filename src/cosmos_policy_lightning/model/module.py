@@ -160,7 +160,7 @@ class CosmosPolicyModule(L.LightningModule):
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-                if self.device.type == "cuda" else MixedPrecisionPolicy()
+                if mesh.device_type == "cuda" else MixedPrecisionPolicy()  # bf16 compute, fp32 master + reduce
             for block in self.dit.blocks:
                 fully_shard(block, mesh=mesh, mp_policy=mp)
             fully_shard(self.dit, mesh=mesh, mp_policy=mp)
