@@ -16,7 +16,6 @@ be given; ids are then ``<file stem>-<demo>``.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import h5py
 
