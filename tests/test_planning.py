@@ -118,15 +118,18 @@ def test_ties_go_to_the_lowest_index(policy):
 
 # ----------------------------------------------------------------------------- the real pipeline
 def test_real_planning_batches_every_stage_on_one_device(policy):
-    sizes = []
+    sizes, encodes = [], []
     handle = policy.module.dit.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
+    policy.encode = lambda batch, _encode=policy.encode: encodes.append(batch.size) or _encode(batch)
     try:
         planner = Planner(policy, num_proposals=4, num_futures=2, num_values=3, policy_steps=2,
                           world_model_steps=2, value_steps=1)
         plan = planner.plan(observation(3), seed=9)
     finally:
         handle.remove()
+        del policy.encode
     assert sizes == [4, 4, 8, 8, 24]       # N proposals x 2 steps, N*F x 2 steps, N*F*V x 1 step
+    assert encodes == [1]                  # one model: the observation is VAE-encoded once
     assert plan.values.shape == (4, 2, 3) and np.all((plan.values >= 0) & (plan.values <= 1))
     assert plan.future_proprio.shape == (4, 2, P)
     assert plan.best_index == int(np.argmax(plan.scores))

@@ -180,6 +180,8 @@ class Planner:
         """
         start = time.perf_counter()
         obs = Observation.coerce(observation, instruction)
+        if self.planning_model is self.policy:  # one model: encode the observation once for both stages
+            obs = self.policy.encode_observations(obs)
         proposals = self.policy.predict(obs, num_steps=self.policy_steps, seed=seed, num_samples=self.num_proposals,
                                         decode_images=False)
         acts = proposals.actions.reshape(self.num_proposals, *proposals.actions.shape[-2:])

@@ -103,6 +103,22 @@ class PreparedBatch:
         return int(self.images.shape[0])
 
 
+@dataclass
+class EncodedObservations:
+    """Observations already prepared and VAE-encoded by :meth:`CosmosPolicy.encode_observations`, so
+    one encoding serves several calls (e.g. the proposals and the judging of one planning step).
+
+    Attributes:
+        batch: the :class:`PreparedBatch` (B observations).
+        clean: ``(B, 16, T, h, w)`` clean latents of :meth:`CosmosPolicy.encode`.
+        single: the caller passed one observation (outputs get no batch dimension).
+    """
+
+    batch: PreparedBatch
+    clean: torch.Tensor
+    single: bool = False
+
+
 class CosmosPolicy:
     """Observation -> action chunk, future proprio / images and value, from a trained model.
 
@@ -251,6 +267,16 @@ class CosmosPolicy:
         latents[:, :, layout.index("proprio")] = inject(batch.proprio.float(), (c, h, w))
         return latents
 
+    def encode_observations(self, observation: Observation | Mapping[str, Any] | Sequence[Observation | Mapping[str, Any]],
+                            instruction: str | None = None) -> EncodedObservations:
+        """:meth:`prepare` + :meth:`encode` of one observation or a list; the result can be passed to
+        :meth:`predict` and :meth:`evaluate_actions` in place of the observation(s)."""
+        if isinstance(observation, EncodedObservations):
+            return observation
+        single = isinstance(observation, (Observation, Mapping))
+        batch = self.prepare([observation] if single else list(observation), instruction)
+        return EncodedObservations(batch, self.encode(batch), single)
+
     def condition_mask(self, objective: str, batch_size: int) -> torch.Tensor:
         """``(B, T)`` bool conditioning mask of ``objective`` (SPEC §2)."""
         if objective not in OBJECTIVES:
@@ -304,7 +330,8 @@ class CosmosPolicy:
 
         Args:
             observation: one observation or a list of B (``Observation`` or dict with ``images``: camera
-                -> HxWx3 uint8 of any size, ``proprio``: robot units, ``instruction``).
+                -> HxWx3 uint8 of any size, ``proprio``: robot units, ``instruction``), or the
+                :class:`EncodedObservations` of :meth:`encode_observations`.
             num_steps: denoising steps (network calls) per sampling run (SPEC §3: 5; 1 = one x0 prediction).
             seed: seed of the sampling noise; the same seed gives the same actions. None: global RNG.
             num_samples: S independent samples per observation, all in the same forward passes.
@@ -322,14 +349,12 @@ class CosmosPolicy:
             CosmosPolicyError: malformed observation or arguments.
         """
         start = time.perf_counter()
-        single = isinstance(observation, (Observation, Mapping))
-        observations = [observation] if single else list(observation)
         if num_samples < 1:
             raise CosmosPolicyError(f"policy: num_samples must be >= 1, got {num_samples}")
         if decoding not in ("parallel", "autoregressive"):
             raise CosmosPolicyError(f"policy: decoding must be 'parallel' or 'autoregressive', got {decoding!r}")
-        batch = self.prepare(observations, instruction)
-        clean = self.encode(batch)
+        enc = self.encode_observations(observation, instruction)
+        batch, clean, single = enc.batch, enc.clean, enc.single
         if num_samples > 1:  # sample s of observation b sits at row b * S + s
             clean = clean.repeat_interleave(num_samples, 0)
         text = batch.text.repeat_interleave(num_samples, 0)
@@ -349,7 +374,7 @@ class CosmosPolicy:
             out["value"] = self.read(latents)["value"]
         images = self.module.decode_future_frames(latents) if decode_images else None
 
-        lead = () if single else (len(observations),)
+        lead = () if single else (batch.size,)
         lead += (num_samples,) if num_samples > 1 else ()
 
         def shape(x: torch.Tensor) -> np.ndarray:
@@ -382,7 +407,7 @@ class CosmosPolicy:
         samples, go through the network together (in micro-batches of ``max_batch`` if set).
 
         Args:
-            observation: the current observation.
+            observation: the current observation (or its :class:`EncodedObservations`).
             actions: ``(N, K, A)`` candidate chunks in robot units (e.g. another checkpoint's proposals:
                 they are normalised with this model's statistics).
             num_futures, num_values: ensemble sizes F and V (>= 1).
@@ -404,8 +429,10 @@ class CosmosPolicy:
         if num_futures < 1 or num_values < 1:
             raise CosmosPolicyError(f"policy: num_futures and num_values must be >= 1, got {num_futures}, {num_values}")
         n, f, v = acts.shape[0], num_futures, num_values
-        batch = self.prepare([observation], instruction)
-        clean = self.encode(batch)
+        enc = self.encode_observations(observation, instruction)
+        if enc.batch.size != 1:
+            raise CosmosPolicyError(f"policy: evaluate_actions takes one observation, got {enc.batch.size}")
+        batch, clean = enc.batch, enc.clean
         gen = self.generator(seed)
         normed = self.action_normalizer.normalize(acts).float().to(self.device)
         wm_in = self.write(clean.expand(n * f, -1, -1, -1, -1), "action", normed.repeat_interleave(f, 0))
@@ -435,4 +462,5 @@ def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     return dt
 
 
-__all__ = ["CosmosPolicy", "PolicyOutput", "ActionEvaluation", "PreparedBatch", "Observation", "dtype_from_name"]
+__all__ = ["CosmosPolicy", "PolicyOutput", "ActionEvaluation", "PreparedBatch", "EncodedObservations", "Observation",
+           "dtype_from_name"]
