@@ -9,6 +9,7 @@ evaluates the scripted expert (``--policy expert``, privileged state) and a unif
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -60,11 +61,9 @@ class _Controller:
     """Chooses the next action chunk: the checkpoint (direct or with planning), the expert or random."""
 
     def __init__(self, kind: str, env, *, policy=None, planner=None, num_steps: int = 5, decoding: str = "parallel",
-                 seed: int = 0, action_dim: int = 4, chunk: int = 1):
+                 seed: int = 0, action_dim: int = 4):
         self.kind, self.env, self.policy, self.planner = kind, env, policy, planner
-        self.num_steps, self.decoding, self.seed = num_steps, decoding, seed
-        self.action_dim, self.chunk = action_dim, chunk
-        self.rng = np.random.default_rng(seed)
+        self.num_steps, self.decoding, self.seed, self.action_dim = num_steps, decoding, seed, action_dim
         self.expert = env.expert_policy() if kind == "expert" else None
 
     def __call__(self, obs: dict[str, Any], call_seed: int) -> tuple[np.ndarray, float | None, float]:
@@ -73,7 +72,9 @@ class _Controller:
         if self.kind == "expert":
             return self.expert()[None], None, time.perf_counter() - start
         if self.kind == "random":
-            return self.rng.uniform(-1, 1, (1, self.action_dim)).astype(np.float32), None, time.perf_counter() - start
+            # Seeded per call: an episode's random actions depend on (seed, episode, step) only.
+            rng = np.random.default_rng(call_seed)
+            return rng.uniform(-1, 1, (1, self.action_dim)).astype(np.float32), None, time.perf_counter() - start
         obs = {**obs, "instruction": self.env.instruction}
         if self.planner is not None:
             plan = self.planner.plan(obs, seed=call_seed)
@@ -245,16 +246,29 @@ def evaluate_metaworld(
     try:
         for task in task_list:
             rollouts: list[Rollout] = []
-            with MetaWorldEnv(task, emb, seed=seed, max_steps=min(max_steps, 500)) as env:
-                controller = _Controller(policy, env, policy=model, planner=planner, num_steps=num_steps,
-                                         decoding=decoding, seed=seed, action_dim=emb.action.dim)
-                if warmup is None and policy == "model":
-                    # One untimed-in-the-stats call: loads the text encoder, allocates buffers. Calls are
-                    # seeded individually, so it changes no episode.
-                    warmup = controller(env.reset(0), call_seed=0)[2]
+            with contextlib.ExitStack() as stack:
+                controllers: dict[bool, _Controller] = {}
+
+                def controller_for(render: bool) -> _Controller:
+                    # The baselines need camera frames only for GIFs / HDF5: a non-rendering env (same
+                    # seed, same initial states) runs those episodes about 50x faster.
+                    if render not in controllers:
+                        env = stack.enter_context(MetaWorldEnv(task, emb, seed=seed, max_steps=min(max_steps, 500),
+                                                               render=render))
+                        controllers[render] = _Controller(policy, env, policy=model, planner=planner,
+                                                          num_steps=num_steps, decoding=decoding, seed=seed,
+                                                          action_dim=emb.action.dim)
+                    return controllers[render]
+
                 for ep in range(episodes):
                     t0 = time.perf_counter()
-                    r = run_rollout(env, controller, ep, execute, record_images=record_hdf5 or ep < videos, seed=seed)
+                    images = record_hdf5 or ep < videos
+                    controller = controller_for(images or policy == "model")
+                    if warmup is None and policy == "model":
+                        # One call outside the statistics: loads the text encoder, allocates buffers.
+                        # Calls are seeded individually, so it changes no episode.
+                        warmup = controller(controller.env.reset(0), call_seed=0)[2]
+                    r = run_rollout(controller.env, controller, ep, execute, record_images=images, seed=seed)
                     rollouts.append(r)
                     latencies += r.latencies
                     if ep < videos:
