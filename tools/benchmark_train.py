@@ -1,0 +1,184 @@
+"""Training throughput: Lightning vs a bare PyTorch loop doing the same work, and the 2B model on a GPU.
+
+    OMP_NUM_THREADS=1 python tools/benchmark_train.py                 # tiny model, CPU
+    python tools/benchmark_train.py --gpu_2b true                        # + 2B model, LIBERO layout, when CUDA is present
+
+Both loops run the same ``CosmosPolicyModule`` on the same in-memory batches (batch contract of
+``data/datamodule.py``, random images and vectors): VAE encode of the whole pixel sequence, injection,
+noising, DiT forward / backward, per-modality L1s, gradient clipping, AdamW, LR schedule. The ratio
+``bare / Lightning`` of samples/s is the framework's overhead (target <= 1.05).
+
+For the 2B model (random init: no hub access needed) it prints samples/s per GPU and the model FLOP
+utilisation (6 x parameters x tokens per sample, over the GPU's dense bf16 peak); target >= 12 samples/s
+on one H100 for the LIBERO layout. The VAE is a random Wan2.1-sized ``AutoencoderKLWan`` (same cost).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from types import SimpleNamespace
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from cosmos_policy_lightning.embodiment import Embodiment  # noqa: E402
+from cosmos_policy_lightning.layout import OBJECTIVES  # noqa: E402
+from cosmos_policy_lightning.model.module import REPO_ROOT, CosmosPolicyModule  # noqa: E402
+from cosmos_policy_lightning.model.schedule import lr_multiplier  # noqa: E402
+
+TINY_VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
+            "temperal_downsample": [False, True, True], "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}
+WAN21_SIZED_VAE = {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+                   "temperal_downsample": [False, True, True], "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}
+
+
+def make_batches(emb: Embodiment, n: int, batch_size: int, text_len: int, text_dim: int, seed: int = 0):
+    """``n`` random batches following the data module's batch contract."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = emb.image_size
+    cams, k, a, p = emb.num_cameras, emb.action.chunk_size, emb.action.dim, emb.proprio.dim
+    out = []
+    for _ in range(n):
+        out.append({
+            "images": torch.randint(0, 256, (batch_size, cams, h, w, 3), generator=g, dtype=torch.uint8),
+            "future_images": torch.randint(0, 256, (batch_size, cams, h, w, 3), generator=g, dtype=torch.uint8),
+            "proprio": torch.rand(batch_size, p, generator=g) * 2 - 1,
+            "future_proprio": torch.rand(batch_size, p, generator=g) * 2 - 1,
+            "actions": torch.rand(batch_size, k, a, generator=g) * 2 - 1,
+            "value": torch.rand(batch_size, generator=g) * 2 - 1,
+            "objective": torch.randint(0, 3, (batch_size,), generator=g),
+            "success": torch.ones(batch_size, dtype=torch.bool),
+            "score": torch.ones(batch_size),
+            "text": torch.randn(batch_size, text_len, text_dim, generator=g),
+            "text_mask": torch.ones(batch_size, text_len, dtype=torch.bool),
+        })
+    return out
+
+
+def build_module(emb: Embodiment, transformer: str, vae, text_dim: int, checkpointing: bool = False):
+    torch.manual_seed(0)
+    m = CosmosPolicyModule(embodiment=emb.to_dict(), text_dim=text_dim, transformer=transformer, vae=vae,
+                           image_log_every_n_steps=0, warmup_steps=10, activation_checkpointing=checkpointing)
+    m.configure_model()
+    return m
+
+
+def bare_loop(module: CosmosPolicyModule, batches, device: str, dtype: torch.dtype | None) -> float:
+    """The same work as ``training_step`` + Lightning's optimisation, by hand. Returns seconds."""
+    module.to(device)
+    module.train()
+    h = module.hparams
+    opt = torch.optim.AdamW(module.dit.parameters(), lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps,
+                            weight_decay=h.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, h.warmup_steps, h.decay_steps, 10_000))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t0 = None
+    for i, batch in enumerate(batches):
+        if i == 1:  # the first step warms up allocators and kernels in both loops
+            sync()
+            t0 = time.perf_counter()
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            x0, x0_pred, loss, obj = module._noised_step(batch)
+            with torch.no_grad():
+                l1 = {name: v.mean().item() for name, v in module._l1_by_objective(x0, x0_pred, obj)}
+        loss_value = loss.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.dit.parameters(), h.grad_clip_norm)
+        opt.step()
+        sched.step()
+        del l1, loss_value
+    sync()
+    return time.perf_counter() - t0
+
+
+class _Timer(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 1:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.t0
+
+
+def lightning_loop(module: CosmosPolicyModule, batches, device: str, precision: str) -> float:
+    timer = _Timer()
+    trainer = L.Trainer(accelerator=device, devices=1, max_steps=len(batches), precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[timer])
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.seconds
+
+
+def compare(emb: Embodiment, transformer: str, vae, steps: int, batch_size: int, text_dim: int, device: str,
+            precision: str, dtype, checkpointing: bool, repeats: int) -> dict:
+    batches = make_batches(emb, steps + 1, batch_size, 16, text_dim)
+    samples = steps * batch_size
+    rates = {"lightning": [], "bare": []}
+    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
+        rates["bare"].append(samples / bare_loop(build_module(emb, transformer, vae, text_dim, checkpointing),
+                                                 batches, device, dtype))
+        rates["lightning"].append(samples / lightning_loop(build_module(emb, transformer, vae, text_dim,
+                                                                        checkpointing), batches, device, precision))
+    best = {k: max(v) for k, v in rates.items()}
+    module = build_module(emb, transformer, vae, text_dim)
+    x = torch.zeros(1, 16, module.layout.num_latent_frames, *module.layout.latent_frame_shape[1:])
+    flops_per_sample = module._estimate_flops(x, 16)
+    return {**best, "ratio": best["bare"] / best["lightning"], "flops_per_sample": flops_per_sample}
+
+
+def main(steps: int = 30, batch_size: int = 8, repeats: int = 2, gpu_2b: bool = False,
+         gpu_batch_size: int = 16) -> None:
+    """Print training samples/s under Lightning and a bare loop, and for the 2B model on a GPU.
+
+    Args:
+        steps: timed optimisation steps per run (one more warms up).
+        batch_size: samples per batch for the tiny model.
+        repeats: runs of each loop, interleaved; the best of each is reported.
+        gpu_2b: also measure the 2B model on CUDA (LIBERO layout).
+        gpu_batch_size: samples per batch for the 2B model.
+    """
+    args = SimpleNamespace(steps=steps, batch_size=batch_size, repeats=repeats, gpu_2b=gpu_2b,
+                              gpu_batch_size=gpu_batch_size)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+    mw = Embodiment.from_yaml(REPO_ROOT / "embodiments" / "metaworld.yaml")
+    vae = str(REPO_ROOT / "assets" / "tiny_wan_vae") if (REPO_ROOT / "assets" / "tiny_wan_vae").is_dir() else TINY_VAE
+    r = compare(mw, "tiny", vae, args.steps, args.batch_size, 384, "cpu", "32-true", None, False, args.repeats)
+    print(f"tiny model, Meta-World layout (64x64, 2 cameras, 9 latent frames), batch {args.batch_size}, CPU "
+          f"{torch.get_num_threads()} thread(s):")
+    print(f"  Lightning     {r['lightning']:8.2f} samples/s")
+    print(f"  bare PyTorch  {r['bare']:8.2f} samples/s")
+    print(f"  ratio bare / Lightning = {r['ratio']:.3f}   (target <= 1.05)")
+
+    if args.gpu_2b:
+        if not torch.cuda.is_available():
+            print("2B model: skipped (no CUDA device)")
+            return
+        libero = Embodiment.from_yaml(REPO_ROOT / "embodiments" / "libero.yaml")
+        r = compare(libero, "cosmos-predict2-2b", WAN21_SIZED_VAE, max(5, args.steps // 3), args.gpu_batch_size,
+                    1024, "cuda", "bf16-mixed", torch.bfloat16, True, 1)
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        peak = get_available_flops(torch.device("cuda"), torch.bfloat16)
+        print(f"2B model, LIBERO layout (224x224, 2 cameras, 9 latent frames), batch {args.gpu_batch_size}, "
+              f"{torch.cuda.get_device_name()}, bf16, activation checkpointing:")
+        for k in ("lightning", "bare"):
+            mfu = r[k] * r["flops_per_sample"] / peak if peak else float("nan")
+            print(f"  {k:<12}  {r[k]:8.2f} samples/s   MFU {mfu:6.1%}")
+        print(f"  ratio bare / Lightning = {r['ratio']:.3f}   (target >= 12 samples/s per H100)")
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main)
