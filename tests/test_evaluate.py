@@ -34,7 +34,8 @@ def gl():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, gl):
-    return make_checkpoint(tmp_path_factory.mktemp("evaluate"), embodiment=Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml"))
+    emb = Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml")
+    return make_checkpoint(tmp_path_factory.mktemp("evaluate"), embodiment=emb)
 
 
 def test_wilson_interval_matches_hand_computed_values():

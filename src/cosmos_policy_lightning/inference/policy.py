@@ -188,6 +188,9 @@ class CosmosPolicy:
         from ..model.module import CHECKPOINT_KEY, CosmosPolicyModule
 
         path = Path(path)
+        if path.is_dir():
+            raise CosmosPolicyError(f"{path}: a sharded (FSDP) checkpoint directory; consolidate it into one file "
+                                    f"first: python -m lightning.fabric.utilities.consolidate_checkpoint {path}")
         if not path.is_file():
             raise CosmosPolicyError(f"{path}: checkpoint not found")
         try:
@@ -267,8 +270,7 @@ class CosmosPolicy:
         latents[:, :, layout.index("proprio")] = inject(batch.proprio.float(), (c, h, w))
         return latents
 
-    def encode_observations(self, observation: Observation | Mapping[str, Any] | Sequence[Observation | Mapping[str, Any]],
-                            instruction: str | None = None) -> EncodedObservations:
+    def encode_observations(self, observation: Any, instruction: str | None = None) -> EncodedObservations:
         """:meth:`prepare` + :meth:`encode` of one observation or a list; the result can be passed to
         :meth:`predict` and :meth:`evaluate_actions` in place of the observation(s)."""
         if isinstance(observation, EncodedObservations):
@@ -313,7 +315,8 @@ class CosmosPolicy:
         ``(B, P)``) of a copy of ``latents`` (SPEC §1)."""
         out = latents.clone()
         shape = (out.shape[1], out.shape[3], out.shape[4])
-        out[:, :, self.layout.index(slot)] = inject(vector.to(out.dtype), shape, vector_ndim=2 if slot == "action" else 1)
+        ndim = 2 if slot == "action" else 1
+        out[:, :, self.layout.index(slot)] = inject(vector.to(out.dtype), shape, vector_ndim=ndim)
         return out
 
     def generator(self, seed: int | None) -> torch.Generator | None:
@@ -380,9 +383,11 @@ class CosmosPolicy:
         def shape(x: torch.Tensor) -> np.ndarray:
             return x.float().cpu().numpy().reshape((*lead, *x.shape[1:]))
 
+        actions = self.action_normalizer.unnormalize(out["actions"].double())
+        future_proprio = self.proprio_normalizer.unnormalize(out["future_proprio"].double())
         result = PolicyOutput(
-            actions=shape(self.action_normalizer.unnormalize(out["actions"].double())).astype(np.float32),
-            future_proprio=shape(self.proprio_normalizer.unnormalize(out["future_proprio"].double())).astype(np.float32),
+            actions=shape(actions).astype(np.float32),
+            future_proprio=shape(future_proprio).astype(np.float32),
             value=shape(out["value"]).astype(np.float32),
             future_images=None if images is None else {
                 cam: images[:, n].cpu().numpy().reshape((*lead, *images.shape[2:]))

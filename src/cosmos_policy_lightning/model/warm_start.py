@@ -39,7 +39,8 @@ def load_dit_weights(dit: nn.Module, path: str | Path) -> int:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # corrupt zip / pickle
-        raise CosmosPolicyError(f"init_from_checkpoint: {path}: not a readable checkpoint ({type(err).__name__})") from None
+        raise CosmosPolicyError(f"init_from_checkpoint: {path}: not a readable checkpoint "
+                                f"({type(err).__name__})") from None
     state = {k[len(DIT_PREFIX):]: v for k, v in (ckpt.get("state_dict") or {}).items() if k.startswith(DIT_PREFIX)}
     if not state:
         raise CosmosPolicyError(f"init_from_checkpoint: {path}: no '{DIT_PREFIX}*' weights in its state_dict")

@@ -146,9 +146,9 @@ def evaluate_metaworld(
 
     Reports per task the success rate with a Wilson 95% interval, the mean episode length and the
     policy latency per action chunk (mean, p50, p95; a warm-up call before the first episode, which
-    loads the text encoder, is reported apart as ``warmup_s``). Writes into ``output``: ``results.json``, ``videos/<task>-epNNN.gif``
-    for the first ``videos`` episodes of each task, ``values-<task>.png`` (predicted value over each
-    episode) and, with ``record_hdf5``, ``rollouts/<task>/<task>-epNNN.hdf5`` per episode (per-episode
+    loads the text encoder, is reported apart as ``warmup_s``). Writes into ``output``: ``results.json``,
+    ``videos/<task>-epNNN.gif`` for the first ``videos`` episodes of each task, ``values-<task>.png``
+    (predicted value over each episode) and, with ``record_hdf5``, ``rollouts/<task>/<task>-epNNN.hdf5`` per episode (per-episode
     rollout layout with a ``success`` attribute, for ``cosmos-policy convert --format episode_hdf5``).
 
     Args:
@@ -222,7 +222,8 @@ def evaluate_metaworld(
         emb = load_embodiment(embodiment or DEFAULT_EMBODIMENT)
     execute = execute_steps or emb.action.execute_steps
     if policy == "model" and not 1 <= execute <= emb.action.chunk_size:
-        raise CosmosPolicyError(f"evaluate metaworld: execute_steps must be in [1, {emb.action.chunk_size}], got {execute}")
+        raise CosmosPolicyError(f"evaluate metaworld: execute_steps must be in [1, {emb.action.chunk_size}], "
+                                f"got {execute}")
     if policy != "model":
         execute = 1  # the baselines act step by step
 
@@ -308,7 +309,8 @@ def _print_table(results: dict[str, Any], output: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Meta-World closed loop: {results['config']['policy']}", caption=f"results: {output}/results.json")
+    table = Table(title=f"Meta-World closed loop: {results['config']['policy']}",
+                  caption=f"results: {output}/results.json")
     for col in ("task", "success", "95% CI", "mean length", "latency/chunk mean", "p50", "p95"):
         table.add_column(col, justify="left" if col == "task" else "right")
     rows = list(results["tasks"].items()) + [("overall", results["overall"])]

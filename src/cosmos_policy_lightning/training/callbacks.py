@@ -73,7 +73,8 @@ class PredictionWriter(BasePredictionWriter):
                              "true_value": float(tv), "action_mae": float(a.mean())})
                  for e, s, ok, v, tv, a in zip(arrays["episode"], arrays["step"], arrays["success"],
                                                arrays["value"], arrays["true_value"], err)]
-        _write_atomic(self.output_dir / f"predictions{suffix}.jsonl", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+        text = ("\n".join(lines) + "\n").encode()
+        _write_atomic(self.output_dir / f"predictions{suffix}.jsonl", lambda f: f.write(text))
         names = pl_module.embodiment.action.names or [str(i) for i in range(err.shape[-1])]
         summary = {"samples": int(err.shape[0]), "action_mae": float(err.mean()),
                    "action_mae_per_dim": {n: float(x) for n, x in zip(names, err.mean(axis=(0, 1)))},
