@@ -10,6 +10,7 @@ statistics; instructions are encoded once by the checkpoint's text encoder and k
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,13 @@ def prepare_proprio(observations: Sequence[Observation], normalizer: Normalizer,
     return torch.as_tensor(np.asarray(normalizer.normalize(np.stack(rows))), dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=4)
+def shared_text_encoder(identity: str) -> TextEncoder:
+    """The text encoder of ``identity``, built once per process: two policies of the same encoder
+    (planning's dual deployment) share one copy of its weights."""
+    return build_text_encoder(identity)
+
+
 class InstructionCache:
     """Instruction -> per-token embedding, encoded once per distinct instruction and kept in memory.
 
@@ -154,7 +162,7 @@ class InstructionCache:
             if not self.identity:
                 raise CosmosPolicyError("policy: the checkpoint records no text encoder; pass text_encoder=... "
                                         "(e.g. build_text_encoder('minilm'))")
-            self._encoder = build_text_encoder(self.identity)
+            self._encoder = shared_text_encoder(self.identity)
         return self._encoder
 
     def get(self, instruction: str) -> torch.Tensor:
