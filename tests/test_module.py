@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from cosmos_policy_lightning.embodiment import Embodiment
 from cosmos_policy_lightning.layout import OBJECTIVES
 from cosmos_policy_lightning.model.module import CosmosPolicyModule
 from cosmos_policy_lightning.model.sequence import build_pixel_sequence, read_vectors

@@ -25,7 +25,6 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from cosmos_policy_lightning.embodiment import Embodiment  # noqa: E402
-from cosmos_policy_lightning.layout import OBJECTIVES  # noqa: E402
 from cosmos_policy_lightning.model.module import REPO_ROOT, CosmosPolicyModule  # noqa: E402
 from cosmos_policy_lightning.model.schedule import lr_multiplier  # noqa: E402
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .atomic import write_json_atomic
 
 ArrayLike = Any  # np.ndarray | torch.Tensor
 
@@ -196,18 +196,3 @@ class DatasetStats:
             raise FileNotFoundError(f"{path}: statistics file not found") from None
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: malformed statistics ({type(err).__name__}: {err})") from None
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` via a temp file and ``os.replace``: readers see the
-    old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

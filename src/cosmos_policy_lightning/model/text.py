@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..atomic import write_bytes_atomic
 from ..errors import CosmosPolicyError
 
 INDEX_FILE = "index.json"
@@ -201,19 +200,6 @@ def instruction_file(instruction: str) -> str:
     return hashlib.sha1(instruction.encode("utf-8")).hexdigest() + ".npy"
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write through ``write(file_object)`` into a temporary file beside ``path``, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class TextEmbeddingCache:
     """Per-instruction embeddings in a directory (the ``text_embeddings/`` of a converted dataset).
 
@@ -306,10 +292,10 @@ class TextEmbeddingCache:
                 raise CosmosPolicyError(f"text encoder {encoder.identity!r}: embedding of {text!r} has shape "
                                         f"{emb.shape}, expected finite (L, {encoder.dim})")
             name = instruction_file(text)
-            _atomic_write_bytes(self.directory / name, lambda f, e=emb: np.save(f, e.astype(np.float16)))
+            write_bytes_atomic(self.directory / name, lambda f, e=emb: np.save(f, e.astype(np.float16)))
             index["entries"][text] = {"file": name, "tokens": int(emb.shape[0])}
         payload = json.dumps(index, indent=1, ensure_ascii=False).encode("utf-8")
-        _atomic_write_bytes(self.directory / INDEX_FILE, lambda f: f.write(payload))
+        write_bytes_atomic(self.directory / INDEX_FILE, lambda f: f.write(payload))
         self._index = index
         return new
 

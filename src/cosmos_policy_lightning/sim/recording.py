@@ -15,14 +15,14 @@ Every file is written to a temporary name in the same directory and renamed.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..atomic import write_path_atomic
 
 
 @dataclass
@@ -53,18 +53,6 @@ class Rollout:
     def length(self) -> int:
         """Number of executed steps T."""
         return len(self.actions)
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_rollout_hdf5(path: str | Path, rollout: Rollout, attrs: Mapping[str, Any] | None = None) -> Path:
@@ -103,7 +91,7 @@ def write_rollout_hdf5(path: str | Path, rollout: Rollout, attrs: Mapping[str, A
                 rewards[rollout.success_step] = 1.0
             f.create_dataset("rewards", data=rewards)
 
-    _atomic(path, write)
+    write_path_atomic(path, write)
     return path
 
 
@@ -127,7 +115,7 @@ def save_gif(path: str | Path, rollout: Rollout, scale: int = 3, frame_ms: int =
             row = row.copy()
             row[-3:] = (40, 200, 40) if rollout.success else (220, 40, 40)
         frames.append(Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST))
-    _atomic(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+    write_path_atomic(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
                                               duration=frame_ms, loop=0))
     return path
 
@@ -160,6 +148,6 @@ def plot_values(path: str | Path, rollouts: Sequence[Rollout], title: str) -> Pa
     if len(rollouts) <= 10:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    write_path_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_warn
+
+from ..atomic import write_bytes_atomic
 
 
 def batch_size(batch: dict[str, Any]) -> int:
@@ -67,29 +67,17 @@ class PredictionWriter(BasePredictionWriter):
         arrays: dict[str, np.ndarray] = {"episode": np.asarray([e for b in batches for e in b["episode"]])}
         for key in [k for k in batches[0] if k != "episode"]:
             arrays[key] = torch.cat([b[key] for b in batches]).numpy()
-        _write_atomic(self.output_dir / f"predictions{suffix}.npz", lambda f: np.savez(f, **arrays))
+        write_bytes_atomic(self.output_dir / f"predictions{suffix}.npz", lambda f: np.savez(f, **arrays))
         err = np.abs(arrays["actions"] - arrays["true_actions"])          # (N, K, A)
         lines = [json.dumps({"episode": str(e), "step": int(s), "success": bool(ok), "value": float(v),
                              "true_value": float(tv), "action_mae": float(a.mean())})
                  for e, s, ok, v, tv, a in zip(arrays["episode"], arrays["step"], arrays["success"],
                                                arrays["value"], arrays["true_value"], err)]
         text = ("\n".join(lines) + "\n").encode()
-        _write_atomic(self.output_dir / f"predictions{suffix}.jsonl", lambda f: f.write(text))
+        write_bytes_atomic(self.output_dir / f"predictions{suffix}.jsonl", lambda f: f.write(text))
         names = pl_module.embodiment.action.names or [str(i) for i in range(err.shape[-1])]
         summary = {"samples": int(err.shape[0]), "action_mae": float(err.mean()),
                    "action_mae_per_dim": {n: float(x) for n, x in zip(names, err.mean(axis=(0, 1)))},
                    "value_mae": float(np.abs(arrays["value"] - arrays["true_value"]).mean())}
-        _write_atomic(self.output_dir / f"summary{suffix}.json",
+        write_bytes_atomic(self.output_dir / f"summary{suffix}.json",
                       lambda f: f.write(json.dumps(summary, indent=2).encode()))
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through ``write(binary file)`` into a temp file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
