@@ -304,16 +304,13 @@ class CosmosPolicyModule(L.LightningModule):
         text, text_mask = batch["text"], batch.get("text_mask")
         steps = self.hparams.test_num_steps
         emb = self.embodiment
-        pol = self.cond_table[OBJECTIVES.index("policy")].expand(b, -1)
-        gen = read_vectors(self.generate(x0, pol, text, text_mask, steps), self.layout, emb.proprio.dim,
-                           emb.action.chunk_size, emb.action.dim)
-        act_n, prop_n = self.normalizer("action"), self.normalizer("proprio")
+        pred = predict_batch(self, batch, steps, x0=x0)  # the direct policy, in robot units
         success = batch["success"].bool()
         if success.any():
-            act_err = (act_n.unnormalize(gen["actions"][success]) - act_n.unnormalize(batch["actions"][success].float()))
+            act_err = (pred["actions"] - pred["true_actions"])[success.cpu()].to(x0.device)
             for d, metric in enumerate(self.test_action_mae):
                 metric.update(act_err[..., d].abs())
-        prop_err = prop_n.unnormalize(gen["future_proprio"]) - prop_n.unnormalize(batch["future_proprio"].float())
+        prop_err = (pred["future_proprio"] - pred["true_future_proprio"]).to(x0.device)
         for d, metric in enumerate(self.test_future_proprio_mae):
             metric.update(prop_err[..., d].abs())
         val = self.cond_table[OBJECTIVES.index("value")].expand(b, -1)

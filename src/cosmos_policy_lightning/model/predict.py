@@ -17,7 +17,7 @@ from .sequence import read_vectors, value_to_unit
 
 
 @torch.no_grad()
-def predict_batch(module, batch: dict[str, Any], num_steps: int) -> dict[str, Any]:
+def predict_batch(module, batch: dict[str, Any], num_steps: int, x0: torch.Tensor | None = None) -> dict[str, Any]:
     """Parallel-decode one batch.
 
     The true future images and vectors are in ``batch`` (the data contract) but never reach the
@@ -28,6 +28,8 @@ def predict_batch(module, batch: dict[str, Any], num_steps: int) -> dict[str, An
         module: a configured :class:`~cosmos_policy_lightning.model.module.CosmosPolicyModule` with statistics.
         batch: a batch of the data module (``data/datamodule.py``).
         num_steps: denoising steps (SPEC §3: 5).
+        x0: the batch's clean latents if already encoded (``module.encode_batch``); only the
+            conditioning frames are read.
 
     Returns:
         dict of CPU tensors / lists, B rows each: ``episode`` (list[str]), ``step`` (B,),
@@ -35,7 +37,7 @@ def predict_batch(module, batch: dict[str, Any], num_steps: int) -> dict[str, An
         ``true_future_proprio`` (B, P) robot units, ``value`` / ``true_value`` (B,) in [0, 1].
     """
     emb, layout = module.embodiment, module.layout
-    x0 = module.encode_batch(batch)
+    x0 = module.encode_batch(batch) if x0 is None else x0
     b = x0.shape[0]
     cond = module.cond_table[OBJECTIVES.index("policy")].expand(b, -1)
     gen = read_vectors(module.generate(x0, cond, batch["text"], batch.get("text_mask"), num_steps), layout,
