@@ -163,10 +163,13 @@ def evaluate_metaworld(
         planning: best-of-N planning instead of the direct policy (SPEC §3, ``inference/planning.py``).
         planning_checkpoint: checkpoint predicting futures and values (dual deployment); default: the
             policy checkpoint itself.
-        num_proposals, num_futures, num_values: N proposals, F futures per proposal, V values per future.
+        num_proposals: N, action chunks proposed per planning step (SPEC §5: 8).
+        num_futures: F, future states predicted per proposal (SPEC §5: 3).
+        num_values: V, values predicted per future state (SPEC §5: 5).
         aggregation: majority_mean (reference), mean or lcb.
         num_steps: denoising steps of the policy (SPEC §3: 5).
-        world_model_steps, value_steps: planning stages' steps (default ``num_steps``).
+        world_model_steps: denoising steps of the planning future-state stage (default ``num_steps``).
+        value_steps: denoising steps of the planning value stage (default ``num_steps``).
         decoding: parallel (one run) or autoregressive (action, future state, value) for the direct policy.
         execute_steps: actions executed per chunk (default: the embodiment's ``action.execute_steps``).
         max_steps: episode time limit in steps (Meta-World allows up to 500).
