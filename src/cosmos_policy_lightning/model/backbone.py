@@ -33,41 +33,30 @@ LATENT_CHANNELS = 16
 #: DiT input channels: 16 latent + 1 condition mask + 1 padding mask (SPEC §2, §6).
 DIT_IN_CHANNELS = LATENT_CHANNELS + 2
 
+# Cosmos-Predict2-2B-Video2World (SPEC §6): hidden 2048, 28 blocks, ~1.96 B parameters.
+_COSMOS_PREDICT2_2B: dict[str, Any] = dict(
+    in_channels=DIT_IN_CHANNELS,
+    out_channels=LATENT_CHANNELS,
+    num_attention_heads=16,
+    attention_head_dim=128,
+    num_layers=28,
+    mlp_ratio=4.0,
+    text_embed_dim=1024,
+    adaln_lora_dim=256,
+    max_size=(128, 240, 240),
+    patch_size=(1, 2, 2),
+    rope_scale=(1.0, 3.0, 3.0),
+    concat_padding_mask=False,
+    extra_pos_embed_type=None,
+)
+
 #: Named DiT configurations, in diffusers' ``CosmosTransformer3DModel`` argument names.
 TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
-    # Cosmos-Predict2-2B-Video2World (SPEC §6): hidden 2048, 28 blocks, ~1.96 B parameters.
-    "cosmos-predict2-2b": dict(
-        in_channels=DIT_IN_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        num_attention_heads=16,
-        attention_head_dim=128,
-        num_layers=28,
-        mlp_ratio=4.0,
-        text_embed_dim=1024,
-        adaln_lora_dim=256,
-        max_size=(128, 240, 240),
-        patch_size=(1, 2, 2),
-        rope_scale=(1.0, 3.0, 3.0),
-        concat_padding_mask=False,
-        extra_pos_embed_type=None,
-    ),
-    # Same architecture family, CPU sized: hidden 128, 2 blocks, text width of MiniLM (384).
+    "cosmos-predict2-2b": _COSMOS_PREDICT2_2B,
+    # The same architecture, CPU sized: hidden 128, 2 blocks, text width of MiniLM (384).
     # RoPE splits each head's 32 dims 12 (t) / 10 (h) / 10 (w); max_size only bounds RoPE positions.
-    "tiny": dict(
-        in_channels=DIT_IN_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        num_attention_heads=4,
-        attention_head_dim=32,
-        num_layers=2,
-        mlp_ratio=4.0,
-        text_embed_dim=384,
-        adaln_lora_dim=32,
-        max_size=(128, 240, 240),
-        patch_size=(1, 2, 2),
-        rope_scale=(1.0, 3.0, 3.0),
-        concat_padding_mask=False,
-        extra_pos_embed_type=None,
-    ),
+    "tiny": {**_COSMOS_PREDICT2_2B, "num_attention_heads": 4, "attention_head_dim": 32, "num_layers": 2,
+             "text_embed_dim": 384, "adaln_lora_dim": 32},
 }
 
 #: Default pretrained weights per named configuration: (hub id, subfolder). The hub repository is
