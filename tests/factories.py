@@ -139,13 +139,18 @@ def write_robomimic(path: Path, episodes: list[EpisodeSpec], problem_instruction
                     chunked = arr.ndim > 1 and len(arr) > 0
                     g.create_dataset(name, data=arr, chunks=(min(8, len(arr)), *arr.shape[1:]) if chunked else None)
             g.attrs["num_samples"] = spec.length
-            if success_attrs:
-                g.attrs["success"] = spec.success
-                if spec.score is not None:
-                    g.attrs["success_score"] = spec.score
-            if spec.instruction:
-                g.attrs["task_description"] = spec.instruction
+            _label_attrs(g.attrs, spec, success_attrs)
     return path
+
+
+def _label_attrs(attrs, spec: EpisodeSpec, success: bool) -> None:
+    """Write ``success`` / ``success_score`` (when ``success``) and ``task_description`` attributes."""
+    if success:
+        attrs["success"] = spec.success
+        if spec.score is not None:
+            attrs["success_score"] = spec.score
+    if spec.instruction:
+        attrs["task_description"] = spec.instruction
 
 
 # ---------------------------------------------------------------- per-episode HDF5 (ALOHA, rollouts)
@@ -185,11 +190,7 @@ def write_episode_hdf5(path: Path, spec: EpisodeSpec, images: str = "array", rol
                 else:
                     raise ValueError(images)
         if rollout_attrs:
-            f.attrs["success"] = spec.success
-            if spec.score is not None:
-                f.attrs["success_score"] = spec.score
-            if spec.instruction:
-                f.attrs["task_description"] = spec.instruction
+            _label_attrs(f.attrs, spec, True)
     return path
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import write_bytes_atomic
 from ..errors import DataError
 from . import sample as S
 from .episode import Episode
@@ -103,16 +104,9 @@ def episode_samples(episode: Episode, jpegs: dict[str, list[bytes]], chunk_size:
         yield S.sample_key(episode.episode_id, t), members
 
 
-def _replace_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def write_record(work_dir: Path, record: dict[str, Any]) -> None:
     """Write the episode record last and atomically: it marks the episode finished."""
-    _replace_atomic(work_dir / f"{record['episode']}.json", lambda f: f.write(json.dumps(record).encode()))
+    write_bytes_atomic(work_dir / f"{record['episode']}.json", lambda f: f.write(json.dumps(record).encode()))
 
 
 def process_episode(reader: SourceReader, ref: EpisodeRef, split: str, settings: EncodeSettings) -> dict[str, Any]:
@@ -137,10 +131,10 @@ def process_episode(reader: SourceReader, ref: EpisodeRef, split: str, settings:
                 nonlocal tar_bytes
                 tar_bytes = write_samples(f, episode_samples(episode, jpegs, settings.chunk_size, settings.gamma))
 
-            _replace_atomic(work / f"{ref.episode_id}.spill", spill)
+            write_bytes_atomic(work / f"{ref.episode_id}.spill", spill)
             if _TEST_DELAY_S:  # lets the resume test kill a conversion between two writes
                 time.sleep(_TEST_DELAY_S)
-            _replace_atomic(work / f"{ref.episode_id}.npz",
+            write_bytes_atomic(work / f"{ref.episode_id}.npz",
                             lambda f: np.savez(f, actions=episode.actions, proprio=episode.proprio))
             record = {"episode": ref.episode_id, "split": split, "source": ref.source, "length": episode.length,
                       "samples": episode.length, "success": episode.success, "score": episode.score,

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import CosmosPolicyError
 from .metaworld import DEFAULT_EMBODIMENT, SOURCE_FORMAT, CorrelatedActionNoise, MetaWorldEnv
 
@@ -179,42 +180,38 @@ def collect_task(task: str, episodes: int, path: Path, *, noise_std: float, nois
     """
     import h5py
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     started = time.perf_counter()
     summary = {"task": task, "path": str(path), "episodes": episodes, "clean": 0, "clean_success": 0,
                "noisy": 0, "noisy_success": 0, "steps": 0}
-    try:
-        with MetaWorldEnv(task, embodiment, seed=seed, max_steps=max_steps) as env, h5py.File(tmp, "w") as f:
-            camera_keys = {c.name: c.keys.get(SOURCE_FORMAT, f"{c.name}_rgb") for c in env.embodiment.cameras}
-            data = f.create_group("data")
-            for i in range(episodes):
-                clean = i < clean_episodes or noise_std == 0
-                noise = None if clean else CorrelatedActionNoise(4, noise_std, noise_theta, noise_rng(seed, task, i))
-                record = run_episode(env, i, noise, stop_after_success)
-                record.attrs.update(instruction=env.instruction, task_description=env.instruction, seed=seed,
-                                    initial_state=i, noise_std=0.0 if clean else float(noise_std),
-                                    noise_theta=float(noise_theta))
-                write_episode(data.create_group(f"demo_{i}"), record, camera_keys)
-                kind = "clean" if clean else "noisy"
-                summary[kind] += 1
-                summary[f"{kind}_success"] += int(record.success)
-                summary["steps"] += record.length
-                if progress is not None:
-                    progress(task, record.length)
-            data.attrs["total"] = summary["steps"]
-            data.attrs["env_args"] = json.dumps({"env_name": task, "type": "metaworld",
-                                                 "env_kwargs": {"seed": seed, "max_steps": env.max_steps,
-                                                                "image_size": list(env.image_size),
-                                                                "cameras": {k: v[0] for k, v in env.cameras.items()}}})
-            f.attrs.update(env="metaworld", task=task, instruction=env.instruction,
-                           command=shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]), arguments=json.dumps(arguments, default=str),
-                           seed=seed, image_size=list(env.image_size), embodiment=env.embodiment.name,
-                           versions=json.dumps(_versions()), episodes=episodes,
-                           successes=summary["clean_success"] + summary["noisy_success"])
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # written under a temporary name and renamed when complete (atomic.py): never a half file
+    with atomic_path(path) as tmp, MetaWorldEnv(task, embodiment, seed=seed, max_steps=max_steps) as env, \
+            h5py.File(tmp, "w") as f:
+        camera_keys = {c.name: c.keys.get(SOURCE_FORMAT, f"{c.name}_rgb") for c in env.embodiment.cameras}
+        data = f.create_group("data")
+        for i in range(episodes):
+            clean = i < clean_episodes or noise_std == 0
+            noise = None if clean else CorrelatedActionNoise(4, noise_std, noise_theta, noise_rng(seed, task, i))
+            record = run_episode(env, i, noise, stop_after_success)
+            record.attrs.update(instruction=env.instruction, task_description=env.instruction, seed=seed,
+                                initial_state=i, noise_std=0.0 if clean else float(noise_std),
+                                noise_theta=float(noise_theta))
+            write_episode(data.create_group(f"demo_{i}"), record, camera_keys)
+            kind = "clean" if clean else "noisy"
+            summary[kind] += 1
+            summary[f"{kind}_success"] += int(record.success)
+            summary["steps"] += record.length
+            if progress is not None:
+                progress(task, record.length)
+        data.attrs["total"] = summary["steps"]
+        data.attrs["env_args"] = json.dumps({"env_name": task, "type": "metaworld",
+                                             "env_kwargs": {"seed": seed, "max_steps": env.max_steps,
+                                                            "image_size": list(env.image_size),
+                                                            "cameras": {k: v[0] for k, v in env.cameras.items()}}})
+        f.attrs.update(env="metaworld", task=task, instruction=env.instruction,
+                       command=shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]), arguments=json.dumps(arguments, default=str),
+                       seed=seed, image_size=list(env.image_size), embodiment=env.embodiment.name,
+                       versions=json.dumps(_versions()), episodes=episodes,
+                       successes=summary["clean_success"] + summary["noisy_success"])
     summary["seconds"] = time.perf_counter() - started
     summary["bytes"] = path.stat().st_size
     return summary
