@@ -276,14 +276,18 @@ def sample(
     (:func:`karras_sigmas`), then one final x0 prediction at ``sigma_min``, which is the result.
     ``N = 1`` is a single x0 prediction at ``sigma_max``.
 
-    The solver is second-order multistep in x0 form (DPM-Solver++(2M), Lu et al. 2022, for the
-    variance-exploding ODE ``dx/dsigma = (x - D(x, sigma)) / sigma``): with ``h = ln(sigma_i /
-    sigma_{i+1})`` and ``r = h_{i-1} / h_i``,
+    The solver is the reference's second-order multistep method in x0 form, "2ab" (the Adams-Bashforth
+    form of the RES solver, Zhang et al. 2023, arXiv 2308.02157), for the variance-exploding ODE
+    ``dx/dsigma = (x - D(x, sigma)) / sigma``. With ``h = ln(sigma_i / sigma_{i+1})`` and
+    ``h_last = ln(sigma_{i-1} / sigma_i)``:
 
-        D' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}          (D' = D_i on the first step)
-        x_{i+1} = (sigma_{i+1} / sigma_i) x_i + (1 - sigma_{i+1} / sigma_i) D'
+        x_{i+1} = e^-h x_i + (1 - e^-h) D_i + (h - 1 + e^-h) / h_last * (D_i - D_{i-1})
 
-    The first step is therefore exactly an Euler step of the ODE. ``order=1`` uses Euler throughout.
+    (``e^-h = sigma_{i+1} / sigma_i``; the correction term is absent on the first step). The first step
+    is therefore exactly an Euler step of the ODE. Its correction coefficient integrates the linear
+    extrapolation of D in log-sigma exactly; DPM-Solver++(2M)'s ``(1 - e^-h) h / (2 h_last)``
+    approximates it with the extrapolation taken at mid-step and is 10-13 % smaller on the 5-step
+    schedule. ``order=1`` uses Euler throughout.
 
     Args:
         denoise: ``denoise(x_sigma (B, ...), sigma (B,)) -> x0_pred`` of the same shape; the caller's
@@ -311,15 +315,12 @@ def sample(
     for i in range(num_steps - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoise(x, sigma_tensor(sigma))
-        if previous is None or order == 1:
-            d_eff = denoised
-        else:
+        ratio = sigma_next / sigma  # e^-h
+        x = ratio * x + (1.0 - ratio) * denoised
+        if previous is not None and order == 2:
             h = math.log(sigma / sigma_next)
             h_last = math.log(sigmas[i - 1] / sigma)
-            k = h / (2.0 * h_last)  # = 1 / (2r)
-            d_eff = (1.0 + k) * denoised - k * previous
-        ratio = sigma_next / sigma
-        x = ratio * x + (1.0 - ratio) * d_eff
+            x = x + ((h - 1.0 + ratio) / h_last) * (denoised - previous)
         previous = denoised
     return denoise(x, sigma_tensor(sigmas[-1]))
 
