@@ -141,11 +141,20 @@ def test_generate_keeps_conditioning_and_samples_targets(module):
     assert torch.isfinite(out).all()
 
 
-def test_lr_schedule_matches_spec():
-    # LIBERO: warm-up 1K, linear to 0.3x at 30K, then to 0.06x at 40K
-    assert lr_multiplier(0, 1000, 30000, 40000) == pytest.approx(1 / 1000)
-    assert lr_multiplier(999, 1000, 30000, 40000) == pytest.approx(1.0)
+def test_lr_schedule_matches_the_reference():
+    # LIBERO (the reference's two-cycle LambdaLinearScheduler): warm-up from 1e-6 over 1K steps, linear
+    # 1 -> 0.3 from 1K to 30K, then flat 0.06 (no ramp from 0.3 to 0.06; the run length does not matter)
+    assert lr_multiplier(0, 1000, 30000, 40000) == pytest.approx(1e-6)
+    assert lr_multiplier(500, 1000, 30000, 40000) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5)
+    assert lr_multiplier(1000, 1000, 30000, 40000) == pytest.approx(1.0)
     assert lr_multiplier(15500, 1000, 30000, 40000) == pytest.approx(0.65)
     assert lr_multiplier(30000, 1000, 30000, 40000) == pytest.approx(0.3)
-    assert lr_multiplier(35000, 1000, 30000, 40000) == pytest.approx(0.18)
-    assert lr_multiplier(50000, 1000, 30000, 40000) == pytest.approx(0.06)
+    for step in (30001, 35000, 40000, 10**9):
+        assert lr_multiplier(step, 1000, 30000, 40000) == pytest.approx(0.06)
+        assert lr_multiplier(step, 1000, 30000, None) == pytest.approx(0.06)
+    # ALOHA: warm-up 2K, 0.3x at 20K, then 0.06x
+    assert lr_multiplier(2000, 2000, 20000) == pytest.approx(1.0)
+    assert lr_multiplier(11000, 2000, 20000) == pytest.approx(0.65)
+    assert lr_multiplier(20001, 2000, 20000) == pytest.approx(0.06)
+    # no warm-up at all: starts at 1
+    assert lr_multiplier(0, 0, 100) == pytest.approx(1.0)
