@@ -33,12 +33,14 @@ KEYS = {
     "episode_hdf5": {"cameras": {"wrist": "observations/images/wrist", "front": "observations/images/front"},
                      "proprio": ["observations/qpos"], "action": "action"},
     "zarr": {"cameras": {"wrist": "wrist_img", "front": "front_img"}, "proprio": ["state"], "action": "action"},
+    "lerobot": {"cameras": {"wrist": "observation.images.wrist", "front": "observation.images.front"},
+                "proprio": ["observation.state"], "action": "action"},
 }
 
 
 def write_embodiment(directory: Path, image_size: tuple[int, int] = (32, 32), chunk_size: int = K,
                      gamma: float = GAMMA, name: str = "toy") -> Path:
-    """Write the test embodiment YAML (keys for all three formats) and return its path."""
+    """Write the test embodiment YAML (keys for every format of ``KEYS``) and return its path."""
     data = {
         "name": name, "control_hz": 10, "image_size": list(image_size),
         "cameras": [{"name": cam, "role": "primary" if cam == "front" else "wrist",

@@ -15,7 +15,7 @@ SHIPPED = sorted(EMBODIMENTS.glob("*.yaml"))
 
 
 def test_every_shipped_yaml_is_tested():
-    assert {p.stem for p in SHIPPED} >= {"libero", "robocasa", "aloha", "metaworld"}
+    assert {p.stem for p in SHIPPED} >= {"libero", "robocasa", "aloha", "metaworld", "so101"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -52,6 +52,23 @@ def test_metaworld_embodiment():
     assert roles == {"wrist": "wrist", "corner": "primary"}
     assert emb.primary_camera.name == "corner"
     assert emb.image_size[0] <= 96
+
+
+def test_so101_embodiment_names_lerobot_features():
+    """LeRobot's SO-101 arm: six joint positions as state and action, a front and a wrist camera."""
+    emb = Embodiment.from_yaml(EMBODIMENTS / "so101.yaml")
+    assert emb.control_hz == 30 and emb.image_size == (224, 224)
+    assert emb.proprio.dim == emb.action.dim == 6 and emb.proprio.names[-1] == "gripper"
+    assert emb.primary_camera.name == "front"
+    assert {c.name: c.keys["lerobot"] for c in emb.cameras} == {"wrist": "observation.images.wrist",
+                                                               "front": "observation.images.front"}
+    assert emb.proprio.keys["lerobot"] == ("observation.state",) and emb.action.keys["lerobot"] == "action"
+
+
+def test_metaworld_embodiment_reads_its_lerobot_export():
+    emb = Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml")
+    assert {c.keys["lerobot"] for c in emb.cameras} == {"observation.images.wrist", "observation.images.corner"}
+    assert emb.proprio.keys["lerobot"] == ("observation.state",) and emb.action.keys["lerobot"] == "action"
 
 
 def _base() -> dict:

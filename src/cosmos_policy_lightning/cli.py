@@ -25,7 +25,7 @@ TOOLS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("layout",): ("cosmos_policy_lightning.cli", "layout",
                   "print the latent-frame layout of an embodiment YAML"),
     ("convert",): ("cosmos_policy_lightning.data.convert", "convert",
-                   "convert HDF5 / Zarr demonstrations into WebDataset shards + statistics"),
+                   "convert HDF5 / Zarr / LeRobot demonstrations into WebDataset shards + statistics"),
     ("collect", "metaworld"): ("cosmos_policy_lightning.sim.collect", "collect_metaworld",
                                "record scripted-expert demonstrations in Meta-World"),
     ("evaluate", "metaworld"): ("cosmos_policy_lightning.sim.evaluate", "evaluate_metaworld",

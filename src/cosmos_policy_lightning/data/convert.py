@@ -1,4 +1,4 @@
-"""``cosmos-policy convert``: demonstrations and rollouts (HDF5 / Zarr) -> WebDataset shards,
+"""``cosmos-policy convert``: demonstrations and rollouts (HDF5 / Zarr / LeRobot) -> WebDataset shards,
 statistics, manifest and cached text embeddings (SPEC §1, §4; output schema in ``data/sample.py``).
 
 Flow::
@@ -42,7 +42,7 @@ from .sources import open_source
 from .sources.base import EpisodeRef
 from .sources.labels import LabelOptions
 
-FORMATS = ("robomimic", "episode_hdf5", "zarr")
+FORMATS = ("robomimic", "episode_hdf5", "zarr", "lerobot")
 WORK_DIR = ".work"
 MANIFEST_VERSION = 1
 #: A shard never interleaves more episodes than this (one open spill file per episode while writing).
@@ -55,7 +55,7 @@ def convert(
     *,
     output: str,
     embodiment: str,
-    format: Literal["robomimic", "episode_hdf5", "zarr"] = "robomimic",
+    format: Literal["robomimic", "episode_hdf5", "zarr", "lerobot"] = "robomimic",
     camera_keys: dict[str, str] | None = None,
     proprio_keys: list[str] | None = None,
     action_key: str | None = None,
@@ -75,8 +75,10 @@ def convert(
     jpeg_quality: int = 95,
     overwrite: bool = False,
     progress: bool = True,
+    revision: str | None = None,
+    tolerance_s: float = 1e-4,
 ) -> dict[str, Any]:
-    """Convert HDF5 / Zarr demonstrations (failed episodes included) into WebDataset shards.
+    """Convert HDF5 / Zarr / LeRobot demonstrations (failed episodes included) into WebDataset shards.
 
     Every step t of every episode becomes one sample (s, a, s', V(s')): the images of every camera at
     t and at t' = min(t+K, T-1) (resized to the embodiment's image_size, JPEG quality 95), proprio at
@@ -86,12 +88,15 @@ def convert(
     A killed conversion resumes when run again with the same options.
 
     Args:
-        source: input file, directory (searched recursively) or glob pattern (quote it).
+        source: input file, directory (searched recursively) or glob pattern (quote it); for lerobot, a
+            dataset folder (holding meta/info.json) or a Hugging Face Hub dataset id (lerobot/pusht or
+            hf://datasets/lerobot/pusht), fetched into the Hugging Face cache.
         output: output directory (created; must be empty or hold a conversion by this command).
         embodiment: embodiment YAML (e.g. embodiments/libero.yaml); its keys.<format> name the source keys.
         format: source layout: robomimic (robomimic / LIBERO HDF5, data/demo_N/...), episode_hdf5 (one
-            HDF5 file per episode: ALOHA, rollout files with success attributes) or zarr (Diffusion
-            Policy replay buffer, directory or .zarr.zip, Zarr format 2 or 3).
+            HDF5 file per episode: ALOHA, rollout files with success attributes), zarr (Diffusion
+            Policy replay buffer, directory or .zarr.zip, Zarr format 2 or 3) or lerobot (LeRobot
+            dataset, codebase_version v2.0 / v2.1 / v3.0: parquet + mp4 decoded with PyAV).
         camera_keys: override the YAML's camera keys, camera name -> source key, e.g.
             '{wrist: eye_in_hand_rgb, agentview: agentview_rgb}'.
         proprio_keys: override the YAML's proprio keys (concatenated in order), e.g. '[joint_states, gripper_states]'.
@@ -116,6 +121,9 @@ def convert(
         jpeg_quality: JPEG quality of the stored images (the reference uses 95).
         overwrite: delete a previous conversion in output (with different settings) and start over.
         progress: show a progress bar.
+        revision: lerobot from the Hub: branch, tag or commit of the dataset (default: main).
+        tolerance_s: lerobot: largest gap in seconds between a row's timestamp and the presentation time
+            of its video frame (LeRobot's default 1e-4).
 
     Returns:
         the final manifest (also written to output/manifest.json).
@@ -126,7 +134,8 @@ def convert(
     emb = Embodiment.from_yaml(embodiment)
     _check_options(val_fraction, shard_size_mb, workers, jpeg_quality, format)
     labels = LabelOptions(all_success, success_sidecar, success_regex, instruction, instruction_from)
-    reader = open_source(format, source, emb, labels, camera_keys, proprio_keys, action_key)
+    reader = open_source(format, source, emb, labels, camera_keys, proprio_keys, action_key,
+                         revision=revision, tolerance_s=tolerance_s)
     refs = reader.list_episodes()
     if not refs:
         raise DataError(f"{source}: no episodes found")
@@ -144,6 +153,8 @@ def convert(
         "val_fraction": val_fraction, "validation_episodes": sorted(orders["validation"]),
         "shard_size_mb": shard_size_mb,
     }
+    if format == "lerobot":  # only here, so the settings (and resumption) of other formats are unchanged
+        settings["tolerance_s"] = tolerance_s
     job = _Conversion(Path(output), emb, embodiment, source, settings, orders, overwrite)
     if job.complete:
         _log(f"{output}: already converted ({job.manifest['counts']['train']['samples']} train samples); "
