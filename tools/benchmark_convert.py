@@ -1,5 +1,7 @@
 """Throughput and memory of ``cosmos-policy convert`` against the bare limit, measured in one run.
 
+Two cases (``--case``): ``robomimic`` (below) and ``lerobot`` (at the end of this docstring).
+
 Writes a LIBERO-like robomimic HDF5 file with h5py (two cameras, proprio 2 + 7, actions 7), then
 measures, each in its own subprocess so peak RSS is its own:
 
@@ -8,15 +10,29 @@ measures, each in its own subprocess so peak RSS is its own:
 - the converter, ``--workers`` 1 and 2 (by default): frames/s, peak RSS of the main process and of
   the largest worker, and the ratio to the bare limit per worker.
 
+Peak RSS is the process's VmHWM (``/proc/<pid>/status``), not ``ru_maxrss``: on Linux the latter keeps
+the parent's peak across fork + exec, so a subprocess would report the generator's memory.
+
 Frames = steps x cameras, each read and encoded once. Images are generated at the embodiment's
 image size (224x224) so neither side resizes. Python start-up and imports are outside the timed
 region (torch, which the statistics module imports, costs seconds on a loaded machine); the
 start-up of the worker pool, statistics and the manifest are inside it.
 
+``--case lerobot`` writes the same kind of frames as a LeRobot v3.0 dataset (``tests/lerobot_factory.py``:
+every episode in one parquet file and one AV1 mp4 per camera, SVT-AV1 at LeRobot's defaults, CRF 30 and
+a keyframe every 2 frames) and measures, each in its own subprocess:
+
+- bare PyAV decode: every frame of the same mp4 files decoded to RGB arrays, sequentially, one decoder
+  thread (as the converter's workers use) -- the decode limit;
+- bare PyAV decode + JPEG: the same plus PIL JPEG quality 95 of every frame -- the work the converter
+  must do at the least;
+- the converter (``--format lerobot``), ``--workers`` 1 and 2: frames/s, peak RSS.
+
 Usage::
 
     OMP_NUM_THREADS=1 python tools/benchmark_convert.py                 # 16 episodes x 120 steps
     OMP_NUM_THREADS=1 python tools/benchmark_convert.py --episodes 4 --steps 50 --workers 1 2 4
+    OMP_NUM_THREADS=1 python tools/benchmark_convert.py --case lerobot --episodes 8 --steps 100
 """
 
 from __future__ import annotations
@@ -29,6 +45,7 @@ import tempfile
 import time
 import textwrap
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,13 +54,25 @@ EMBODIMENT = REPO / "embodiments" / "libero.yaml"
 CAMERA_KEYS = ("eye_in_hand_rgb", "agentview_rgb")
 
 
+def camera_frames(rng: np.random.Generator, size: int, steps: int, episode: int, camera: int) -> np.ndarray:
+    """``(steps, size, size, 3)`` uint8: a smooth scene with pixel noise and a moving red square."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    base = np.stack([(xx * (1 + camera) + yy) % 256, (yy * 2 + 40 * camera) % 256, (xx + 2 * yy) % 256], -1)
+    frames = np.empty((steps, size, size, 3), np.uint8)
+    for t in range(steps):
+        img = base + rng.normal(0, 6, size=base.shape)
+        x0 = (7 * t + 13 * episode) % (size - 40)
+        img[40:80, x0:x0 + 40] = (200, 30, 30)
+        frames[t] = np.clip(img, 0, 255).astype(np.uint8)
+    return frames
+
+
 def write_dataset(path: Path, episodes: int, steps: int, size: int, seed: int = 0) -> int:
     """A robomimic file with LIBERO's keys; images are smooth scenes with noise and a moving square
     so JPEG sizes and encode times resemble camera frames. Returns raw image bytes of one episode."""
     import h5py
 
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     with h5py.File(path, "w") as f:
         data = f.create_group("data")
         data.attrs["problem_info"] = json.dumps({"language_instruction": "put the bowl on the plate"})
@@ -56,14 +85,7 @@ def write_dataset(path: Path, episodes: int, steps: int, size: int, seed: int = 
             rewards[-1] = float(e % 4 != 0)
             g["rewards"] = rewards
             for c, key in enumerate(CAMERA_KEYS):
-                base = np.stack([(xx * (1 + c) + yy) % 256, (yy * 2 + 40 * c) % 256, (xx + 2 * yy) % 256], -1)
-                frames = np.empty((steps, size, size, 3), np.uint8)
-                for t in range(steps):
-                    img = base + rng.normal(0, 6, size=base.shape)
-                    x0 = (7 * t + 13 * e) % (size - 40)
-                    img[40:80, x0:x0 + 40] = (200, 30, 30)
-                    frames[t] = np.clip(img, 0, 255).astype(np.uint8)
-                g.create_dataset(f"obs/{key}", data=frames)
+                g.create_dataset(f"obs/{key}", data=camera_frames(rng, size, steps, e, c))
     return steps * size * size * 3 * len(CAMERA_KEYS)
 
 
@@ -83,7 +105,7 @@ BARE = textwrap.dedent("""
                     frames += 1
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(json.dumps({"frames": frames, "seconds": seconds, "cpu_seconds": cpu,
-                      "rss_main_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+                      "rss_main_kb": int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])}))
 """)
 
 CONVERT = textwrap.dedent("""
@@ -91,17 +113,18 @@ CONVERT = textwrap.dedent("""
     import cosmos_policy_lightning.normalization  # imports torch (statistics): start-up, not conversion work
     from cosmos_policy_lightning.data.convert import convert
     src, out, emb, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {"format": "robomimic"}
     def cpu():  # this process and its (finished) worker processes, user + system
         s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
     start, cpu0 = time.perf_counter(), cpu()
-    manifest = convert(src, output=out, embodiment=emb, format="robomimic", workers=workers, val_fraction=0.1,
-                       text_encoder="none", progress=False)
+    manifest = convert(src, output=out, embodiment=emb, workers=workers, val_fraction=0.1, text_encoder="none",
+                       progress=False, **options)
     seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu0
     samples = manifest["counts"]["train"]["samples"] + manifest["counts"]["validation"]["samples"]
     print(json.dumps({"samples": samples, "seconds": seconds, "cpu_seconds": cpu_seconds,
                       "shards": len(manifest["shards"]),
-                      "rss_main_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+                      "rss_main_kb": int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])}))
 """)
 
 
@@ -145,7 +168,7 @@ def _run(code: str, *args: str) -> dict:
 
 
 def benchmark(episodes: int = 16, steps: int = 120, workers: list[int] | None = None, size: int = 224,
-              work_dir: str | None = None) -> dict:
+              work_dir: str | None = None, case: Literal["robomimic", "lerobot"] = "robomimic") -> dict:
     """Generate a dataset, measure the bare limit and the converter; print and return the figures.
 
     Args:
@@ -154,8 +177,11 @@ def benchmark(episodes: int = 16, steps: int = 120, workers: list[int] | None = 
         workers: converter worker counts to measure (default 1 and 2).
         size: image side in pixels (LIBERO's embodiment expects 224).
         work_dir: where to write the dataset and outputs (default: a temporary directory, removed).
+        case: robomimic (HDF5 arrays) or lerobot (LeRobot v3.0, AV1 video; see the module docstring).
     """
     workers = workers or [1, 2]
+    if case == "lerobot":
+        return benchmark_lerobot(episodes, steps, workers, size, work_dir)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         tmp = Path(tmp)
         src = tmp / "bench.hdf5"
@@ -185,6 +211,94 @@ def benchmark(episodes: int = 16, steps: int = 120, workers: list[int] | None = 
                   f"(frames per CPU-second, all processes); peak RSS main {r['rss_main_kb'] / 1024:.0f} MB, "
                   f"largest worker {worker_rss}; {r['shards']} shards", flush=True)
             results["runs"].append({"workers": w, "fps": fps, "ratio_per_worker": ratio, "cpu_efficiency": cpu_ratio,
+                                    "rss_main_mb": r["rss_main_kb"] / 1024, "rss_worker_mb": r["rss_worker_kb"] / 1024})
+        print(f"cores available: {os.cpu_count()}, load average before the last run: "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
+        return results
+
+
+# ---------------------------------------------------------------------------------------------- LeRobot
+LEROBOT_CAMERAS = {"wrist": "observation.images.wrist", "agentview": "observation.images.agentview"}
+LEROBOT_OPTIONS = {"format": "lerobot", "camera_keys": LEROBOT_CAMERAS, "proprio_keys": ["observation.state"],
+                   "action_key": "action"}
+
+BARE_DECODE = textwrap.dedent("""
+    import io, json, resource, sys, time
+    import av
+    from PIL import Image
+    jpeg = sys.argv[1] == "jpeg"
+    frames = 0
+    start, cpu = time.perf_counter(), time.process_time()
+    for path in sys.argv[2:]:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
+            for frame in container.decode(stream):
+                rgb = frame.to_ndarray(format="rgb24")
+                if jpeg:
+                    Image.fromarray(rgb).save(io.BytesIO(), format="JPEG", quality=95)
+                frames += 1
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(json.dumps({"frames": frames, "seconds": seconds, "cpu_seconds": cpu,
+                      "rss_main_kb": int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])}))
+""")
+
+
+def write_lerobot_dataset(root: Path, episodes: int, steps: int, size: int, seed: int = 0) -> int:
+    """A LeRobot v3.0 dataset of the same kind of frames as :func:`write_dataset` (proprio 9, actions
+    7), written by ``tests/lerobot_factory.py``. Returns raw image bytes of one episode."""
+    sys.path.insert(0, str(REPO))
+    from tests.lerobot_factory import LeRobotEpisode, write_lerobot
+
+    rng = np.random.default_rng(seed)
+    eps = []
+    for e in range(episodes):
+        reward = np.zeros(steps, np.float32)
+        reward[-1] = float(e % 4 != 0)
+        eps.append(LeRobotEpisode(
+            action=rng.normal(size=(steps, 7)).astype(np.float32),
+            state=rng.normal(size=(steps, 9)).astype(np.float32),
+            images={key: camera_frames(rng, size, steps, e, c) for c, key in enumerate(LEROBOT_CAMERAS.values())},
+            task="put the bowl on the plate", reward=reward, success=reward > 0))
+    write_lerobot(root, eps, version="v3.0", fps=20, codec="libsvtav1", episodes_per_file=episodes, gop=2,
+                  quality=30, robot_type="panda")
+    return steps * size * size * 3 * len(LEROBOT_CAMERAS)
+
+
+def benchmark_lerobot(episodes: int, steps: int, workers: list[int], size: int, work_dir: str | None) -> dict:
+    """The ``lerobot`` case of :func:`benchmark`."""
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        tmp = Path(tmp)
+        src = tmp / "bench_lerobot"
+        episode_bytes = write_lerobot_dataset(src, episodes, steps, size)
+        videos = sorted(str(p) for p in (src / "videos").rglob("*.mp4"))
+        frames = episodes * steps * len(LEROBOT_CAMERAS)
+        video_mb = sum(Path(v).stat().st_size for v in videos) / 1e6
+        print(f"dataset: LeRobot v3.0, {episodes} episodes x {steps} steps x {len(LEROBOT_CAMERAS)} cameras at "
+              f"{size}x{size} = {frames} frames in {len(videos)} AV1 files ({video_mb:.1f} MB; raw images "
+              f"{episode_bytes / 1e6:.0f} MB per episode)", flush=True)
+        results: dict[str, Any] = {"frames": frames, "runs": []}
+        for name, mode in (("bare PyAV decode", "decode"), ("bare PyAV decode + PIL JPEG q95", "jpeg")):
+            bare = _run(BARE_DECODE, mode, *videos)
+            assert bare["frames"] == frames, bare
+            fps, cpu_fps = frames / bare["seconds"], frames / bare["cpu_seconds"]
+            results[f"bare_{mode}"] = {"fps": fps, "frames_per_cpu_s": cpu_fps, "rss_mb": bare["rss_main_kb"] / 1024}
+            print(f"{name} (1 process, 1 decoder thread): {fps:7.0f} frames/s ({cpu_fps:.0f} frames per "
+                  f"CPU-second), peak RSS {bare['rss_main_kb'] / 1024:.0f} MB", flush=True)
+        decode, limit = results["bare_decode"], results["bare_jpeg"]
+        for w in workers:
+            r = _run(CONVERT, src, tmp / f"out{w}", EMBODIMENT, w, json.dumps(LEROBOT_OPTIONS))
+            assert r["samples"] == episodes * steps
+            fps = frames / r["seconds"]
+            cpu_fps = frames / r["cpu_seconds"]
+            worker_rss = f"{r['rss_worker_kb'] / 1024:.0f} MB" if w > 1 else "- (in-process)"
+            print(f"converter --format lerobot --workers {w}: {fps:7.0f} frames/s = {fps / (w * decode['fps']):.2f} x "
+                  f"bare decode and {fps / (w * limit['fps']):.2f} x bare decode + JPEG per worker; CPU efficiency "
+                  f"{cpu_fps / limit['frames_per_cpu_s']:.2f} x bare decode + JPEG (frames per CPU-second); peak "
+                  f"RSS main {r['rss_main_kb'] / 1024:.0f} MB, largest worker {worker_rss}", flush=True)
+            results["runs"].append({"workers": w, "fps": fps, "vs_decode": fps / (w * decode["fps"]),
+                                    "vs_decode_jpeg": fps / (w * limit["fps"]),
+                                    "cpu_efficiency": cpu_fps / limit["frames_per_cpu_s"],
                                     "rss_main_mb": r["rss_main_kb"] / 1024, "rss_worker_mb": r["rss_worker_kb"] / 1024})
         print(f"cores available: {os.cpu_count()}, load average before the last run: "
               f"{os.getloadavg()[0]:.1f}", flush=True)
