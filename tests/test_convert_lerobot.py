@@ -261,10 +261,14 @@ def test_hub_dataset_id_offline_from_a_filled_cache(tmp_path):
     assert (tmp_path / "a" / "train-000000.tar").read_bytes() == (tmp_path / "b" / "train-000000.tar").read_bytes()
 
 
-def test_revision_needs_a_hub_dataset(tmp_path):
+def test_revision_needs_a_hub_dataset_and_a_mistyped_folder_is_named(tmp_path, monkeypatch):
     src, emb = _dataset(tmp_path)
     with pytest.raises(DataError, match="--revision 'v3.0' only applies to a Hub dataset id"):
         convert(str(src), output=str(tmp_path / "o"), embodiment=str(emb), format="lerobot", revision="v3.0", **FAST)
+    monkeypatch.chdir(tmp_path)  # "data/pusht": no such folder here, nor a Hub dataset (offline: conftest.py)
+    with pytest.raises(DataError, match=r"^hf://datasets/data/pusht: cannot fetch the Hub dataset .* "
+                                        r"\(and there is no local folder data/pusht\)$"):
+        convert("data/pusht", output=str(tmp_path / "o"), embodiment=str(emb), format="lerobot", **FAST)
 
 
 # ------------------------------------------------------------------------------------------ the bundled sample

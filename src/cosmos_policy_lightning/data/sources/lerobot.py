@@ -108,7 +108,12 @@ def resolve_source(source: str | Path | Sequence[str | Path], revision: str | No
         repo, rev = parsed
         if rev and revision and rev != revision:
             raise DataError(f"{item}: revision {rev!r} in the address but --revision {revision!r}")
-        meta = snapshot(repo, rev or revision, ["meta/*"])
+        try:
+            meta = snapshot(repo, rev or revision, ["meta/*"])
+        except DataError as err:
+            if str(item).startswith("hf://"):
+                raise
+            raise DataError(f"{err} (and there is no local folder {item})") from None
         info = _read_info(meta) if (meta / INFO).is_file() else None
         if info is None:
             raise DataError(f"hf://datasets/{repo}: no {INFO}; not a LeRobot dataset")
