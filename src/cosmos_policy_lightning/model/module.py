@@ -34,6 +34,8 @@ from .backbone import VideoDiT, VideoVAE
 from .predict import predict_batch
 from .schedule import lr_multiplier
 from .sequence import build_pixel_sequence, inject_vectors, read_vectors, unit_range_to_images, value_to_unit
+from .rng import rank_generator, run_seed
+from .text import T5_MAX_TOKENS, pad_text_tokens, uses_padded_text
 from .warm_start import load_dit_weights
 
 CHECKPOINT_KEY = "cosmos_policy"
@@ -68,13 +70,15 @@ class CosmosPolicyModule(L.LightningModule):
         text_dim: width D of the cached text embeddings (linked from the data module).
         transformer: DiT config name (``tiny`` | ``cosmos-predict2-2b``) or a dict of
             ``CosmosTransformer3DModel`` arguments.
-        pretrained_transformer: hub id or local directory of pretrained DiT weights; None = random init.
+        pretrained_transformer: hub id or local directory of pretrained DiT weights (diffusers format), or
+            a reference ``.pt`` checkpoint, local or ``<org>/<repo>/<file>.pt`` on the Hub (e.g. the base
+            model's ``nvidia/Cosmos-Predict2-2B-Video2World/model-480p-16fps.pt``); None = random init.
         vae: local directory / hub id of an ``AutoencoderKLWan`` (e.g. ``assets/tiny_wan_vae`` or the
             Wan2.1 VAE) or a config dict (random init, tests only).
         auxiliary_targets: keep the loss on the auxiliary targets (policy: s' and V; world model: V).
         learning_rate, betas, eps, weight_decay: AdamW (SPEC §5: 1e-4, (0.9, 0.99), 1e-8, 0.1).
-        warmup_steps, decay_steps, decay_factor, final_factor: the piecewise-linear schedule of
-            ``model/schedule.py``; the last segment ends at ``trainer.max_steps``.
+        warmup_steps, decay_steps, decay_factor, final_factor: the reference's schedule
+            (``model/schedule.py``): warm-up, linear 1 -> 0.3 until ``decay_steps``, then flat 0.06.
         grad_clip_norm: clip the global gradient norm (SPEC §5: 1.0); 0 disables.
         activation_checkpointing: recompute every DiT block in the backward pass.
         image_log_every_n_steps: how often the image grid (current / true future / predicted future
@@ -82,6 +86,9 @@ class CosmosPolicyModule(L.LightningModule):
         test_num_steps: denoising steps of the sampler in ``test_step`` and ``predict_step`` (SPEC §3: 5).
         init_from_checkpoint: start from the DiT weights of this ``.ckpt`` (weights only: a new run with
             fresh optimizer and schedule, e.g. the planning fine-tune on rollouts; see ``warm_start.py``).
+        text_conditioning: ``auto`` (default: T5 text zero-padded to 512 tokens without attention mask,
+            as the pretrained and released weights were trained; other encoders masked), ``padded`` or
+            ``masked`` (``model/text.py``).
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class CosmosPolicyModule(L.LightningModule):
         image_log_every_n_steps: int = 200,
         test_num_steps: int = 5,
         init_from_checkpoint: str | None = None,
+        text_conditioning: str = "auto",
     ):
         super().__init__()
         if embodiment is None:
@@ -141,6 +149,8 @@ class CosmosPolicyModule(L.LightningModule):
         self.test_value_auroc = BinaryAUROC()
         self.test_count, self.test_successes = SumMetric(), SumMetric()
         self.flops_per_batch: int | None = None
+        uses_padded_text(text_conditioning, None)  # fail early on an unknown value
+        self._noise_generator: torch.Generator | None = None  # per global rank (model/rng.py)
 
     # ------------------------------------------------------------------ model construction
     def configure_model(self) -> None:
@@ -227,7 +237,19 @@ class CosmosPolicyModule(L.LightningModule):
         converted without text (``text`` of shape (B, 0, 0)) runs with no text tokens."""
         if text is not None and text.shape[1] == 0:
             text, text_mask = None, None
+        elif text is not None and uses_padded_text(self.hparams.get("text_conditioning", "auto"),
+                                                   self.text_encoder_identity):
+            text, text_mask = pad_text_tokens(text, text_mask, T5_MAX_TOKENS), None
         return lambda x, t: self.dit(x, t, cond, text, text_mask)
+
+    def noise_generator(self, device: torch.device) -> torch.Generator:
+        """The training-noise generator of this global rank (``model/rng.py``): seeded from the run's
+        seed, ``self.global_rank`` and the step it was created at, so ranks draw different sigma and noise."""
+        gen = self._noise_generator
+        if gen is None or gen.device != torch.device(device):
+            gen = rank_generator(run_seed(), self.global_rank, device, self.global_step)
+            self._noise_generator = gen
+        return gen
 
     @torch.no_grad()
     def generate(self, clean: torch.Tensor, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None,
@@ -247,8 +269,10 @@ class CosmosPolicyModule(L.LightningModule):
         b, t = x0.shape[0], x0.shape[2]
         obj = batch["objective"]
         cond, loss_mask = self.cond_table[obj], self.loss_table[obj]
-        sigma = diffusion.sample_sigma(b, t, device=x0.device)
-        x_sigma = x0 + sigma.view(b, 1, 1, 1, 1) * torch.randn_like(x0)
+        gen = self.noise_generator(x0.device)
+        sigma = diffusion.sample_sigma(b, t, generator=gen, device=x0.device)
+        x_sigma = x0 + sigma.view(b, 1, 1, 1, 1) * torch.randn(x0.shape, generator=gen, device=x0.device,
+                                                               dtype=x0.dtype)
         x0_pred = self.denoise(x_sigma, sigma, cond, x0, batch["text"], batch.get("text_mask"))
         loss = diffusion.diffusion_loss(x0_pred, x0, sigma, loss_mask)
         return x0, x0_pred, loss, obj

@@ -195,6 +195,58 @@ def _build_t5(source: str, torch_dtype) -> HFTextEncoder:
     return HFTextEncoder(f"t5:{source}", tokenizer, model, T5_MAX_TOKENS)
 
 
+#: How the DiT attends to text: ``padded`` (T5, as the pretrained and released weights were trained),
+#: ``masked`` (only the real tokens), or ``auto`` (``padded`` for T5 encoders, ``masked`` otherwise).
+TEXT_CONDITIONINGS = ("auto", "padded", "masked")
+
+
+def uses_padded_text(conditioning: str, encoder_identity: str | None) -> bool:
+    """Whether the DiT should see T5-style padded text (see :func:`pad_text_tokens`).
+
+    Args:
+        conditioning: ``auto``, ``padded`` or ``masked``.
+        encoder_identity: the text encoder's identity (``t5:...``, ``minilm:...``, ``none``) or None.
+
+    Returns:
+        True for ``padded``, and for ``auto`` when the identity names a T5 encoder.
+
+    Raises:
+        CosmosPolicyError: unknown ``conditioning``.
+    """
+    if conditioning not in TEXT_CONDITIONINGS:
+        raise CosmosPolicyError(f"text_conditioning must be one of {', '.join(TEXT_CONDITIONINGS)}, "
+                                f"got {conditioning!r}")
+    if conditioning == "auto":
+        return bool(encoder_identity) and str(encoder_identity).startswith("t5:")
+    return conditioning == "padded"
+
+
+def pad_text_tokens(text, text_mask=None, length: int = T5_MAX_TOKENS):
+    """Text as Cosmos-Predict2 and the Cosmos Policy reference feed it to the DiT: every instruction
+    zero-padded to ``length`` (512) tokens, all of which are attended to (no attention mask).
+
+    The pretrained and the released weights were trained this way, so the zero tokens are part of
+    what the cross-attention expects (a zero key gives logit 0: the padding acts as an attention sink
+    that soaks up probability mass). Masking them out changes the model's output.
+
+    Args:
+        text: ``(B, L, D)`` float per-token embeddings, ``L <= length`` (longer inputs are cut).
+        text_mask: ``(B, L)`` bool, True on real tokens (tokens outside it are zeroed), or None.
+        length: number of tokens after padding (T5: 512).
+
+    Returns:
+        ``(B, length, D)`` tensor, the real tokens first, zeros after; feed it with ``text_mask=None``.
+    """
+    import torch
+
+    if text_mask is not None:
+        text = text * text_mask[..., None].to(text.dtype)
+    text = text[:, :length]
+    if text.shape[1] < length:
+        text = torch.nn.functional.pad(text, (0, 0, 0, length - text.shape[1]))
+    return text
+
+
 def instruction_file(instruction: str) -> str:
     """File name of an instruction's embedding: ``<sha1 of its UTF-8 bytes>.npy``."""
     return hashlib.sha1(instruction.encode("utf-8")).hexdigest() + ".npy"
