@@ -30,6 +30,10 @@ TOOLS: dict[tuple[str, ...], tuple[str, str, str]] = {
                                "record scripted-expert demonstrations in Meta-World"),
     ("evaluate", "metaworld"): ("cosmos_policy_lightning.sim.evaluate", "evaluate_metaworld",
                                 "closed-loop evaluation of a checkpoint in Meta-World"),
+    ("import-checkpoint",): ("cosmos_policy_lightning.checkpoints.importer", "import_checkpoint",
+                             "turn a released reference .pt (local or <org>/<repo>/<file>.pt) into a .ckpt"),
+    ("push-to-hub",): ("cosmos_policy_lightning.checkpoints.hub", "push_to_hub",
+                       "write a checkpoint as a Hub model folder and upload it (or --local_dir only)"),
 }
 
 

@@ -136,6 +136,8 @@ class CosmosPolicy:
             ``value_future_state`` when the training mix used it and not ``value``.
         objective_mix: the training objective mix (for ``auto``; read from the checkpoint).
         max_batch: largest batch per network call (None: everything in one call).
+        text_embeddings: instruction -> ``(L, D)`` embeddings by the recorded text encoder, used instead of
+            running it (an imported checkpoint's T5 embeddings, a Hub policy's ``text_embeddings``).
 
     Raises:
         CosmosPolicyError: the module has no normalisation statistics, or bad arguments.
@@ -144,7 +146,7 @@ class CosmosPolicy:
     def __init__(self, module, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  text_encoder=None, max_text_tokens: int = 512, jpeg_quality: int | None = 95,
                  value_objective: str = "auto", objective_mix: Mapping[str, float] | None = None,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, text_embeddings: Mapping[str, Any] | None = None):
         if module.stats is None:
             raise CosmosPolicyError("policy: the model has no normalisation statistics (load a checkpoint saved "
                                     "by training with a data module)")
@@ -162,7 +164,7 @@ class CosmosPolicy:
         self.jpeg_quality = jpeg_quality
         self.action_normalizer = module.normalizer("action")
         self.proprio_normalizer = module.normalizer("proprio")
-        self.text = InstructionCache(module.text_encoder_identity, text_encoder, max_text_tokens)
+        self.text = InstructionCache(module.text_encoder_identity, text_encoder, max_text_tokens, text_embeddings)
         self.objective_mix = dict(objective_mix or {})
         self.value_objective = self._resolve_value_objective(value_objective)
         if max_batch is not None and max_batch < 1:
@@ -203,6 +205,8 @@ class CosmosPolicy:
         dm = raw.get("datamodule_hyper_parameters") or {}
         kwargs.setdefault("max_text_tokens", int(dm.get("max_text_tokens", 512)))
         kwargs.setdefault("objective_mix", dm.get("objective_mix"))
+        # an imported checkpoint carries the reference's instruction embeddings (checkpoints/importer.py)
+        kwargs.setdefault("text_embeddings", raw[CHECKPOINT_KEY].get("text_embeddings") or None)
         del raw
         with warnings.catch_warnings():
             # The frozen VAE is deliberately not in checkpoints (reloaded from its recorded path).
@@ -210,6 +214,20 @@ class CosmosPolicy:
             # init_from_checkpoint only seeded the fine-tune's first step: the weights are all in this file.
             module = CosmosPolicyModule.load_from_checkpoint(str(path), map_location="cpu", init_from_checkpoint=None)
         return cls(module, device=device, dtype=dtype, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, **kwargs) -> "CosmosPolicy":
+        """Load a policy shared on the Hugging Face Hub (``org/name``) or its folder (written by
+        ``cosmos-policy push-to-hub``; layout in ``checkpoints/hub.py``). A Hub id is downloaded once
+        into the Hub cache (``HF_HUB_OFFLINE=1`` reads only the cache).
+
+        Raises:
+            CosmosPolicyError: not a policy folder / reachable Hub repository, or a missing file.
+        """
+        from ..checkpoints.hub import load_pretrained
+
+        return load_pretrained(source, device=device, dtype=dtype, **kwargs)
 
     def _resolve_value_objective(self, name: str) -> str:
         if name == "auto":

@@ -144,16 +144,21 @@ class InstructionCache:
             ``none``); ignored when ``encoder`` is given.
         encoder: an already built encoder (``identity``, ``dim``, ``encode``), e.g. to share one.
         max_tokens: token limit (the data module's ``max_text_tokens``).
+        precomputed: instruction -> ``(L, D)`` embedding computed beforehand by the same encoder (e.g. the
+            reference's T5 embeddings inside an imported checkpoint, or those shipped with a Hub policy);
+            these instructions never load the encoder.
 
     Raises:
         CosmosPolicyError: neither an identity nor an encoder (at the first :meth:`batch`).
     """
 
-    def __init__(self, identity: str | None, encoder: TextEncoder | None = None, max_tokens: int = 512):
+    def __init__(self, identity: str | None, encoder: TextEncoder | None = None, max_tokens: int = 512,
+                 precomputed: Mapping[str, Any] | None = None):
         self.identity = encoder.identity if encoder is not None else identity
         self._encoder = encoder
         self.max_tokens = int(max_tokens)
         self._cache: dict[str, torch.Tensor] = {}
+        self._precomputed = dict(precomputed or {})
 
     @property
     def encoder(self) -> TextEncoder:
@@ -170,7 +175,11 @@ class InstructionCache:
         if instruction not in self._cache:
             if not isinstance(instruction, str):
                 raise CosmosPolicyError(f"policy: instruction must be a string, got {type(instruction).__name__}")
-            emb = np.asarray(self.encoder.encode([instruction])[0])
+            if instruction in self._precomputed:
+                emb = self._precomputed[instruction]
+                emb = emb.float().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb, dtype=np.float32)
+            else:
+                emb = np.asarray(self.encoder.encode([instruction])[0])
             emb = emb[: self.max_tokens].astype(np.float16).astype(np.float32)
             self._cache[instruction] = torch.from_numpy(np.ascontiguousarray(emb))
         return self._cache[instruction]

@@ -149,7 +149,11 @@ def build_transformer(
         pretrained: None for random initialisation (PyTorch's default layer init, as diffusers does);
             a hub id or a local directory (diffusers ``save_pretrained`` layout, the weights directly
             inside or in a ``transformer/`` subfolder) to load with ``from_pretrained``; True for the
-            configuration's default (``nvidia/Cosmos-Predict2-2B-Video2World`` for the 2B one). The
+            configuration's default (``nvidia/Cosmos-Predict2-2B-Video2World`` for the 2B one); or a
+            reference ``.pt`` / ``.pth`` whole-model checkpoint, local or on the Hub as
+            ``<org>/<repo>/<file>.pt`` (e.g. the base model's
+            ``nvidia/Cosmos-Predict2-2B-Video2World/model-480p-16fps.pt`` or a released Cosmos Policy),
+            loaded strictly through diffusers' Cosmos key conversion (``model/reference_weights.py``). The
             checkpoint's input channels are adapted to the 18-channel layout: a checkpoint built with
             17 channels + padding mask (the released Video2World one) loads unchanged; one with fewer
             (16 latent, with or without padding mask) gets its latent (and padding) weights copied and
@@ -186,6 +190,11 @@ def build_transformer(
         subfolder = subfolder or default_subfolder
     else:
         source = os.fspath(pretrained)
+        from .reference_weights import is_reference_checkpoint, load_reference_transformer
+
+        if is_reference_checkpoint(source):
+            model = load_reference_transformer(source, config, text_embed_dim, torch_dtype=torch_dtype or torch.float32)
+            return model.to(device) if device is not None else model
     model = _from_pretrained(model_cls, source, subfolder, "transformer", torch_dtype)
     _check_architecture(model.config, kwargs, source)
     adapt_input_channels_(model)
