@@ -20,6 +20,9 @@ key                 dtype, shape                content
 ==================  ==========================  ====================================================
 ``images``          uint8 (B, N, H, W, 3)       cameras at step t (convert to float on the device)
 ``future_images``   uint8 (B, N, H, W, 3)       cameras at step t' = min(t + K, T - 1)
+``latents``         float32 (B, 16, T, h, w)    instead of the two image keys with ``latent_cache``:
+                                                the VAE latents of the pixel sequence (one stored
+                                                view), zeros in the proprio / action / value frames
 ``proprio``         float32 (B, P)              step t, normalised to [-1, 1]
 ``future_proprio``  float32 (B, P)              step t', normalised
 ``actions``         float32 (B, K, A)           ``actions[t:t+K]``, normalised
@@ -50,11 +53,13 @@ from torch.utils.data import DataLoader
 
 from ..embodiment import Embodiment
 from ..errors import CosmosPolicyError, DataError
-from ..layout import OBJECTIVES
+from ..layout import OBJECTIVES, SequenceLayout
 from ..model.text import INDEX_FILE, TextEmbeddingCache
 from ..normalization import DatasetStats, Normalizer
 from . import sample as S
+from .latent_cache import build_latent_cache, cache_fingerprint, read_cache_manifest, refuse_other_fingerprint
 from .stages import (
+    LatentSampleDecoder,
     ObjectiveMixer,
     RoundRobinObjectives,
     SampleDecoder,
@@ -325,6 +330,14 @@ class CosmosDataModule(L.LightningDataModule):
             ``source``; ``format``, ``val_fraction``, ...). When ``data_dir`` holds no finished
             conversion, the shards are made from them first (``output`` = ``data_dir``, ``embodiment`` =
             this module's), so a recipe runs on a fresh checkout. An unfinished conversion resumes.
+        latent_cache: train, validate and test from VAE latents encoded once (``data/latent_cache.py``)
+            instead of encoding images at every step; the cache is built on first use (resumable).
+        vae: the VAE of the cache -- the CLI links it from ``model.init_args.vae``; the model refuses a
+            cache made with another VAE.
+        latent_views: random augmented views stored per training sample besides the test-time view
+            (with ``augment``); one is drawn per sample and step.
+        latent_dir: cache directory; default ``<data_dir>/latents``.
+        latent_dtype: ``float16`` (default) or ``float32`` storage of the cached latents.
 
     Raises:
         CosmosPolicyError: an argument is out of range (at construction).
@@ -347,6 +360,11 @@ class CosmosDataModule(L.LightningDataModule):
         seed: int = 0,
         val_batch_size: int | None = None,
         convert_from: dict[str, Any] | None = None,
+        latent_cache: bool = False,
+        vae: str | None = None,
+        latent_views: int = 4,
+        latent_dir: str | None = None,
+        latent_dtype: str = "float16",
     ):
         super().__init__()
         self.data_dir = str(data_dir)
@@ -372,6 +390,17 @@ class CosmosDataModule(L.LightningDataModule):
         if convert_from is not None and embodiment is None:
             raise CosmosPolicyError("data: convert_from needs data.embodiment (the YAML the shards are made for)")
         self.convert_from = dict(convert_from) if convert_from else None
+        self.latent_cache = bool(latent_cache)
+        if self.latent_cache and not vae:
+            raise CosmosPolicyError("data: latent_cache needs data.vae (the model's VAE; the CLI links it from "
+                                    "model.init_args.vae)")
+        self.vae = vae
+        if isinstance(latent_views, bool) or not isinstance(latent_views, int) or latent_views < 0:
+            raise CosmosPolicyError(f"data: latent_views must be an integer >= 0, got {latent_views!r}")
+        self.latent_views = latent_views
+        self.latent_dir = latent_dir
+        self.latent_dtype = latent_dtype
+        self._cache_manifest: dict | None = None
         # The model's hparams hold the embodiment as a dict; Lightning refuses to merge differing values.
         self.save_hyperparameters(ignore=["embodiment"])
         self._info: DatasetInfo | None = None
@@ -425,6 +454,51 @@ class CosmosDataModule(L.LightningDataModule):
         """Whether validation / test images get the SPEC §4 centre crop (True when trained with
         augmentation); inference must do the same (``augment.test_transform``)."""
         return self.augment
+
+    @property
+    def cache_dir(self) -> Path:
+        """Directory of the latent cache (``latent_dir`` or ``<data_dir>/latents``)."""
+        return Path(self.latent_dir) if self.latent_dir else Path(self.data_dir) / "latents"
+
+    @property
+    def cache_manifest(self) -> dict | None:
+        """The latent cache's manifest (built first if missing or unfinished); None without ``latent_cache``."""
+        if not self.latent_cache:
+            return None
+        if self._cache_manifest is None:
+            manifest = read_cache_manifest(self.cache_dir)
+            if manifest is None or manifest.get("status") != "complete":
+                build_latent_cache(self.info.data_dir, self.vae, self.cache_dir, augment=self.augment,
+                                   augment_views=self.latent_views, seed=self.seed, dtype=self.latent_dtype,
+                                   embodiment=self.embodiment_path)
+                manifest = read_cache_manifest(self.cache_dir)
+            else:
+                # A finished cache: everything but the VAE is checked here without loading it; the model
+                # checks the VAE against its own (check_cache_matches_model).
+                info = self.info
+                want = cache_fingerprint(SequenceLayout.from_embodiment(info.embodiment), info.embodiment.image_size,
+                                         "", self.augment, self.latent_views, self.seed, self.latent_dtype,
+                                         info.stats.fingerprint)
+                refuse_other_fingerprint(manifest, want, self.cache_dir, ignore=("vae",))
+            self._cache_manifest = manifest
+        return self._cache_manifest
+
+    def _shards(self, split: str) -> list[str]:
+        """Shard paths of ``split``: the pixel shards, or their latent-cache counterparts."""
+        shards = list(self.info.splits[split].shards)
+        if self.latent_cache:
+            return [str(self.cache_dir / Path(p).name) for p in shards]
+        return shards
+
+    def _decoder(self, mode: str, rank: int = 0) -> SampleDecoder:
+        info = self.info
+        args = (info.embodiment, self.normalizers, str(info.data_dir / S.TEXT_DIR), self.max_text_tokens, mode)
+        if self.latent_cache:
+            manifest = self.cache_manifest
+            return LatentSampleDecoder(*args, layout_frames=manifest["frames"],
+                                       num_latent_frames=manifest["fingerprint"]["layout"]["num_latent_frames"],
+                                       seed=self.seed, rank=rank)
+        return SampleDecoder(*args, seed=self.seed, rank=rank)
 
     @property
     def objective_mix(self) -> dict[str, float]:
@@ -496,15 +570,14 @@ class CosmosDataModule(L.LightningDataModule):
         pipeline = _SizedPipeline(
             # Every worker of every rank draws shards independently with replacement, so no node /
             # worker splitting is needed (and no rank can run out of data).
-            wds.ResampledShards(list(train.shards), seed=self.seed, deterministic=True,
+            wds.ResampledShards(self._shards("train"), seed=self.seed, deterministic=True,
                                 worker_seed=functools.partial(_resample_seed, rank)),
             wds.tarfile_to_samples(),
             Shuffle(self.shuffle_buffer, self.seed, rank),
             ObjectiveMixer(self.objective_weights, self.success_fraction, train.has_success, train.has_failure,
                            seed=self.seed, rank=rank, pool_size=self.shuffle_buffer,
                            stall_limit=4 * self.shuffle_buffer),
-            SampleDecoder(info.embodiment, self.normalizers, str(info.data_dir / S.TEXT_DIR), self.max_text_tokens,
-                          mode="augment" if self.augment else "none", seed=self.seed, rank=rank),
+            self._decoder("augment" if self.augment else "none", rank),
             wds.batched(self.batch_size, collation_fn=collate, partial=False),
             TakeShare(batches),
             length=batches,
@@ -520,13 +593,12 @@ class CosmosDataModule(L.LightningDataModule):
             return []
         objectives = [i for i, w in enumerate(self.objective_weights) if w > 0]
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(list(val.shards)),
+            wds.SimpleShardList(self._shards("validation")),
             SplitByRank(rank, world),
             wds.split_by_worker,
             wds.tarfile_to_samples(),
             RoundRobinObjectives(objectives, [Path(p).name for p in val.shards]),
-            SampleDecoder(info.embodiment, self.normalizers, str(info.data_dir / S.TEXT_DIR), self.max_text_tokens,
-                          mode="center" if self.augment else "none"),
+            self._decoder("center" if self.augment else "none"),
             wds.batched(self.val_batch_size, collation_fn=collate, partial=True),
         )
         return self._loader(pipeline)

@@ -308,6 +308,25 @@ def _decode_jpeg(data: bytes, where: str, member: str, size: tuple[int, int]) ->
     return arr
 
 
+def decode_images(sample: dict, cameras: list[str], size: tuple[int, int]) -> torch.Tensor:
+    """The camera JPEGs of one raw sample as uint8 ``(2N, H, W, 3)``: the N cameras at step t, then at
+    step t', in ``cameras`` order.
+
+    Raises:
+        DataError: a camera member is missing, unreadable or not ``size`` (names shard, key, member).
+    """
+    where = _where(sample)
+    images = []
+    for future in (False, True):
+        for cam in cameras:
+            member = S.image_member(cam, future)
+            data = sample.get(member)
+            if data is None:
+                raise DataError(f"{where}: missing member {member} (cameras: {', '.join(cameras)})")
+            images.append(_decode_jpeg(data, where, member, size))
+    return torch.from_numpy(np.stack(images))
+
+
 def _load_npy(sample: dict, member: str, shape: tuple[int, ...], where: str) -> np.ndarray:
     raw = sample.get(member)
     if raw is None:
@@ -358,22 +377,19 @@ class SampleDecoder(PipelineStage):
 
     def decode(self, sample: dict, rng: np.random.Generator | None = None) -> dict[str, Any]:
         """Decode one raw sample (see the class docstring); ``rng`` is needed in ``augment`` mode."""
-        where = _where(sample)
-        meta = read_meta(sample)
-        images = []
-        for future in (False, True):
-            for cam in self.cameras:
-                member = S.image_member(cam, future)
-                data = sample.get(member)
-                if data is None:
-                    raise DataError(f"{where}: missing member {member} (cameras: {', '.join(self.cameras)})")
-                images.append(_decode_jpeg(data, where, member, self.image_size))
-        pixels = torch.from_numpy(np.stack(images))
+        pixels = decode_images(sample, self.cameras, self.image_size)
         if self.mode == "augment":
             pixels = apply_uint8(pixels, sample_params(rng, self.image_size, SPEC_AUGMENT))
         elif self.mode == "center":
             pixels = apply_uint8(pixels, center_crop_params(self.image_size))
         n = len(self.cameras)
+        return {"images": pixels[:n], "future_images": pixels[n:], **self.decode_vectors(sample)}
+
+    def decode_vectors(self, sample: dict) -> dict[str, Any]:
+        """Everything of the batch contract but the images: normalised proprio / actions, V(s'), labels,
+        the instruction's text embedding."""
+        where = _where(sample)
+        meta = read_meta(sample)
         proprio = _load_npy(sample, S.PROPRIO, self.proprio_shape, where)
         future_proprio = _load_npy(sample, S.FUTURE_PROPRIO, self.proprio_shape, where)
         actions = _load_npy(sample, S.ACTIONS, self.action_shape, where)
@@ -382,8 +398,6 @@ class SampleDecoder(PipelineStage):
         if not -1.0 - 1e-6 <= value <= 1.0 + 1e-6:
             raise DataError(f"{where}: {S.META} value {value} outside [-1, 1]")
         return {
-            "images": pixels[:n],
-            "future_images": pixels[n:],
             "proprio": torch.from_numpy(np.asarray(norm_p.normalize(proprio), dtype=np.float32)),
             "future_proprio": torch.from_numpy(np.asarray(norm_p.normalize(future_proprio), dtype=np.float32)),
             "actions": torch.from_numpy(np.asarray(norm_a.normalize(actions), dtype=np.float32)),
@@ -403,8 +417,53 @@ class SampleDecoder(PipelineStage):
             yield self.decode(sample, rng)
 
 
+class LatentSampleDecoder(SampleDecoder):
+    """Raw *latent-cache* sample (``data/latent_cache.py``) -> the batch contract with ``latents``
+    instead of ``images`` / ``future_images``.
+
+    ``latents`` is float32 ``(16, T, h, w)``: the stored VAE frames at their latent indices and zeros in
+    the proprio / action / value frames (the model injects the vectors there). In ``augment`` mode one of
+    the sample's stored views is drawn uniformly per sample and epoch; otherwise view 0 (the test-time view).
+
+    Args:
+        layout_frames: latent indices of the stored frames (the cache manifest's ``frames``).
+        num_latent_frames: T of the layout.
+        other arguments: as :class:`SampleDecoder`.
+
+    Raises (while iterating):
+        DataError: ``latents.npy`` missing, malformed or of the wrong frame count.
+    """
+
+    def __init__(self, embodiment: Embodiment, normalizers: dict[str, Normalizer], text_dir: str,
+                 max_text_tokens: int, mode: str, layout_frames: list[int], num_latent_frames: int,
+                 seed: int = 0, rank: int = 0):
+        super().__init__(embodiment, normalizers, text_dir, max_text_tokens, mode, seed, rank)
+        self.frames = torch.tensor(list(layout_frames), dtype=torch.long)
+        self.num_latent_frames = int(num_latent_frames)
+
+    def decode(self, sample: dict, rng: np.random.Generator | None = None) -> dict[str, Any]:
+        where = _where(sample)
+        raw = sample.get("latents.npy")
+        if raw is None:
+            raise DataError(f"{where}: missing member latents.npy (is this a latent cache shard?)")
+        try:
+            views = np.load(io.BytesIO(raw), allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise DataError(f"{where}: latents.npy is not a .npy array ({err})") from None
+        if views.ndim != 5 or views.shape[2] != len(self.frames):
+            raise DataError(f"{where}: latents.npy has shape {views.shape}, expected (views, C, "
+                            f"{len(self.frames)}, h, w)")
+        view = int(rng.integers(views.shape[0])) if self.mode == "augment" and rng is not None else 0
+        stored = torch.from_numpy(views[view].astype(np.float32))
+        c, _, h, w = stored.shape
+        latents = torch.zeros(c, self.num_latent_frames, h, w)
+        latents[:, self.frames] = stored
+        return {"latents": latents, **self.decode_vectors(sample)}
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack decoded samples into the batch contract; text is zero-padded to the longest in the batch.
+    Samples from the latent cache carry ``latents`` (B, 16, T, h, w) instead of the two image keys.
 
     Returns:
         the batch dict documented in :mod:`cosmos_policy_lightning.data.datamodule`.
@@ -418,9 +477,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     for i, t in enumerate(texts):
         text[i, : t.shape[0]] = t
         mask[i, : t.shape[0]] = True
+    # Pixel batches carry images; latent-cache batches carry their stored latents instead.
+    pictures = ("latents",) if "latents" in samples[0] else ("images", "future_images")
     return {
-        "images": torch.stack([s["images"] for s in samples]),
-        "future_images": torch.stack([s["future_images"] for s in samples]),
+        **{key: torch.stack([s[key] for s in samples]) for key in pictures},
         "proprio": torch.stack([s["proprio"] for s in samples]),
         "future_proprio": torch.stack([s["future_proprio"] for s in samples]),
         "actions": torch.stack([s["actions"] for s in samples]),

@@ -34,7 +34,9 @@ def predict_batch(module, batch: dict[str, Any], num_steps: int, x0: torch.Tenso
     Returns:
         dict of CPU tensors / lists, B rows each: ``episode`` (list[str]), ``step`` (B,),
         ``success`` (B,), ``actions`` / ``true_actions`` (B, K, A) robot units, ``future_proprio`` /
-        ``true_future_proprio`` (B, P) robot units, ``value`` / ``true_value`` (B,) in [0, 1].
+        ``true_future_proprio`` / ``proprio`` (B, P) robot units (``proprio``: the current step's, the
+        copy baseline of the future proprio), ``value`` / ``true_value`` (B,) in [0, 1]; and the same
+        vectors in the normalised [-1, 1] space of training under ``<name>_normalized``.
     """
     emb, layout = module.embodiment, module.layout
     x0 = module.encode_batch(batch) if x0 is None else x0
@@ -47,14 +49,20 @@ def predict_batch(module, batch: dict[str, Any], num_steps: int, x0: torch.Tenso
     def robot(normalizer, x: torch.Tensor) -> torch.Tensor:
         return normalizer.unnormalize(x.double()).float().cpu()
 
-    return {
+    normalized = {
+        "actions": gen["actions"].clamp(-1, 1).float().cpu(),
+        "true_actions": batch["actions"].float().cpu(),
+        "future_proprio": gen["future_proprio"].float().cpu(),
+        "true_future_proprio": batch["future_proprio"].float().cpu(),
+        "proprio": batch["proprio"].float().cpu(),
+    }
+    out = {
         "episode": list(batch["episode"]),
         "step": batch["step"].cpu(),
         "success": batch["success"].cpu(),
-        "actions": robot(act, gen["actions"].clamp(-1, 1)),
-        "true_actions": robot(act, batch["actions"]),
-        "future_proprio": robot(prop, gen["future_proprio"]),
-        "true_future_proprio": robot(prop, batch["future_proprio"]),
+        **{name: robot(act if "actions" in name else prop, x) for name, x in normalized.items()},
         "value": value_to_unit(gen["value"]).cpu(),
         "true_value": value_to_unit(batch["value"].float()).cpu(),
     }
+    out.update({f"{name}_normalized": x for name, x in normalized.items()})
+    return out

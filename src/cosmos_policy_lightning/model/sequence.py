@@ -4,7 +4,8 @@ The steps between a collated batch (see ``data/datamodule.py``) and the diffusio
 
 1. :func:`build_pixel_sequence`: one black frame, then 4 identical pixel frames per slot (an image
    slot holds its camera's image, every other slot black).
-2. The VAE encodes the whole sequence in one call (causal VAE: never frame by frame).
+2. :func:`encode_pixel_sequence`: the VAE encodes the sequence in one call (causal VAE: never frame
+   by frame), up to the last camera slot.
 3. :func:`inject_vectors`: overwrite the placeholder latents of proprio / action / value slots.
 4. :func:`read_vectors`: the inverse of 3 on generated latents (average over tiled copies).
 """
@@ -50,6 +51,41 @@ def build_pixel_sequence(layout: SequenceLayout, images: torch.Tensor, future_im
             first, last = layout.slot(slot).pixel_frames
             pixels[:, :, first:last + 1] = frames[:, i].unsqueeze(2).expand(-1, -1, PIXELS_PER_LATENT, -1, -1)
     return pixels
+
+
+def last_image_latent(layout: SequenceLayout) -> int:
+    """Latent index of the last camera slot (current or future) of the layout."""
+    return max(s.latent_index for s in layout.slots if s.name.startswith(("image/", "future_image/")))
+
+
+@torch.no_grad()
+def encode_pixel_sequence(layout: SequenceLayout, vae, images: torch.Tensor,
+                          future_images: torch.Tensor) -> torch.Tensor:
+    """VAE latents of the layout's pixel sequence (steps 1-2 of the module docstring).
+
+    The Wan VAE is causal (latent frame i depends only on pixel frames up to 4i), so only the pixel
+    prefix up to the last camera slot is encoded; the latent frames after it (the value slot, and any
+    other vector slot there) are zeros -- :func:`inject_vectors` overwrites them anyway. The result
+    equals encoding the whole sequence in one call on every frame that survives injection, at 8/9 of
+    the cost for one- to three-camera layouts.
+
+    Args:
+        layout: the sequence layout.
+        vae: a :class:`~cosmos_policy_lightning.model.backbone.VideoVAE`.
+        images, future_images: uint8 ``(B, N, H, W, 3)``, cameras in layout order.
+
+    Returns:
+        float32 ``(B, 16, T, H / 8, W / 8)`` normalised latents.
+    """
+    last = last_image_latent(layout)
+    pixels = build_pixel_sequence(layout, images, future_images)[:, :, : layout.slots[last].pixel_frames[1] + 1]
+    prefix = vae.encode(pixels).float()
+    if last + 1 == layout.num_latent_frames:
+        return prefix
+    b, c, _, h, w = prefix.shape
+    latents = prefix.new_zeros(b, c, layout.num_latent_frames, h, w)
+    latents[:, :, : last + 1] = prefix
+    return latents
 
 
 def inject_vectors(latents: torch.Tensor, layout: SequenceLayout, proprio: torch.Tensor,

@@ -1,0 +1,322 @@
+"""Latent cache: the frozen VAE's encoding of every sample, computed once (``cosmos-policy cache-latents``).
+
+The Wan VAE never trains, yet online training re-encodes the same pixel sequences at every step; on a
+CPU that is ~90 % of a step of the tiny model. The cache encodes each sample's pixel sequence once --
+exactly what :meth:`CosmosPolicyModule.encode_batch` encodes: the layout's whole pixel sequence in one
+VAE call, posterior mean, the VAE's per-channel normalisation (``model/sequence.py``,
+``model/backbone.py``) -- and training reads the stored latents instead.
+
+Augmentation is kept by storing several *views* per training sample: view 0 is the test-time view
+(the centre crop of the paper's §IV-A augmentation when the data module augments, the raw images when
+it does not) and views ``1..augment_views`` are random augmentations, one parameter set per view drawn
+from ``(seed, sample key, view)``. The data module draws one view per sample and step. Held-out
+samples store only view 0, which is what online validation / test encode.
+
+Layout of a cache directory (default ``<dataset>/latents``)::
+
+    manifest.json              fingerprint, status, latent frames kept, shard list with sample counts
+    train-000000.tar ...       one latent shard per pixel shard (same name), same sample keys
+    validation-000000.tar ...
+
+A latent sample holds ``latents.npy`` -- ``(V, 16, F, h, w)`` in ``dtype``, the F latent frames that
+injection does not overwrite (the blank frame and the camera slots; proprio / action / value frames are
+written from the vectors at batch time, so the statistics can change without re-encoding) -- and the
+pixel sample's ``proprio.npy``, ``future_proprio.npy``, ``actions.npy`` and ``meta.json`` unchanged.
+
+The fingerprint records the VAE (a hash of its weights and configuration), the layout, the image
+size, the augmentation settings and the pixel dataset's statistics fingerprint; the data module
+refuses a cache whose fingerprint differs from what it is asked for, and the model refuses one made
+with another VAE (:func:`check_cache_matches_model`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_path, write_json_atomic
+from ..embodiment import Embodiment
+from ..errors import DataError
+from ..layout import SequenceLayout
+from . import sample as S
+from .augment import SPEC_AUGMENT, apply_uint8, center_crop_params, sample_params
+from .shards import BLOCK, RECORD, sample_record
+
+#: Member of a latent sample holding the stored views.
+LATENTS = "latents.npy"
+#: Members copied unchanged from the pixel sample.
+PASSTHROUGH = (S.PROPRIO, S.FUTURE_PROPRIO, S.ACTIONS, S.META)
+CACHE_VERSION = 1
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def kept_frames(layout: SequenceLayout) -> list[int]:
+    """Latent indices whose content comes from the VAE (not overwritten by vector injection): the blank
+    frame and every camera slot, current and future."""
+    vector_slots = {layout.index(n) for n in ("proprio", "future_proprio", "action", "value")}
+    return [i for i in range(layout.num_latent_frames) if i not in vector_slots]
+
+
+def cache_fingerprint(layout: SequenceLayout, image_size: tuple[int, int], vae_hash: str, augment: bool,
+                      augment_views: int, seed: int, dtype: str, stats_fingerprint: str) -> dict[str, Any]:
+    """Everything the stored latents depend on, as a JSON-able dict (compared key by key, in its JSON
+    form: tuples become lists)."""
+    return json.loads(json.dumps({
+        "version": CACHE_VERSION,
+        "vae": vae_hash,
+        "layout": layout.to_dict(),
+        "image_size": [int(x) for x in image_size],
+        "augment": bool(augment),
+        "augmentation": asdict(SPEC_AUGMENT) if augment else None,
+        "augment_views": int(augment_views) if augment else 0,
+        "seed": int(seed),
+        "dtype": dtype,
+        "stats_fingerprint": stats_fingerprint,
+    }))
+
+
+def fingerprint_difference(have: dict, want: dict) -> str | None:
+    """Name the first differing fingerprint entry as ``key (cache X, expected Y)``, or None if equal."""
+    for key in sorted(set(have) | set(want)):
+        if have.get(key) != want.get(key):
+            a, b = have.get(key), want.get(key)
+            if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
+                return f"{key} differs"
+            return f"{key} (cache {a!r}, expected {b!r})"
+    return None
+
+
+def read_cache_manifest(cache_dir: str | Path) -> dict | None:
+    """The cache's ``manifest.json``, or None when the directory holds no cache yet.
+
+    Raises:
+        DataError: the manifest exists but is not valid JSON.
+    """
+    path = Path(cache_dir) / S.MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+
+
+def refuse_other_fingerprint(manifest: dict, want: dict, cache_dir: str | Path, ignore: tuple[str, ...] = ()) -> None:
+    """Raise DataError (one line) when the cache's fingerprint differs from ``want`` outside ``ignore``."""
+    have = {k: v for k, v in (manifest.get("fingerprint") or {}).items() if k not in ignore}
+    diff = fingerprint_difference(have, {k: v for k, v in want.items() if k not in ignore})
+    if diff is not None:
+        raise DataError(f"{Path(cache_dir) / S.MANIFEST}: a latent cache with another fingerprint is there: {diff}; "
+                        f"delete {cache_dir} or choose another cache directory")
+
+
+def check_cache_matches_model(cache_manifest: dict, cache_dir: str | Path, vae_hash: str,
+                              layout: SequenceLayout) -> None:
+    """Refuse to train or test a model on latents of another VAE or layout.
+
+    Raises:
+        DataError: one line naming the cache and what differs.
+    """
+    fp = cache_manifest.get("fingerprint") or {}
+    where = Path(cache_dir) / S.MANIFEST
+    if fp.get("vae") != vae_hash:
+        raise DataError(f"{where}: latents were encoded by VAE {fp.get('vae')!r}, but the model's VAE is "
+                        f"{vae_hash!r}; rebuild the cache (cosmos-policy cache-latents) with the model's VAE")
+    if fp.get("layout") != layout.to_dict():
+        raise DataError(f"{where}: latents were encoded for another sequence layout than the model's "
+                        f"({layout.embodiment!r}); rebuild the cache")
+
+
+class _ViewEncoder:
+    """Decode pixel samples, make their views and encode them with the VAE in batches."""
+
+    def __init__(self, embodiment: Embodiment, layout: SequenceLayout, vae, augment: bool, views: int, seed: int):
+        # Imported here: the data package does not depend on the model package at import time.
+        from ..model.sequence import encode_pixel_sequence
+
+        self.encode_sequence = encode_pixel_sequence
+        self.cameras, self.size = embodiment.camera_names, tuple(embodiment.image_size)
+        self.layout, self.vae = layout, vae
+        self.augment, self.views, self.seed = augment, views, seed
+        self.frames = torch.tensor(kept_frames(layout))
+
+    def pixels(self, sample: dict, key: str, train: bool) -> list[torch.Tensor]:
+        """uint8 ``(2N, H, W, 3)`` per view of one raw sample (current cameras then future cameras)."""
+        from .stages import decode_images
+
+        raw = decode_images(sample, self.cameras, self.size)
+        first = apply_uint8(raw, center_crop_params(self.size)) if self.augment else raw
+        out = [first]
+        if train and self.augment:
+            digest = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "little")
+            for v in range(1, self.views + 1):
+                rng = np.random.default_rng([self.seed & 0xFFFFFFFF, digest, v])
+                out.append(apply_uint8(raw, sample_params(rng, self.size, SPEC_AUGMENT)))
+        return out
+
+    @torch.no_grad()
+    def encode(self, pixel_views: list[torch.Tensor]) -> np.ndarray:
+        """Encode ``M`` views (each ``(2N, H, W, 3)`` uint8) in one VAE call -> float32 ``(M, 16, F, h, w)``."""
+        stack = torch.stack(pixel_views)                    # (M, 2N, H, W, 3)
+        n = len(self.cameras)
+        latents = self.encode_sequence(self.layout, self.vae, stack[:, :n], stack[:, n:])
+        return latents[:, :, self.frames].numpy()
+
+
+def _write_tar(path: Path, records: list[bytes]) -> int:
+    """Write whole sample records into the tar ``path`` atomically; returns its size in bytes."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+        size = 0
+        for rec in records:
+            stream.write(rec)
+            size += len(rec)
+        size += 2 * BLOCK
+        stream.write(b"\0" * (2 * BLOCK + (-size % RECORD)))
+        stream.flush()
+        os.fsync(stream.fileno())
+    return path.stat().st_size
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = None, augment: bool = True,
+                       augment_views: int = 4, seed: int = 0, dtype: str = "float16", batch_size: int = 16,
+                       embodiment: str | Path | None = None, progress: bool = True) -> Path:
+    """Encode every sample of a converted dataset once; see the module docstring for the format.
+
+    Resumable: a latent shard is written under a temporary name and renamed when complete, and a re-run
+    skips the shards already listed in the cache manifest.
+
+    Args:
+        data_dir: converted (pixel) dataset directory.
+        vae: the model's VAE: local directory or hub id (e.g. ``assets/tiny_wan_vae``), a config dict, or
+            a loaded :class:`~cosmos_policy_lightning.model.backbone.VideoVAE`.
+        output: cache directory; default ``<data_dir>/latents``.
+        augment: whether the data module augments (view 0 is then the test-time centre crop).
+        augment_views: random augmented views per training sample (0 = only the test-time view).
+        seed: base seed of the augmentation parameters.
+        dtype: ``float16`` (half the disk, |error| ~1e-3 of latents of unit scale) or ``float32`` (exact).
+        batch_size: samples per VAE call (each brings its views).
+        embodiment: embodiment YAML (default: the manifest's).
+        progress: show a progress bar.
+
+    Returns:
+        the cache directory.
+
+    Raises:
+        DataError: the dataset is missing or incomplete, or ``output`` holds a cache with another
+            fingerprint (one line naming what differs).
+    """
+    from tqdm.auto import tqdm
+
+    from ..model.backbone import VideoVAE
+    from ..model.module import resolve_path
+    from .datamodule import read_dataset_info
+
+    if dtype not in DTYPES:
+        raise DataError(f"cache-latents: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if isinstance(augment_views, bool) or not isinstance(augment_views, int) or augment_views < 0:
+        raise DataError(f"cache-latents: augment_views must be an integer >= 0, got {augment_views!r}")
+    info = read_dataset_info(data_dir, embodiment)
+    layout = SequenceLayout.from_embodiment(info.embodiment)
+    out = Path(output) if output is not None else info.data_dir / "latents"
+    model_vae = vae if isinstance(vae, VideoVAE) else VideoVAE(resolve_path(vae))
+    want = cache_fingerprint(layout, info.embodiment.image_size, model_vae.weights_fingerprint(), augment,
+                             augment_views, seed, dtype, info.stats.fingerprint)
+    manifest = read_cache_manifest(out)
+    if manifest is not None:
+        refuse_other_fingerprint(manifest, want, out)
+        if manifest.get("status") == "complete":
+            return out
+    done = {e["name"]: e for e in (manifest or {}).get("shards", [])}
+    jobs = [(split, Path(p)) for split in S.SPLITS for p in info.splits[split].shards]
+    total = sum(n or 0 for split in S.SPLITS for n in info.splits[split].samples)
+    encoder = _ViewEncoder(info.embodiment, layout, model_vae, augment, augment_views, seed)
+    np_dtype = DTYPES[dtype]
+
+    def save(status: str) -> None:
+        write_json_atomic(out / S.MANIFEST, {
+            "status": status, "fingerprint": want, "frames": kept_frames(layout),
+            "views": {"train": 1 + want["augment_views"], "validation": 1},
+            "source": str(info.data_dir), "shards": [done[p.name] for _, p in jobs if p.name in done]})
+
+    out.mkdir(parents=True, exist_ok=True)
+    save("incomplete")
+    import webdataset as wds
+
+    bar = tqdm(total=total or None, desc=f"cache-latents {info.data_dir.name}", unit="sample", disable=not progress,
+               initial=sum(e["samples"] for e in done.values()))
+    for split, shard in jobs:
+        if shard.name in done and (out / shard.name).is_file():
+            continue
+        records, pending = [], []
+
+        def flush() -> None:
+            views = [v for _, _, vs in pending for v in vs]
+            latents = encoder.encode(views) if views else np.zeros(0)
+            i = 0
+            for key, sample, vs in pending:
+                members = {m: sample[m] for m in PASSTHROUGH}
+                members[LATENTS] = _npy(latents[i:i + len(vs)].astype(np_dtype))
+                i += len(vs)
+                records.append(sample_record(key, members))
+            bar.update(len(pending))
+            pending.clear()
+
+        for sample in wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples()):
+            key = sample["__key__"]
+            missing = [m for m in PASSTHROUGH if m not in sample]
+            if missing:
+                raise DataError(f"{shard}: sample {key} lacks member(s) {', '.join(missing)}")
+            pending.append((key, sample, encoder.pixels(sample, key, split == "train")))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        _write_tar(out / shard.name, records)
+        done[shard.name] = {"name": shard.name, "split": split, "samples": len(records)}
+        save("incomplete")
+    bar.close()
+    save("complete")
+    return out
+
+
+def cache_latents(data_dir: Path, vae: str = "assets/tiny_wan_vae", output: Path | None = None,
+                  augment: bool = True, augment_views: int = 4, seed: int = 0, dtype: str = "float16",
+                  batch_size: int = 16, embodiment: Path | None = None, threads: int | None = None) -> None:
+    """Encode a converted dataset's pixel sequences once with the frozen VAE, for fast training.
+
+    Training then reads ``latents.npy`` instead of JPEGs and skips the VAE (set ``data.latent_cache:
+    true`` in a recipe, which also runs this stage on first use). See ``docs/datamodule.md``.
+
+    Args:
+        data_dir: converted dataset directory (``cosmos-policy convert`` output).
+        vae: the model's VAE: local directory or hub id (must be the recipe's ``model.vae``).
+        output: cache directory (default ``DATA_DIR/latents``).
+        augment: the data module augments images (paper §IV-A); view 0 is then the test-time centre crop.
+        augment_views: random augmented views stored per training sample (plus view 0).
+        seed: seed of the augmentation parameters.
+        dtype: storage dtype, ``float16`` or ``float32``.
+        batch_size: samples per VAE call.
+        embodiment: embodiment YAML (default: the dataset manifest's).
+        threads: torch threads for encoding (default: all cores).
+    """
+    if threads:
+        torch.set_num_threads(int(threads))
+    out = build_latent_cache(data_dir, vae, output, augment, augment_views, seed, dtype, batch_size, embodiment)
+    print(f"latent cache: {out}")
+
+
+__all__ = ["build_latent_cache", "cache_latents", "cache_fingerprint", "check_cache_matches_model", "kept_frames",
+           "read_cache_manifest", "fingerprint_difference", "LATENTS"]
