@@ -33,7 +33,8 @@ from . import diffusion
 from .backbone import VideoDiT, VideoVAE
 from .predict import predict_batch
 from .schedule import lr_multiplier
-from .sequence import build_pixel_sequence, inject_vectors, read_vectors, unit_range_to_images, value_to_unit
+from .skill import ErrorTable, skill_metrics
+from .sequence import encode_pixel_sequence, inject_vectors, read_vectors, unit_range_to_images, value_to_unit
 from .rng import rank_generator, run_seed
 from .text import T5_MAX_TOKENS, pad_text_tokens, uses_padded_text
 from .warm_start import load_dit_weights
@@ -143,8 +144,9 @@ class CosmosPolicyModule(L.LightningModule):
         self.test_l1 = nn.ModuleDict({n: MeanMetric() for n in names})
         self.val_loss = MeanMetric()
         a, p = self.embodiment.action, self.embodiment.proprio
-        self.test_action_mae = nn.ModuleList([MeanMetric() for _ in range(a.dim)])
-        self.test_future_proprio_mae = nn.ModuleList([MeanMetric() for _ in range(p.dim)])
+        # Sampled errors next to the trivial baselines, robot units and normalised (model/skill.py).
+        self.test_action_errors = ErrorTable(["model", "model_n", "baseline", "baseline_n"], a.dim)
+        self.test_future_proprio_errors = ErrorTable(["model", "model_n", "baseline", "baseline_n"], p.dim)
         self.test_value_mae = MeanMetric()
         self.test_value_auroc = BinaryAUROC()
         self.test_count, self.test_successes = SumMetric(), SumMetric()
@@ -188,6 +190,11 @@ class CosmosPolicyModule(L.LightningModule):
                 self.stats = dm.stats
             self.text_encoder_identity = self.text_encoder_identity or getattr(dm, "text_encoder_identity", None)
             self.center_crop = bool(getattr(dm, "center_crop", self.center_crop))
+        cache = getattr(dm, "cache_manifest", None) if dm is not None else None
+        if cache is not None:
+            from ..data.latent_cache import check_cache_matches_model
+
+            check_cache_matches_model(cache, dm.cache_dir, self.vae.weights_fingerprint(), self.layout)
 
     def normalizer(self, modality: str) -> Normalizer:
         """Normaliser of ``action`` / ``proprio`` from the checkpoint's statistics."""
@@ -214,9 +221,12 @@ class CosmosPolicyModule(L.LightningModule):
     # ------------------------------------------------------------------ the shared forward pieces
     @torch.no_grad()
     def encode_batch(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Clean latents ``(B, 16, T, h, w)`` of a batch: pixel sequence -> VAE -> injected vectors."""
-        pixels = build_pixel_sequence(self.layout, batch["images"], batch["future_images"])
-        latents = self.vae.encode(pixels).float()
+        """Clean latents ``(B, 16, T, h, w)`` of a batch: pixel sequence -> VAE -> injected vectors. A batch
+        from the latent cache (``data/latent_cache.py``) brings the VAE's output as ``latents``."""
+        if "latents" in batch:
+            latents = batch["latents"].float().clone()
+        else:
+            latents = encode_pixel_sequence(self.layout, self.vae, batch["images"], batch["future_images"])
         return inject_vectors(latents, self.layout, batch["proprio"], batch["future_proprio"],
                               batch["actions"], batch["value"])
 
@@ -253,14 +263,21 @@ class CosmosPolicyModule(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, clean: torch.Tensor, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None,
-                 num_steps: int = 5, generator: torch.Generator | None = None) -> torch.Tensor:
+                 num_steps: int = 5, generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample the non-conditioning frames with the SPEC §3 sampler; conditioning frames come back clean.
+
+        Args:
+            noise: the sampler's starting noise, unit normal ``(B, C, T, h, w)`` like ``clean`` (the
+                sampler scales it to sigma_max); drawn from ``generator`` when None. The sampler draws
+                nothing else, so equal noise gives equal latents.
 
         Returns:
             ``(B, C, T, h, w)`` generated latents.
         """
         assert self.dit is not None, "call configure_model() first"
-        noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+        if noise is None:
+            noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
         return diffusion.sample(diffusion.Denoiser(self._network(cond, text, text_mask), clean, cond), noise,
                                 num_steps)
 
@@ -328,15 +345,25 @@ class CosmosPolicyModule(L.LightningModule):
         text, text_mask = batch["text"], batch.get("text_mask")
         steps = self.hparams.test_num_steps
         emb = self.embodiment
-        pred = predict_batch(self, batch, steps, x0=x0)  # the direct policy, in robot units
+        pred = predict_batch(self, batch, steps, x0=x0)  # the direct policy, robot units and normalised
         success = batch["success"].bool()
         if success.any():
-            act_err = (pred["actions"] - pred["true_actions"])[success.cpu()].to(x0.device)
-            for d, metric in enumerate(self.test_action_mae):
-                metric.update(act_err[..., d].abs())
-        prop_err = (pred["future_proprio"] - pred["true_future_proprio"]).to(x0.device)
-        for d, metric in enumerate(self.test_future_proprio_mae):
-            metric.update(prop_err[..., d].abs())
+            # Baseline: the training-set mean action (of the successful episodes the policy learns from).
+            norm = self.normalizer("action")
+            mean = torch.as_tensor(norm.stats.mean, dtype=torch.float32)
+            mean_n = torch.as_tensor(norm.normalize(norm.stats.mean.astype("float64")), dtype=torch.float32)
+            for name, units in (("", "model"), ("_normalized", "model_n")):
+                sel = success.cpu()
+                true = pred[f"true_actions{name}"][sel]
+                self.test_action_errors.update(units, (pred[f"actions{name}"][sel] - true).to(x0.device))
+                baseline = mean if not name else mean_n
+                self.test_action_errors.update(units.replace("model", "baseline"), (true - baseline).to(x0.device))
+        for name, units in (("", "model"), ("_normalized", "model_n")):
+            true = pred[f"true_future_proprio{name}"]
+            self.test_future_proprio_errors.update(units, (pred[f"future_proprio{name}"] - true).to(x0.device))
+            # Baseline: no motion (the future proprio is the current one).
+            self.test_future_proprio_errors.update(units.replace("model", "baseline"),
+                                                   (pred[f"proprio{name}"] - true).to(x0.device))
         val = self.cond_table[OBJECTIVES.index("value")].expand(b, -1)
         value = read_vectors(self.generate(x0, val, text, text_mask, steps), self.layout, emb.proprio.dim,
                              emb.action.chunk_size, emb.action.dim)["value"]
@@ -353,13 +380,17 @@ class CosmosPolicyModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test/l1", self.test_l1)
         emb = self.embodiment
-        for prefix, names, metrics in (
-                ("test/action_mae", emb.action.names or [str(i) for i in range(emb.action.dim)], self.test_action_mae),
-                ("test/future_proprio_mae", emb.proprio.names or [str(i) for i in range(emb.proprio.dim)],
-                 self.test_future_proprio_mae)):
-            values = self._log_metrics(prefix, dict(zip(names, metrics)))
-            if values:
-                self.log(prefix, torch.stack(values).mean())
+        for prefix, baseline, names, table in (
+                ("test/action", "mean_baseline", emb.action.names or [str(i) for i in range(emb.action.dim)],
+                 self.test_action_errors),
+                ("test/future_proprio", "copy_baseline",
+                 emb.proprio.names or [str(i) for i in range(emb.proprio.dim)], self.test_future_proprio_errors)):
+            mae = {p: table.compute(p) for p in ("model", "model_n", "baseline", "baseline_n")}
+            for name, value in skill_metrics(prefix, baseline, list(names),
+                                             {False: mae["model"], True: mae["model_n"]},
+                                             {False: mae["baseline"], True: mae["baseline_n"]}).items():
+                self.log(name, value)
+            table.reset()
         self._log_metrics("test", {"value_mae": self.test_value_mae})
         # AUROC needs both classes among all ranks' samples; the counts are synced like the metric.
         n, positives = self.test_count.compute(), self.test_successes.compute()
@@ -417,13 +448,19 @@ class CosmosPolicyModule(L.LightningModule):
     # ------------------------------------------------------------------ pictures
     @torch.no_grad()
     def decode_future_frames(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode each future-camera latent frame: ``(B, C, T, h, w)`` -> uint8 ``(B, N, H, W, 3)``.
+        """Decode each future-camera latent frame: ``(B, C, T, h, w)`` -> uint8 ``(B, N, H, W, 3)``."""
+        return self.decode_camera_frames(latents, "future_image")
+
+    @torch.no_grad()
+    def decode_camera_frames(self, latents: torch.Tensor, slot: str = "future_image") -> torch.Tensor:
+        """Decode the ``slot`` (``image`` or ``future_image``) latent frame of every camera:
+        ``(B, C, T, h, w)`` -> uint8 ``(B, N, H, W, 3)``.
 
         Each frame is decoded after the blank frame (a 2-latent clip -> 5 pixel frames, the last kept),
         so injected vector frames never leak into the picture through the causal VAE."""
         frames = []
         for cam in self.layout.camera_names:
-            clip = torch.stack([latents[:, :, 0], latents[:, :, self.layout.index(f"future_image/{cam}")]], dim=2)
+            clip = torch.stack([latents[:, :, 0], latents[:, :, self.layout.index(f"{slot}/{cam}")]], dim=2)
             frames.append(self.vae.decode(clip)[:, :, -1])
         return unit_range_to_images(torch.stack(frames, dim=1).float())
 
@@ -435,7 +472,11 @@ class CosmosPolicyModule(L.LightningModule):
             return
         n = min(max_samples, x0_pred.shape[0])
         pred = self.decode_future_frames(x0_pred[:n])                      # (n, N, H, W, 3)
-        cur, fut = batch["images"][:n].to(pred.device), batch["future_images"][:n].to(pred.device)
+        if "images" in batch:
+            cur, fut = batch["images"][:n].to(pred.device), batch["future_images"][:n].to(pred.device)
+        else:  # latent-cache batch: the VAE's reconstruction of the stored current and future frames
+            cur, fut = self.decode_camera_frames(batch["latents"][:n].float(), "image"), \
+                self.decode_camera_frames(batch["latents"][:n].float(), "future_image")
         rows = [torch.cat([torch.cat(list(x[i]), dim=1) for x in (cur, fut, pred)], dim=1) for i in range(n)]
         grid = torch.cat(rows, dim=0)                                      # (n*H, 3*N*W, 3)
         experiment.add_image(tag, grid.cpu().numpy(), self.global_step, dataformats="HWC")

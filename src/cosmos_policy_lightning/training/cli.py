@@ -24,6 +24,8 @@ class CosmosPolicyCLI(LightningCLI):
                               apply_on="instantiate")
         parser.link_arguments("data", "model.init_args.text_dim", compute_fn=lambda dm: dm.text_dim,
                               apply_on="instantiate")
+        # The latent cache is encoded by the model's VAE: one setting, never written twice.
+        parser.link_arguments("model.init_args.vae", "data.init_args.vae", apply_on="parse")
 
 
 def _embodiment_dict(dm) -> dict:
