@@ -213,18 +213,26 @@ def _prefill_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> Non
 
 def test_hub_source_from_a_prefilled_cache_offline(reference, imported, tmp_path):
     cache = tmp_path / "hub"
-    _prefill_hub_cache(cache, "nvidia/Cosmos-Policy-Toy", {"Cosmos-Policy-Toy.pt": reference["pt"]})
+    root = reference["root"]
+    _prefill_hub_cache(cache, "nvidia/Cosmos-Policy-Toy", {"Cosmos-Policy-Toy.pt": reference["pt"],
+                                                          "toy_dataset_statistics.json": root / "dataset_statistics.json",
+                                                          "toy_t5_embeddings.pkl": root / "t5_embeddings.pkl"})
     source = "nvidia/Cosmos-Policy-Toy/Cosmos-Policy-Toy.pt"
     assert is_reference_checkpoint(source)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "cosmos_policy_lightning.cli", "import-checkpoint", source,
                           "--embodiment", str(reference["embodiment"]), "--output", str(tmp_path / "hub.ckpt"),
-                          "--transformer", json.dumps(TINY), "--vae", reference["vae"]],
+                          "--transformer", json.dumps(TINY), "--vae", reference["vae"],
+                          "--stats", "nvidia/Cosmos-Policy-Toy/toy_dataset_statistics.json",
+                          "--t5_embeddings", "nvidia/Cosmos-Policy-Toy/toy_t5_embeddings.pkl"],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     ours = torch.load(tmp_path / "hub.ckpt", map_location="cpu", weights_only=False)
     local = torch.load(imported[0], map_location="cpu", weights_only=False)
     assert ours[CHECKPOINT_KEY]["imported_from"]["source"] == source
+    assert ours[CHECKPOINT_KEY]["stats"]["meta"]["source"] == "nvidia/Cosmos-Policy-Toy/toy_dataset_statistics.json"
+    assert ours[CHECKPOINT_KEY]["stats"]["all"] == local[CHECKPOINT_KEY]["stats"]["all"]
+    assert sorted(ours[CHECKPOINT_KEY]["text_embeddings"]) == sorted(INSTRUCTIONS)
     for key, value in local["state_dict"].items():
         assert torch.equal(ours["state_dict"][key], value), key
     # a file the cache does not hold: one line, no traceback

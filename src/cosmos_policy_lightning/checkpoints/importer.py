@@ -27,7 +27,7 @@ from ..embodiment import load_embodiment
 from ..errors import CosmosPolicyError
 from ..layout import SequenceLayout
 from ..model.backbone import WAN21_VAE
-from ..model.reference_weights import load_reference_transformer
+from ..model.reference_weights import fetch_file, load_reference_transformer
 from ..model.text import T5_MAX_TOKENS, TextEmbeddingCache
 from .reference import REFERENCE_T5_IDENTITY, PrecomputedTextEncoder, read_reference_stats, read_t5_embeddings
 
@@ -40,8 +40,8 @@ def import_checkpoint(
     embodiment: Path | None = None,
     output: Path | None = None,
     transformer: str | dict = "cosmos-predict2-2b",
-    stats: Path | None = None,
-    t5_embeddings: Path | None = None,
+    stats: str | None = None,
+    t5_embeddings: str | None = None,
     ema: bool = False,
     vae: str = WAN21_VAE[0],
     text_encoder: str = REFERENCE_T5_IDENTITY,
@@ -59,9 +59,11 @@ def import_checkpoint(
         embodiment: the robot's embodiment YAML (its cameras in the reference's latent-slot order); required.
         output: the ``.ckpt`` to write; required.
         transformer: DiT configuration the weights must match (``cosmos-predict2-2b``, or a dict).
-        stats: the reference's ``dataset_statistics.json`` (needed for inference; fine-tuning takes the
-            statistics of its own data).
-        t5_embeddings: the reference's ``t5_embeddings.pkl`` ({instruction: (1, 512, 1024)}).
+        stats: the reference's ``dataset_statistics.json``, local or ``<org>/<repo>/<file>`` on the Hub
+            (e.g. ``nvidia/Cosmos-Policy-LIBERO-Predict2-2B/libero_dataset_statistics.json``); needed for
+            inference (fine-tuning takes the statistics of its own data).
+        t5_embeddings: the reference's T5 pickle ({instruction: (1, 512, 1024)}), local or on the Hub
+            (e.g. ``nvidia/Cosmos-Policy-LIBERO-Predict2-2B/libero_t5_embeddings.pkl``).
         ema: take the EMA weights (``net_ema.``) instead of ``net.``.
         vae: the VAE the checkpoint records (hub id or directory; the reference uses Wan2.1's).
         text_encoder: identity recorded for the text (the reference's ``t5:google-t5/t5-11b``): the
@@ -95,12 +97,15 @@ def import_checkpoint(
     print(f"reading {source} ...", flush=True)
     dit = load_reference_transformer(source, transformer, ema=ema, torch_dtype=torch_dtype, trust_pickle=trust_pickle)
     text_dim = int(dit.config.text_embed_dim)
-    dataset_stats = read_reference_stats(stats, emb) if stats is not None else None
+    dataset_stats = None
+    if stats is not None:
+        dataset_stats = read_reference_stats(fetch_file(stats, "statistics file"), emb)
+        dataset_stats.meta["source"] = os.fspath(stats)  # the name given (a Hub file, not its cache path)
 
     embeddings: dict[str, Any] = {}
     cache_dir = None
     if t5_embeddings is not None:
-        table = read_t5_embeddings(t5_embeddings, dim=text_dim)
+        table = read_t5_embeddings(fetch_file(t5_embeddings, "T5 embedding file"), dim=text_dim)
         embeddings = {text: torch.from_numpy(e).to(torch.float16) for text, e in table.items()}
         if not all(torch.isfinite(e).all() for e in embeddings.values()):
             raise CosmosPolicyError(f"{t5_embeddings}: embeddings overflow float16")

@@ -48,21 +48,20 @@ def is_reference_checkpoint(source: Any) -> bool:
     return os.path.isfile(text) or len(text.strip("/").split("/")) >= 3
 
 
-def resolve_reference_file(source: str | os.PathLike) -> Path:
-    """A local path for ``source``: the file itself, or the Hub file ``<org>/<repo>/<path>`` downloaded
-    (or found in the Hub cache, e.g. with ``HF_HUB_OFFLINE=1``) with ``huggingface_hub``.
+def fetch_file(source: str | os.PathLike, what: str = "file") -> Path:
+    """A local path for ``source``: the file itself, or the Hub file ``<org>/<repo>/<path in repo>``
+    downloaded (or found in the Hub cache, e.g. with ``HF_HUB_OFFLINE=1``) with ``huggingface_hub``.
 
     Raises:
-        CosmosPolicyError: not a ``.pt`` / ``.pth`` file, or the Hub file cannot be fetched (one line).
+        CosmosPolicyError: no such local file and not a Hub file name, or the Hub file cannot be
+            fetched (one line).
     """
     text = os.fspath(source)
     if os.path.isfile(text):
         return Path(text)
-    if not text.endswith(REFERENCE_SUFFIXES):
-        raise CosmosPolicyError(f"{text}: expected a reference checkpoint file ending in .pt or .pth")
     parts = text.strip("/").split("/")
     if len(parts) < 3 or text.startswith((".", "/")):
-        raise CosmosPolicyError(f"{text}: file not found (a Hub file is written <org>/<repo>/<file>.pt)")
+        raise CosmosPolicyError(f"{text}: {what} not found (a Hub file is written <org>/<repo>/<file>)")
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
     from huggingface_hub import hf_hub_download
 
@@ -72,6 +71,18 @@ def resolve_reference_file(source: str | os.PathLike) -> Path:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CosmosPolicyError(f"{text}: cannot fetch {filename!r} from the Hub repository {repo_id!r} "
                                 f"({type(err).__name__}: {first})") from None
+
+
+def resolve_reference_file(source: str | os.PathLike) -> Path:
+    """:func:`fetch_file` for a reference checkpoint (``.pt`` / ``.pth``).
+
+    Raises:
+        CosmosPolicyError: not a ``.pt`` / ``.pth`` file, or it cannot be found or fetched (one line).
+    """
+    text = os.fspath(source)
+    if not os.path.isfile(text) and not text.endswith(REFERENCE_SUFFIXES):
+        raise CosmosPolicyError(f"{text}: expected a reference checkpoint file ending in .pt or .pth")
+    return fetch_file(text, "checkpoint file")
 
 
 def read_reference_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, Any]:
