@@ -92,6 +92,22 @@ def test_batched_observations_and_samples_in_one_forward(policy):
     assert single.actions.shape == (3, K, A)
 
 
+def test_one_seed_per_observation_makes_batching_invisible(policy):
+    obs = [observation(13), observation(14), observation(15)]
+    for decoding in ("parallel", "autoregressive"):
+        batched = policy(obs, seed=[5, 6, 7], num_steps=2, decoding=decoding, decode_images=False)
+        for i, seed in enumerate((5, 6, 7)):
+            alone = policy(obs[i], seed=seed, num_steps=2, decoding=decoding, decode_images=False)
+            np.testing.assert_allclose(batched.actions[i], alone.actions, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(batched.value[i], alone.value, rtol=1e-5, atol=1e-5)
+    # with S samples each, observation b's samples are those of a call with b alone
+    both = policy(obs[:2], seed=[5, 6], num_samples=2, num_steps=2, decode_images=False)
+    alone = policy(obs[1], seed=6, num_samples=2, num_steps=2, decode_images=False)
+    np.testing.assert_allclose(both.actions[1], alone.actions, rtol=1e-5, atol=1e-5)
+    with pytest.raises(CosmosPolicyError, match="got 2 seeds for 3 observations"):
+        policy(obs, seed=[1, 2])
+
+
 def test_autoregressive_conditions_each_stage_on_the_previous(policy):
     obs = observation(5)
     seen = []

@@ -305,19 +305,29 @@ class CosmosPolicy:
 
     @torch.no_grad()
     def sample(self, clean: torch.Tensor, objective: str, text: torch.Tensor, text_mask: torch.Tensor,
-               num_steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+               num_steps: int, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
         """Generate the non-conditioning frames of ``objective`` (SPEC §3 sampler, ``num_steps`` network
-        calls), in micro-batches of at most ``max_batch``. Returns ``(B, 16, T, h, w)`` float32."""
+        calls), in micro-batches of at most ``max_batch``. Returns ``(B, 16, T, h, w)`` float32.
+
+        ``generator`` may be a list of G generators (B divisible by G): rows ``g * B/G ... (g+1) * B/G - 1``
+        then draw their noise from generator g alone, exactly as a call with those rows only would, so
+        a row's result does not depend on what it is batched with (see :meth:`predict`'s ``seed``)."""
         if num_steps < 1:
             raise CosmosPolicyError(f"policy: num_steps must be >= 1, got {num_steps}")
         b = clean.shape[0]
         step = self.max_batch or b
+        noise = None
+        if isinstance(generator, (list, tuple)):
+            rows = b // len(generator)
+            noise = torch.cat([torch.randn((rows, *clean.shape[1:]), generator=g, device=clean.device,
+                                           dtype=clean.dtype) for g in generator])
         outs = []
         for i in range(0, b, step):
             sl = slice(i, i + step)
             n = clean[sl].shape[0]
             outs.append(self.module.generate(clean[sl], self.condition_mask(objective, n), text[sl], text_mask[sl],
-                                             num_steps=num_steps, generator=generator))
+                                             num_steps=num_steps, generator=None if noise is not None else generator,
+                                             noise=None if noise is None else noise[sl]))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def read(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -337,14 +347,20 @@ class CosmosPolicy:
         out[:, :, self.layout.index(slot)] = inject(vector.to(out.dtype), shape, vector_ndim=ndim)
         return out
 
-    def generator(self, seed: int | None) -> torch.Generator | None:
-        """A generator on the policy's device seeded with ``seed`` (None: torch's global RNG)."""
-        return None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
+    def generator(self, seed: int | Sequence[int] | None) -> torch.Generator | list[torch.Generator] | None:
+        """A generator on the policy's device seeded with ``seed`` (None: torch's global RNG), or one
+        generator per seed for a list of seeds."""
+        if seed is None:
+            return None
+        if isinstance(seed, (list, tuple, np.ndarray)):
+            return [torch.Generator(device=self.device).manual_seed(int(s)) for s in seed]
+        return torch.Generator(device=self.device).manual_seed(int(seed))
 
     # ------------------------------------------------------------------ the policy
     @torch.no_grad()
     def predict(self, observation: Observation | Mapping[str, Any] | Sequence[Observation | Mapping[str, Any]],
-                num_steps: int = 5, seed: int | None = None, num_samples: int = 1, decoding: Decoding = "parallel",
+                num_steps: int = 5, seed: int | Sequence[int] | None = None, num_samples: int = 1,
+                decoding: Decoding = "parallel",
                 stage_steps: tuple[int, int, int] | None = None, decode_images: bool = True,
                 instruction: str | None = None) -> PolicyOutput:
         """Sample action chunks (and future state and value) for one or B observations.
@@ -356,6 +372,10 @@ class CosmosPolicy:
             num_steps: denoising steps (network calls) per sampling run (SPEC §3: 5; 1 = one x0 prediction).
             seed: seed of the sampling noise; the same seed gives the same actions. None: global RNG.
             num_samples: S independent samples per observation, all in the same forward passes.
+                A list of B seeds (one per observation) gives every observation its own noise stream:
+                its result is then that of a call with this observation alone and its seed, whatever
+                it is batched with (up to floating-point reassociation in batched kernels). A policy
+                server batches the requests of several clients this way.
             decoding: ``parallel`` (one run, policy mask) or ``autoregressive`` (action, then future
                 state, then value).
             stage_steps: autoregressive only: steps of the (action, future state, value) stages;
@@ -381,6 +401,8 @@ class CosmosPolicy:
         text = batch.text.repeat_interleave(num_samples, 0)
         mask = batch.text_mask.repeat_interleave(num_samples, 0)
         gen = self.generator(seed)
+        if isinstance(seed, (list, tuple, np.ndarray)) and len(seed) != batch.size:
+            raise CosmosPolicyError(f"policy: got {len(seed)} seeds for {batch.size} observations (one each)")
         if decoding == "parallel":
             latents = self.sample(clean, "policy", text, mask, num_steps, gen)
             out = self.read(latents)
