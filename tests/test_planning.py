@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cosmos_policy_lightning.errors import CosmosPolicyError
+from cosmos_policy_lightning.inference.ensemble import member_seeds, member_steps
 from cosmos_policy_lightning.inference.planning import Planner, aggregate, majority_mean
 from cosmos_policy_lightning.inference.policy import CosmosPolicy
 from cosmos_policy_lightning.model.sequence import read_vectors
@@ -80,7 +81,8 @@ class KnownValues:
         self.table = table          # (N, F, V)
         self.seen = None
 
-    def evaluate_actions(self, observation, actions, num_futures, num_values, world_model_steps, value_steps, seed):
+    def evaluate_actions(self, observation, actions, num_futures, num_values, world_model_steps, value_steps, seed,
+                         ensemble_steps="linspace"):
         self.seen = np.asarray(actions)
         assert self.table.shape == (len(actions), num_futures, num_values)
         return SimpleNamespace(values=self.table, future_proprio=None)
@@ -123,7 +125,7 @@ def test_real_planning_batches_every_stage_on_one_device(policy):
     policy.encode = lambda batch, _encode=policy.encode: encodes.append(batch.size) or _encode(batch)
     try:
         planner = Planner(policy, num_proposals=4, num_futures=2, num_values=3, policy_steps=2,
-                          world_model_steps=2, value_steps=1)
+                          world_model_steps=2, value_steps=1, ensemble_steps="equal")
         plan = planner.plan(observation(3), seed=9)
     finally:
         handle.remove()
@@ -136,6 +138,61 @@ def test_real_planning_batches_every_stage_on_one_device(policy):
     again = planner.plan(observation(3), seed=9)
     np.testing.assert_array_equal(again.actions, plan.actions)
     np.testing.assert_array_equal(again.values, plan.values)
+
+
+@pytest.mark.parametrize("steps, members, expected", [
+    (5, 3, [1, 3, 5]), (5, 5, [1, 2, 3, 4, 5]), (10, 3, [1, 5, 10]), (5, 4, [1, 2, 3, 5]), (5, 1, [5]),
+    (1, 3, [1, 1, 1])])
+def test_ensemble_members_get_the_reference_linspace_step_counts(steps, members, expected):
+    assert member_steps(steps, members) == expected                      # np.linspace(1, steps, n).astype(int)
+    assert member_steps(steps, members, "equal") == [steps] * members
+    assert member_seeds(7, members) == [7 + i for i in range(members)]
+
+
+def test_default_planning_spreads_steps_batches_equal_counts_and_seeds_each_member(policy):
+    """F = 3 futures at 5 steps -> members with 1, 3, 5 steps; V = 5 values at 5 steps -> 1 .. 5: one
+    batched call per step count and member, and each member's result is the one it gets alone with its
+    own seed (seed + i) and step count."""
+    calls = []
+    handle = policy.module.dit.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    acts = np.random.default_rng(0).uniform(-1, 1, (2, K, A))
+    try:
+        ev = policy.evaluate_actions(observation(5), acts, num_futures=3, num_values=5, world_model_steps=5,
+                                     value_steps=5, seed=11)
+    finally:
+        handle.remove()
+    # futures: N=2 rows per member, 1 + 3 + 5 network calls; values: N*F=6 rows per member, 1+2+3+4+5 calls
+    assert calls == [2] * (1 + 3 + 5) + [6] * (1 + 2 + 3 + 4 + 5)
+    assert ev.values.shape == (2, 3, 5) and ev.future_proprio.shape == (2, 3, P)
+    # future member 2 (5 steps, seed 11 + 2) alone: the same future proprio as inside the ensemble
+    alone = policy.evaluate_actions(observation(5), acts, num_futures=1, num_values=1, world_model_steps=5,
+                                    value_steps=1, seed=13)
+    np.testing.assert_allclose(alone.future_proprio[:, 0], ev.future_proprio[:, 2], rtol=1e-4, atol=1e-5)
+    # micro-batches of max_batch rows give the same ensemble
+    policy.max_batch = 4
+    try:
+        small = policy.evaluate_actions(observation(5), acts, num_futures=3, num_values=5, world_model_steps=5,
+                                        value_steps=5, seed=11)
+    finally:
+        policy.max_batch = None
+    np.testing.assert_allclose(small.values, ev.values, rtol=1e-4, atol=1e-5)
+    # the equal-steps option: all members at 5 steps, one call per step for all 2 x 3 rows
+    calls.clear()
+    handle = policy.module.dit.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    try:
+        policy.evaluate_actions(observation(5), acts, num_futures=3, num_values=2, world_model_steps=5,
+                                value_steps=2, seed=11, ensemble_steps="equal")
+    finally:
+        handle.remove()
+    assert calls == [6] * 5 + [12] * 2
+
+
+def test_planner_defaults_to_the_checkpoints_policy_steps_and_linspace(policy):
+    planner = Planner(policy)
+    assert planner.policy_steps == policy.module.hparams.test_num_steps
+    assert planner.ensemble_steps == "linspace" and (planner.world_model_steps, planner.value_steps) == (5, 5)
+    with pytest.raises(CosmosPolicyError, match="ensemble_steps must be one of linspace, equal"):
+        Planner(policy, ensemble_steps="random")
 
 
 def test_dual_deployment_renormalises_proposals_and_uses_the_v_of_s_prime_mask(policy, other_model):
@@ -151,10 +208,11 @@ def test_dual_deployment_renormalises_proposals_and_uses_the_v_of_s_prime_mask(p
     (x_wm, cond_wm), (x_v, cond_v) = seen
     assert torch.equal(cond_wm[0], torch.tensor(lay.conditioning_mask("world_model")))
     assert torch.equal(cond_v[0], torch.tensor(lay.conditioning_mask("value_future_state")))
-    # the planning model's world-model stage sees the proposals in ITS normalisation, F copies each
+    # the planning model's world-model stage sees the proposals in ITS normalisation, F copies of each
     own = other_model.action_normalizer.normalize(torch.as_tensor(plan.proposals, dtype=torch.float64))
     injected = read_vectors(x_wm, lay, P, K, A)["actions"]
-    torch.testing.assert_close(injected, own.float().repeat_interleave(2, 0), atol=1e-4, rtol=1e-4)
+    # one batched call for both future members (1 step each), member-major: member 0's N rows, then member 1's
+    torch.testing.assert_close(injected, own.float().repeat(2, 1, 1), atol=1e-4, rtol=1e-4)
     theirs = policy.action_normalizer.normalize(torch.as_tensor(plan.proposals, dtype=torch.float64))
     assert (own - theirs).abs().max() > 1e-3   # the two checkpoints really normalise differently
     assert x_v.shape[0] == 2 * 2 * 2

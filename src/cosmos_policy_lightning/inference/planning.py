@@ -8,7 +8,10 @@ Per action chunk:
    deployment") -- predicts F future states per proposal (world-model mask, conditioned on the
    observation and the proposal) and V values per future state (value mask, or the V(s') mask of a
    model fine-tuned with it): ``N x F`` then ``N x F x V`` samples, each stage batched through the
-   network on one device (the reference spreads the candidates over 8 GPUs);
+   network on one device (the reference spreads the candidates over 8 GPUs). As in the reference,
+   ensemble member i uses seed ``seed + i`` and ``linspace(1, steps, members)[i]`` denoising steps
+   (``inference/ensemble.py``: futures with 1, 3, 5 steps, values with 1 .. 5; ``ensemble_steps=
+   "equal"`` gives all the stage's steps); members with equal step counts share one batched call;
 3. the ``F x V`` values of each proposal are aggregated into one score, and the proposal with the
    highest score is executed (ties: the lowest index).
 
@@ -20,7 +23,7 @@ Aggregations (values in [0, 1]):
 * ``lcb``: lower confidence bound ``mean - k * std`` (population std), preferring reliable proposals.
 
 The planning model only needs ``evaluate_actions(observation, actions, num_futures, num_values,
-world_model_steps, value_steps, seed)`` returning an object with ``values (N, F, V)``
+world_model_steps, value_steps, seed, ensemble_steps)`` returning an object with ``values (N, F, V)``
 (:meth:`CosmosPolicy.evaluate_actions <cosmos_policy_lightning.inference.policy.CosmosPolicy.evaluate_actions>`).
 """
 
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from ..errors import CosmosPolicyError
+from .ensemble import ENSEMBLE_STEPS, EnsembleSteps
 from .policy import CosmosPolicy, Observation
 
 Aggregation = Literal["majority_mean", "mean", "lcb"]
@@ -134,7 +138,11 @@ class Planner:
         aggregation: ``majority_mean`` (reference), ``mean`` or ``lcb``.
         threshold: majority-mean threshold (reference 0.05).
         lcb_k: the ``k`` of ``lcb``.
-        policy_steps, world_model_steps, value_steps: denoising steps per stage (reference: 5 each).
+        policy_steps: denoising steps of the proposals; default: the policy checkpoint's
+            ``test_num_steps`` (the reference plans with 10 on ALOHA, whose recipe sets 10, and 5 elsewhere).
+        world_model_steps, value_steps: denoising steps of the ensembles' largest members (reference: 5).
+        ensemble_steps: ``linspace`` (default, the reference: member i gets ``linspace(1, steps, n)[i]``
+            steps) or ``equal`` (every member gets the stage's steps).
 
     Raises:
         CosmosPolicyError: bad sizes or aggregation, or two models for different robots.
@@ -142,13 +150,18 @@ class Planner:
 
     def __init__(self, policy: CosmosPolicy, planning_model: Any | None = None, num_proposals: int = 8,
                  num_futures: int = 3, num_values: int = 5, aggregation: Aggregation = "majority_mean",
-                 threshold: float = MAJORITY_THRESHOLD, lcb_k: float = 1.0, policy_steps: int = 5,
-                 world_model_steps: int = 5, value_steps: int = 5):
+                 threshold: float = MAJORITY_THRESHOLD, lcb_k: float = 1.0, policy_steps: int | None = None,
+                 world_model_steps: int = 5, value_steps: int = 5, ensemble_steps: EnsembleSteps = "linspace"):
+        if policy_steps is None:
+            policy_steps = int(getattr(getattr(policy, "module", None), "hparams", {}).get("test_num_steps", 5))
         for name, n in (("num_proposals", num_proposals), ("num_futures", num_futures), ("num_values", num_values),
                         ("policy_steps", policy_steps), ("world_model_steps", world_model_steps),
                         ("value_steps", value_steps)):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise CosmosPolicyError(f"planning: {name} must be a positive integer, got {n!r}")
+        if ensemble_steps not in ENSEMBLE_STEPS:
+            raise CosmosPolicyError(f"planning: ensemble_steps must be one of {', '.join(ENSEMBLE_STEPS)}, got "
+                                    f"{ensemble_steps!r}")
         if aggregation not in AGGREGATIONS:
             raise CosmosPolicyError(f"planning: unknown aggregation {aggregation!r}; expected one of "
                                     f"{', '.join(AGGREGATIONS)}")
@@ -165,6 +178,7 @@ class Planner:
         self.num_proposals, self.num_futures, self.num_values = num_proposals, num_futures, num_values
         self.aggregation, self.threshold, self.lcb_k = aggregation, float(threshold), float(lcb_k)
         self.policy_steps, self.world_model_steps, self.value_steps = policy_steps, world_model_steps, value_steps
+        self.ensemble_steps = ensemble_steps
 
     def plan(self, observation: Observation | Mapping[str, Any], seed: int | None = None,
              instruction: str | None = None) -> PlanResult:
@@ -188,7 +202,7 @@ class Planner:
         judged = self.planning_model.evaluate_actions(
             obs, acts, num_futures=self.num_futures, num_values=self.num_values,
             world_model_steps=self.world_model_steps, value_steps=self.value_steps,
-            seed=None if seed is None else seed + 1)
+            seed=None if seed is None else seed + 1, ensemble_steps=self.ensemble_steps)
         values = np.asarray(judged.values, dtype=np.float64)
         if values.shape[:1] != (self.num_proposals,):
             raise CosmosPolicyError(f"planning: the planning model returned values of shape {values.shape}, "

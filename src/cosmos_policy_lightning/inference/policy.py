@@ -38,6 +38,7 @@ from ..errors import CosmosPolicyError
 from ..injection import inject
 from ..layout import OBJECTIVES
 from ..model.sequence import build_pixel_sequence, read_vectors, value_to_unit
+from .ensemble import EnsembleSteps, group_members, member_seeds, member_steps
 from .preprocess import InstructionCache, Observation, prepare_images, prepare_proprio
 
 Decoding = Literal["parallel", "autoregressive"]
@@ -443,27 +444,34 @@ class CosmosPolicy:
     @torch.no_grad()
     def evaluate_actions(self, observation: Observation | Mapping[str, Any], actions: np.ndarray | torch.Tensor,
                          num_futures: int = 3, num_values: int = 5, world_model_steps: int = 5, value_steps: int = 5,
-                         seed: int | None = None, instruction: str | None = None) -> ActionEvaluation:
+                         seed: int | None = None, instruction: str | None = None,
+                         ensemble_steps: EnsembleSteps = "linspace") -> ActionEvaluation:
         """Predict futures and values of N candidate action chunks from one observation (SPEC §3, planning).
 
         For each chunk, ``num_futures`` future states are sampled with the world-model mask (conditioned
         on the observation and the chunk); for each future state, ``num_values`` values are sampled with
-        :attr:`value_objective`'s mask. All ``N * F`` world-model samples, then all ``N * F * V`` value
-        samples, go through the network together (in micro-batches of ``max_batch`` if set).
+        :attr:`value_objective`'s mask. As in the reference, ensemble member i of a stage samples with
+        seed ``seed + i`` and, with ``ensemble_steps="linspace"``, ``linspace(1, steps, members)[i]``
+        denoising steps (``inference/ensemble.py``; e.g. futures with 1, 3, 5 steps, values with
+        1 .. 5). The members of one step count go through the network together, for all N chunks (in
+        micro-batches of ``max_batch`` if set); each member's noise comes from its own seed, so its
+        result does not depend on how members are grouped.
 
         Args:
             observation: the current observation (or its :class:`EncodedObservations`).
             actions: ``(N, K, A)`` candidate chunks in robot units (e.g. another checkpoint's proposals:
                 they are normalised with this model's statistics).
             num_futures, num_values: ensemble sizes F and V (>= 1).
-            world_model_steps, value_steps: denoising steps of the two stages.
+            world_model_steps, value_steps: denoising steps of the two stages (the largest member's
+                under ``linspace``).
             seed: sampling seed (None: global RNG).
+            ensemble_steps: ``linspace`` (the reference's spread of step counts) or ``equal``.
 
         Returns:
             :class:`ActionEvaluation` with ``values (N, F, V)`` in [0, 1] and ``future_proprio (N, F, P)``.
 
         Raises:
-            CosmosPolicyError: wrong action shape or ensemble sizes.
+            CosmosPolicyError: wrong action shape, ensemble sizes or step mode.
         """
         acts = torch.as_tensor(np.asarray(actions, dtype=np.float64) if not isinstance(actions, torch.Tensor)
                                else actions.double())
@@ -474,23 +482,50 @@ class CosmosPolicy:
         if num_futures < 1 or num_values < 1:
             raise CosmosPolicyError(f"policy: num_futures and num_values must be >= 1, got {num_futures}, {num_values}")
         n, f, v = acts.shape[0], num_futures, num_values
+        future_steps = member_steps(world_model_steps, f, ensemble_steps)
+        value_member_steps = member_steps(value_steps, v, ensemble_steps)
         enc = self.encode_observations(observation, instruction)
         if enc.batch.size != 1:
             raise CosmosPolicyError(f"policy: evaluate_actions takes one observation, got {enc.batch.size}")
         batch, clean = enc.batch, enc.clean
-        gen = self.generator(seed)
         normed = self.action_normalizer.normalize(acts).float().to(self.device)
         wm_in = self.write(clean.expand(n * f, -1, -1, -1, -1), "action", normed.repeat_interleave(f, 0))
-        text, mask = batch.text.expand(n * f, -1, -1), batch.text_mask.expand(n * f, -1)
-        futures = self.sample(wm_in, "world_model", text, mask, world_model_steps, gen)
+        futures = self._sample_members(wm_in, "world_model", batch, future_steps, seed)      # rows n * F + f
         future_proprio = self.read(futures)["future_proprio"]
         futures = self.write(futures, "future_proprio", future_proprio)
-        val_in = futures.repeat_interleave(v, 0)
-        text, mask = batch.text.expand(n * f * v, -1, -1), batch.text_mask.expand(n * f * v, -1)
-        values = self.read(self.sample(val_in, self.value_objective, text, mask, value_steps, gen))["value"]
+        val_in = futures.repeat_interleave(v, 0)                                              # rows (n F + f) V + v
+        values = self.read(self._sample_members(val_in, self.value_objective, batch, value_member_steps,
+                                                seed))["value"]
         fp = self.proprio_normalizer.unnormalize(future_proprio.double()).float()
         return ActionEvaluation(values=values.view(n, f, v).cpu().numpy(),
                                 future_proprio=fp.view(n, f, -1).cpu().numpy())
+
+    def _sample_members(self, latents: torch.Tensor, objective: str, batch: PreparedBatch, steps: list[int],
+                        seed: int | None) -> torch.Tensor:
+        """Sample an ensemble whose member ``m`` owns rows ``r`` with ``r % M == m`` (M = len(steps)),
+        with ``steps[m]`` denoising steps and seed ``seed + m`` (its rows' noise is drawn from it alone);
+        one batched call per distinct step count, in micro-batches of ``max_batch``.
+
+        Returns:
+            ``(R, 16, T, h, w)`` generated latents in the order of ``latents``.
+        """
+        rows, members = latents.shape[0], len(steps)
+        seeds = member_seeds(seed, members)
+        shape = (rows // members, *latents.shape[1:])
+        out = torch.empty_like(latents)
+        for count, group in group_members(steps).items():
+            # member-major: the rows of member group[0], then those of group[1], ...
+            index = torch.cat([torch.arange(m, rows, members, device=latents.device) for m in group])
+            noise = torch.cat([torch.randn(shape, generator=self.generator(None if seeds is None else seeds[m]),
+                                           device=latents.device, dtype=latents.dtype) for m in group])
+            clean, step = latents[index], self.max_batch or index.numel()
+            for i in range(0, index.numel(), step):
+                sl = slice(i, i + step)
+                n = clean[sl].shape[0]
+                out[index[sl]] = self.module.generate(
+                    clean[sl], self.condition_mask(objective, n), batch.text.expand(n, -1, -1),
+                    batch.text_mask.expand(n, -1), num_steps=count, noise=noise[sl])
+        return out
 
 
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:

@@ -132,6 +132,7 @@ def evaluate_metaworld(
     num_steps: int = 5,
     world_model_steps: int | None = None,
     value_steps: int | None = None,
+    ensemble_steps: Literal["linspace", "equal"] = "linspace",
     decoding: Literal["parallel", "autoregressive"] = "parallel",
     execute_steps: int | None = None,
     max_steps: int = 200,
@@ -170,6 +171,8 @@ def evaluate_metaworld(
         num_steps: denoising steps of the policy (SPEC §3: 5).
         world_model_steps: denoising steps of the planning future-state stage (default ``num_steps``).
         value_steps: denoising steps of the planning value stage (default ``num_steps``).
+        ensemble_steps: ``linspace`` (the reference: ensemble member i of a stage gets
+            ``linspace(1, steps, members)[i]`` steps and seed + i) or ``equal`` (every member all steps).
         decoding: parallel (one run) or autoregressive (action, future state, value) for the direct policy.
         execute_steps: actions executed per chunk (default: the embodiment's ``action.execute_steps``).
         max_steps: episode time limit in steps (Meta-World allows up to 500).
@@ -218,7 +221,8 @@ def evaluate_metaworld(
                 planning_checkpoint, device=device, dtype=dtype_from_name(dtype))
             planner = Planner(model, judge, num_proposals=num_proposals, num_futures=num_futures,
                               num_values=num_values, aggregation=aggregation, policy_steps=num_steps,
-                              world_model_steps=world_model_steps or num_steps, value_steps=value_steps or num_steps)
+                              world_model_steps=world_model_steps or num_steps, value_steps=value_steps or num_steps,
+                              ensemble_steps=ensemble_steps)
     else:
         from ..embodiment import load_embodiment
 
@@ -242,7 +246,7 @@ def evaluate_metaworld(
         "max_steps": max_steps, "device": device, "dtype": dtype, "embodiment": emb.name,
         **({"num_proposals": num_proposals, "num_futures": num_futures, "num_values": num_values,
             "aggregation": aggregation, "world_model_steps": world_model_steps or num_steps,
-            "value_steps": value_steps or num_steps} if planning else {})},
+            "value_steps": value_steps or num_steps, "ensemble_steps": ensemble_steps} if planning else {})},
         "tasks": {}, "episodes": []}
     warmup: float | None = None
     latencies: list[float] = []
