@@ -1,7 +1,11 @@
-"""Training throughput: Lightning vs a bare PyTorch loop doing the same work, and the 2B model on a GPU.
+"""Training throughput: online VAE encoding vs the latent cache, Lightning vs a bare PyTorch loop, per
+DiT config, and the 2B model on a GPU.
 
-    OMP_NUM_THREADS=1 python tools/benchmark_train.py                 # tiny model, CPU
+    OMP_NUM_THREADS=1 python tools/benchmark_train.py                 # tiny and small models, CPU
     python tools/benchmark_train.py --gpu_2b true                        # + 2B model, LIBERO layout, when CUDA is present
+
+"From latent cache" runs the same steps on batches whose images were replaced by their VAE latents
+(what ``data/latent_cache.py`` stores), so the difference is the VAE's share of an online step.
 
 Both loops run the same ``CosmosPolicyModule`` on the same in-memory batches (batch contract of
 ``data/datamodule.py``, random images and vectors): VAE encode of the whole pixel sequence, injection,
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import os
 import time
-from types import SimpleNamespace
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -27,6 +30,7 @@ import torch  # noqa: E402
 from cosmos_policy_lightning.embodiment import Embodiment  # noqa: E402
 from cosmos_policy_lightning.model.module import REPO_ROOT, CosmosPolicyModule  # noqa: E402
 from cosmos_policy_lightning.model.schedule import lr_multiplier  # noqa: E402
+from cosmos_policy_lightning.model.sequence import encode_pixel_sequence  # noqa: E402
 
 TINY_VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
             "temperal_downsample": [False, True, True], "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}
@@ -118,63 +122,91 @@ def lightning_loop(module: CosmosPolicyModule, batches, device: str, precision: 
     return timer.seconds
 
 
+def cached_batches(module: CosmosPolicyModule, batches, device: str, dtype) -> list[dict]:
+    """The same batches as the latent cache delivers them: VAE latents instead of images (vector
+    frames left to the model), encoded once here exactly as ``data/latent_cache.py`` does."""
+    module.to(device)
+    out = []
+    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+        for batch in batches:
+            latents = encode_pixel_sequence(module.layout, module.vae, batch["images"].to(device),
+                                            batch["future_images"].to(device)).float().cpu()
+            rest = {k: v for k, v in batch.items() if k not in ("images", "future_images")}
+            out.append({**rest, "latents": latents})
+    return out
+
+
 def compare(emb: Embodiment, transformer: str, vae, steps: int, batch_size: int, text_dim: int, device: str,
-            precision: str, dtype, checkpointing: bool, repeats: int) -> dict:
+            precision: str, dtype, checkpointing: bool, repeats: int, bare: bool = True) -> dict:
+    """Best-of-``repeats`` samples/s of: Lightning with online VAE encoding, Lightning from cached latents,
+    and (``bare``) a bare PyTorch loop with online encoding; runs interleaved so drift hits all alike."""
     batches = make_batches(emb, steps + 1, batch_size, 16, text_dim)
+    latent_batches = cached_batches(build_module(emb, transformer, vae, text_dim), batches, device, dtype)
     samples = steps * batch_size
-    rates = {"lightning": [], "bare": []}
-    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
-        rates["bare"].append(samples / bare_loop(build_module(emb, transformer, vae, text_dim, checkpointing),
-                                                 batches, device, dtype))
+    rates = {"lightning": [], "cached": [], "bare": []}
+    for _ in range(repeats):
+        if bare:
+            rates["bare"].append(samples / bare_loop(build_module(emb, transformer, vae, text_dim, checkpointing),
+                                                     batches, device, dtype))
         rates["lightning"].append(samples / lightning_loop(build_module(emb, transformer, vae, text_dim,
                                                                         checkpointing), batches, device, precision))
-    best = {k: max(v) for k, v in rates.items()}
+        rates["cached"].append(samples / lightning_loop(build_module(emb, transformer, vae, text_dim,
+                                                                     checkpointing), latent_batches, device, precision))
+    best = {k: max(v) if v else float("nan") for k, v in rates.items()}
     module = build_module(emb, transformer, vae, text_dim)
     x = torch.zeros(1, 16, module.layout.num_latent_frames, *module.layout.latent_frame_shape[1:])
     flops_per_sample = module._estimate_flops(x, 16)
-    return {**best, "ratio": best["bare"] / best["lightning"], "flops_per_sample": flops_per_sample}
+    return {**best, "ratio": best["bare"] / best["lightning"], "flops_per_sample": flops_per_sample,
+            "vae_fraction": 1 - best["lightning"] / best["cached"],
+            "params": sum(p.numel() for p in module.dit.parameters())}
 
 
-def main(steps: int = 30, batch_size: int = 8, repeats: int = 2, gpu_2b: bool = False,
-         gpu_batch_size: int = 16) -> None:
-    """Print training samples/s under Lightning and a bare loop, and for the 2B model on a GPU.
+def _report(name: str, r: dict, peak: float | None = None) -> None:
+    mfu = (lambda rate: f"   MFU {rate * r['flops_per_sample'] / peak:6.1%}") if peak else (lambda rate: "")
+    print(f"  {name}: {r['params'] / 1e6:.2f} M DiT parameters")
+    print(f"    online VAE encoding  {r['lightning']:8.2f} samples/s{mfu(r['lightning'])}")
+    print(f"    from latent cache    {r['cached']:8.2f} samples/s{mfu(r['cached'])}   "
+          f"(x{r['cached'] / r['lightning']:.1f}; the VAE takes {r['vae_fraction']:.0%} of an online step)")
+    if r["bare"] == r["bare"]:  # not NaN
+        print(f"    bare PyTorch, online {r['bare']:8.2f} samples/s   ratio bare / Lightning = {r['ratio']:.3f} "
+              f"(target <= 1.05)")
+
+
+def main(steps: int = 30, batch_size: int = 16, repeats: int = 2, configs: list[str] = ("tiny", "small"),
+         gpu_2b: bool = False, gpu_batch_size: int = 16) -> None:
+    """Print training samples/s with online VAE encoding and from the latent cache, per DiT config,
+    with Lightning vs a bare loop for the overhead, and for the 2B model on a GPU.
 
     Args:
         steps: timed optimisation steps per run (one more warms up).
-        batch_size: samples per batch for the tiny model.
+        batch_size: samples per batch for the CPU configs.
         repeats: runs of each loop, interleaved; the best of each is reported.
-        gpu_2b: also measure the 2B model on CUDA (LIBERO layout).
+        configs: CPU-sized DiT configs to measure (``model/backbone.py``).
+        gpu_2b: also measure the 2B model on CUDA (LIBERO layout, 224x224, Wan2.1-sized VAE).
         gpu_batch_size: samples per batch for the 2B model.
     """
-    args = SimpleNamespace(steps=steps, batch_size=batch_size, repeats=repeats, gpu_2b=gpu_2b,
-                              gpu_batch_size=gpu_batch_size)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-
     mw = Embodiment.from_yaml(REPO_ROOT / "embodiments" / "metaworld.yaml")
     vae = str(REPO_ROOT / "assets" / "tiny_wan_vae") if (REPO_ROOT / "assets" / "tiny_wan_vae").is_dir() else TINY_VAE
-    r = compare(mw, "tiny", vae, args.steps, args.batch_size, 384, "cpu", "32-true", None, False, args.repeats)
-    print(f"tiny model, Meta-World layout (64x64, 2 cameras, 9 latent frames), batch {args.batch_size}, CPU "
+    print(f"Meta-World layout (64x64, 2 cameras, 9 latent frames), tiny Wan VAE, batch {batch_size}, CPU "
           f"{torch.get_num_threads()} thread(s):")
-    print(f"  Lightning     {r['lightning']:8.2f} samples/s")
-    print(f"  bare PyTorch  {r['bare']:8.2f} samples/s")
-    print(f"  ratio bare / Lightning = {r['ratio']:.3f}   (target <= 1.05)")
+    for name in configs:
+        r = compare(mw, name, vae, steps, batch_size, 384, "cpu", "32-true", None, False, repeats,
+                    bare=name == "tiny")
+        _report(name, r)
 
-    if args.gpu_2b:
+    if gpu_2b:
         if not torch.cuda.is_available():
             print("2B model: skipped (no CUDA device)")
             return
-        libero = Embodiment.from_yaml(REPO_ROOT / "embodiments" / "libero.yaml")
-        r = compare(libero, "cosmos-predict2-2b", WAN21_SIZED_VAE, max(5, args.steps // 3), args.gpu_batch_size,
-                    1024, "cuda", "bf16-mixed", torch.bfloat16, True, 1)
         from lightning.fabric.utilities.throughput import get_available_flops
 
-        peak = get_available_flops(torch.device("cuda"), torch.bfloat16)
-        print(f"2B model, LIBERO layout (224x224, 2 cameras, 9 latent frames), batch {args.gpu_batch_size}, "
-              f"{torch.cuda.get_device_name()}, bf16, activation checkpointing:")
-        for k in ("lightning", "bare"):
-            mfu = r[k] * r["flops_per_sample"] / peak if peak else float("nan")
-            print(f"  {k:<12}  {r[k]:8.2f} samples/s   MFU {mfu:6.1%}")
-        print(f"  ratio bare / Lightning = {r['ratio']:.3f}   (target >= 12 samples/s per H100)")
+        libero = Embodiment.from_yaml(REPO_ROOT / "embodiments" / "libero.yaml")
+        r = compare(libero, "cosmos-predict2-2b", WAN21_SIZED_VAE, max(5, steps // 3), gpu_batch_size,
+                    1024, "cuda", "bf16-mixed", torch.bfloat16, True, 1)
+        print(f"2B model, LIBERO layout (224x224, 2 cameras, 9 latent frames), Wan2.1-sized VAE, batch "
+              f"{gpu_batch_size}, {torch.cuda.get_device_name()}, bf16, activation checkpointing:")
+        _report("cosmos-predict2-2b", r, get_available_flops(torch.device("cuda"), torch.bfloat16))
 
 
 if __name__ == "__main__":

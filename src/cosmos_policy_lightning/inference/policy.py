@@ -316,12 +316,12 @@ class CosmosPolicy:
         if num_steps < 1:
             raise CosmosPolicyError(f"policy: num_steps must be >= 1, got {num_steps}")
         b = clean.shape[0]
-        step = self.max_batch or b
         noise = None
         if isinstance(generator, (list, tuple)):
             rows = b // len(generator)
             noise = torch.cat([torch.randn((rows, *clean.shape[1:]), generator=g, device=clean.device,
                                            dtype=clean.dtype) for g in generator])
+        step = self.max_batch or b
         outs = []
         for i in range(0, b, step):
             sl = slice(i, i + step)
@@ -372,11 +372,11 @@ class CosmosPolicy:
                 :class:`EncodedObservations` of :meth:`encode_observations`.
             num_steps: denoising steps (network calls) per sampling run (SPEC §3: 5; 1 = one x0 prediction).
             seed: seed of the sampling noise; the same seed gives the same actions. None: global RNG.
-            num_samples: S independent samples per observation, all in the same forward passes.
                 A list of B seeds (one per observation) gives every observation its own noise stream:
                 its result is then that of a call with this observation alone and its seed, whatever
                 it is batched with (up to floating-point reassociation in batched kernels). A policy
                 server batches the requests of several clients this way.
+            num_samples: S independent samples per observation, all in the same forward passes.
             decoding: ``parallel`` (one run, policy mask) or ``autoregressive`` (action, then future
                 state, then value).
             stage_steps: autoregressive only: steps of the (action, future state, value) stages;
@@ -401,9 +401,9 @@ class CosmosPolicy:
             clean = clean.repeat_interleave(num_samples, 0)
         text = batch.text.repeat_interleave(num_samples, 0)
         mask = batch.text_mask.repeat_interleave(num_samples, 0)
-        gen = self.generator(seed)
         if isinstance(seed, (list, tuple, np.ndarray)) and len(seed) != batch.size:
             raise CosmosPolicyError(f"policy: got {len(seed)} seeds for {batch.size} observations (one each)")
+        gen = self.generator(seed)
         if decoding == "parallel":
             latents = self.sample(clean, "policy", text, mask, num_steps, gen)
             out = self.read(latents)

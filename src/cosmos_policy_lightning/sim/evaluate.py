@@ -4,7 +4,8 @@ The policy is called once per action chunk; the first ``execute_steps`` actions 
 executed (the embodiment's value unless overridden), then the policy is called again on the new
 observation. An episode ends at the first success or after ``max_steps`` steps. The same command
 evaluates the scripted expert (``--policy expert``, privileged state) and a uniformly random policy
-(``--policy random``) as reference points.
+(``--policy random``) as reference points, and a policy behind ``cosmos-policy serve`` (``--server
+ws://HOST:PORT``): every call carries its seed, so the rollouts equal the in-process ones.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def latency_summary(seconds: list[float]) -> dict[str, float | int]:
 class _Controller:
     """Chooses the next action chunk: the checkpoint (direct or with planning), the expert or random."""
 
-    def __init__(self, kind: str, env, *, policy=None, planner=None, num_steps: int = 5, decoding: str = "parallel",
-                 seed: int = 0, action_dim: int = 4):
-        self.kind, self.env, self.policy, self.planner = kind, env, policy, planner
+    def __init__(self, kind: str, env, *, policy=None, planner=None, remote=None, num_steps: int = 5,
+                 decoding: str = "parallel", seed: int = 0, action_dim: int = 4):
+        self.kind, self.env, self.policy, self.planner, self.remote = kind, env, policy, planner, remote
         self.num_steps, self.decoding, self.seed, self.action_dim = num_steps, decoding, seed, action_dim
         self.expert = env.expert_policy() if kind == "expert" else None
 
@@ -76,6 +77,9 @@ class _Controller:
             rng = np.random.default_rng(call_seed)
             return rng.uniform(-1, 1, (1, self.action_dim)).astype(np.float32), None, time.perf_counter() - start
         obs = {**obs, "instruction": self.env.instruction}
+        if self.remote is not None:  # the server samples with this call's seed: same chunk as in-process
+            reply = self.remote.infer({**obs, "seed": call_seed})
+            return np.asarray(reply["actions"]), float(reply["value"]), time.perf_counter() - start
         if self.planner is not None:
             plan = self.planner.plan(obs, seed=call_seed)
             return plan.actions, plan.value, time.perf_counter() - start
@@ -142,6 +146,8 @@ def evaluate_metaworld(
     device: str = "cpu",
     dtype: str = "float32",
     embodiment: Path | None = None,
+    server: str | None = None,
+    api_key: str | None = None,
 ) -> dict[str, Any]:
     """Run a checkpoint (or the scripted expert, or a random policy) closed-loop in Meta-World.
 
@@ -183,6 +189,11 @@ def evaluate_metaworld(
         dtype: float32 or bfloat16 (GPU).
         embodiment: embodiment YAML for ``expert`` / ``random`` (default: the checkpoint's or
             ``embodiments/metaworld.yaml``).
+        server: ``ws://HOST:PORT`` of ``cosmos-policy serve``: run the policy there instead of loading
+            ``checkpoint`` (the server's sampling and planning options apply; the embodiment comes
+            from its metadata). Each call sends its seed, so the same seeds give the same rollouts
+            as in-process.
+        api_key: the server's API key (default: the ``COSMOS_POLICY_API_KEY`` environment variable).
 
     Returns:
         the results dict written to ``results.json``.
@@ -200,16 +211,30 @@ def evaluate_metaworld(
                                 f"{episodes}, {max_steps}, {videos}")
     if policy not in ("model", "expert", "random"):
         raise CosmosPolicyError(f"evaluate metaworld: --policy must be model, expert or random, got {policy!r}")
-    if policy == "model" and checkpoint is None:
-        raise CosmosPolicyError("evaluate metaworld: --checkpoint is required with --policy model")
+    if server is not None and (checkpoint is not None or policy != "model" or planning):
+        raise CosmosPolicyError("evaluate metaworld: --server runs the server's policy: give no --checkpoint and no "
+                                "--planning (start the server with `cosmos-policy serve --planning true` instead)")
+    if policy == "model" and checkpoint is None and server is None:
+        raise CosmosPolicyError("evaluate metaworld: --checkpoint is required with --policy model (or --server "
+                                "ws://HOST:PORT of `cosmos-policy serve`)")
     if planning and policy != "model":
         raise CosmosPolicyError("evaluate metaworld: --planning needs --policy model")
     select_gl_backend()
     for task in task_list:
         check_task(task)
 
-    model = planner = None
-    if policy == "model":
+    model = planner = remote = None
+    if server is not None:
+        from ..client import PolicyClient
+        from ..embodiment import Embodiment
+
+        remote = PolicyClient(server, api_key=api_key, timeout=600.0)
+        meta = remote.metadata
+        emb = Embodiment.from_dict(meta["embodiment_config"], source=server)
+        sampling = meta.get("sampling", {})
+        num_steps, decoding = sampling.get("num_steps", num_steps), sampling.get("decoding", decoding)
+        device, dtype = sampling.get("device", device), sampling.get("dtype", dtype)
+    elif policy == "model":
         from ..inference.policy import CosmosPolicy, dtype_from_name
 
         model = CosmosPolicy.from_checkpoint(checkpoint, device=device, dtype=dtype_from_name(dtype))
@@ -238,7 +263,7 @@ def evaluate_metaworld(
     output.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
-    label = "planning" if planning else policy
+    label = "planning" if planning or (remote is not None and remote.metadata.get("planning")) else policy
     results: dict[str, Any] = {"config": {
         "checkpoint": None if checkpoint is None else str(checkpoint), "planning_checkpoint":
             None if planning_checkpoint is None else str(planning_checkpoint), "policy": label, "tasks": task_list,
@@ -248,6 +273,10 @@ def evaluate_metaworld(
             "aggregation": aggregation, "world_model_steps": world_model_steps or num_steps,
             "value_steps": value_steps or num_steps, "ensemble_steps": ensemble_steps} if planning else {})},
         "tasks": {}, "episodes": []}
+    if remote is not None:  # what the server runs
+        meta = remote.metadata
+        results["config"].update({"server": server, "checkpoint": meta.get("checkpoint"),
+                                  "planning_checkpoint": meta.get("planning_checkpoint"), **(meta.get("planning") or {})})
     warmup: float | None = None
     latencies: list[float] = []
     bar = tqdm(total=episodes * len(task_list), unit="episode", desc=f"evaluate {label}", dynamic_ncols=True)
@@ -263,7 +292,7 @@ def evaluate_metaworld(
                     if render not in controllers:
                         env = stack.enter_context(MetaWorldEnv(task, emb, seed=seed, max_steps=min(max_steps, 500),
                                                                render=render))
-                        controllers[render] = _Controller(policy, env, policy=model, planner=planner,
+                        controllers[render] = _Controller(policy, env, policy=model, planner=planner, remote=remote,
                                                           num_steps=num_steps, decoding=decoding, seed=seed,
                                                           action_dim=emb.action.dim)
                     return controllers[render]
@@ -301,6 +330,8 @@ def evaluate_metaworld(
             }
     finally:
         bar.close()
+        if remote is not None:
+            remote.close()
     total = sum(t["episodes"] for t in results["tasks"].values())
     succ = sum(t["successes"] for t in results["tasks"].values())
     lo, hi = wilson_interval(succ, total)
