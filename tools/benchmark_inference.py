@@ -5,7 +5,13 @@ embedding is cached after the first call):
 
 - the direct policy (parallel decoding, no image decoding) with 1, 5 and 10 denoising steps;
 - planning with N = 8 proposals x 3 futures x 5 values (all candidates batched on one device), with
-  5 steps per stage (the reference's setting) and with a 1-step value stage.
+  5 steps per stage (the reference's setting) and with a 1-step value stage;
+- the round trip through ``cosmos-policy serve`` (``inference/server.py``, a real websocket server on
+  127.0.0.1 in this process, clients on threads) against in-process calls doing the same work: with
+  1 client (vs one in-process call) and 4 simultaneous clients (vs one in-process call on a batch of
+  4 observations, what the server batches them into at best), with the server's default batching
+  window. ``overhead`` = median round trip - median in-process time; ``transport`` = median of
+  (round trip - the server's queue and inference time): msgpack, websocket and thread hand-offs alone.
 
 Each figure is the median (and mean) over ``--repeats`` calls after one warm-up call; synchronised
 on CUDA. Weights are randomly initialised (latency does not depend on their values); the text
@@ -115,8 +121,58 @@ def timed(fn, repeats: int, device: str) -> dict:
     return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "repeats": repeats}
 
 
+def server_rows(policy: CosmosPolicy, obs: dict, label: str, device: str, repeats: int,
+                clients: tuple[int, ...] = (1, 4)) -> list[dict]:
+    """Round trip through a local policy server vs the same work in-process (5 denoising steps)."""
+    import threading
+
+    from cosmos_policy_lightning.client import PolicyClient
+    from cosmos_policy_lightning.inference.server import PolicyServer
+    from cosmos_policy_lightning.inference.service import PolicyService
+
+    rows = []
+    server = PolicyServer(PolicyService(policy, num_steps=5), port=0, max_batch_size=max(clients))
+    with server.running_in_thread() as url:
+        for c in clients:
+            local = timed(lambda i, c=c: policy.predict([obs] * c, num_steps=5, seed=[i] * c, decode_images=False),
+                          repeats, device)
+            samples: list[tuple[float, dict]] = []  # (round trip, reply) of every timed request
+            barrier = threading.Barrier(c)
+
+            def robot(k: int, c=c) -> None:
+                with PolicyClient(url) as client:
+                    client.infer({**obs, "seed": 0})  # warm-up
+                    barrier.wait()
+                    for i in range(repeats):
+                        t = time.perf_counter()
+                        reply = client.infer({**obs, "seed": i})
+                        samples.append((time.perf_counter() - t, reply))
+
+            threads = [threading.Thread(target=robot, args=(k,)) for k in range(c)]
+            wall = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - wall
+            flat = [x for x, _ in samples]
+            replies = [r for _, r in samples]
+            rt = statistics.median(flat)
+            transport = statistics.median(x - (r["server_timing"]["queue_ms"] + r["server_timing"]["infer_ms"]) / 1000
+                                          for x, r in samples)
+            rows.append({"setup": label, "what": f"server round trip, {c} client{'s' * (c > 1)}",
+                         "median_s": rt, "mean_s": statistics.fmean(flat), "repeats": len(flat),
+                         "in_process_s": local["median_s"], "overhead_ms": (rt - local["median_s"]) * 1000,
+                         "transport_ms": transport * 1000,
+                         "server_infer_ms": statistics.median(r["server_timing"]["infer_ms"] for r in replies),
+                         "mean_batch": statistics.fmean(r["server_timing"]["batch_size"] for r in replies),
+                         "chunks_per_s": len(flat) / wall, "in_process_chunks_per_s": c / local["median_s"]})
+    return rows
+
+
 def run(setups: list[str] | None = None, device: str | None = None, repeats: int = 3,
-        steps: list[int] = [1, 5, 10], output: Path | None = None) -> list[dict]:
+        steps: list[int] = [1, 5, 10], output: Path | None = None, planning: bool = True, server: bool = True,
+        server_repeats: int = 20) -> list[dict]:
     """Measure and print the latency table.
 
     Args:
@@ -125,6 +181,9 @@ def run(setups: list[str] | None = None, device: str | None = None, repeats: int
         repeats: timed calls per figure (after one warm-up call).
         steps: denoising steps of the direct-policy rows.
         output: optional JSON file for the rows.
+        planning: measure the planning rows.
+        server: also measure the round trip through ``cosmos-policy serve`` (1 and 4 clients).
+        server_repeats: requests per client for the server rows.
     """
     torch.set_grad_enabled(False)
     setups = setups or (["tiny", "2b"] if torch.cuda.is_available() else ["tiny"])
@@ -137,13 +196,15 @@ def run(setups: list[str] | None = None, device: str | None = None, repeats: int
         for n in steps:
             r = timed(lambda i, n=n: policy.predict(obs, num_steps=n, seed=i, decode_images=False), repeats, dev)
             rows.append({"setup": label, "what": f"policy, {n} step{'s' * (n > 1)}", **r})
-        for value_steps in (5, 1):
+        for value_steps in (5, 1) if planning else ():
             planner = Planner(policy, num_proposals=8, num_futures=3, num_values=5, policy_steps=5,
                               world_model_steps=5, value_steps=value_steps)
             r = timed(lambda i: planner.plan(obs, seed=i), repeats, dev)
             rows.append({"setup": label, "what": f"planning N=8, 3x5 (steps 5/5/{value_steps})", **r})
         if dev.startswith("cuda"):
             rows[-1]["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if server:
+            rows += server_rows(policy, obs, label, dev, server_repeats)
         del policy
     from rich.console import Console
     from rich.table import Table
@@ -152,8 +213,21 @@ def run(setups: list[str] | None = None, device: str | None = None, repeats: int
     for col in ("setup", "what", "median", "mean"):
         table.add_column(col, justify="left" if col in ("setup", "what") else "right")
     for r in rows:
-        table.add_row(r["setup"], r["what"], f"{r['median_s']:.3f} s", f"{r['mean_s']:.3f} s")
+        if "overhead_ms" not in r:
+            table.add_row(r["setup"], r["what"], f"{r['median_s']:.3f} s", f"{r['mean_s']:.3f} s")
     Console(width=140).print(table)
+    served = [r for r in rows if "overhead_ms" in r]
+    if served:
+        table = Table(title="policy server (websocket, msgpack) vs in-process, 5 steps, per request")
+        for col in ("setup", "clients", "round trip", "in-process", "overhead", "transport", "mean batch",
+                    "chunks/s server", "chunks/s in-process"):
+            table.add_column(col, justify="left" if col == "setup" else "right")
+        for r in served:
+            table.add_row(r["setup"], r["what"].split(", ")[1], f"{r['median_s'] * 1000:.1f} ms",
+                          f"{r['in_process_s'] * 1000:.1f} ms", f"{r['overhead_ms']:+.1f} ms",
+                          f"{r['transport_ms']:.1f} ms", f"{r['mean_batch']:.2f}",
+                          f"{r['chunks_per_s']:.1f}", f"{r['in_process_chunks_per_s']:.1f}")
+        Console(width=160).print(table)
     if output:
         Path(output).write_text(json.dumps(rows, indent=2))
     return rows
