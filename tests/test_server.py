@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import websockets.sync.client
 
-from cosmos_policy_lightning.client import API_KEY_ENV, PolicyClient, PolicyServerError, RecedingHorizonPolicy, packb, unpackb
+from cosmos_policy_lightning.client import (API_KEY_ENV, PolicyClient, PolicyServerError, RecedingHorizonPolicy, packb,
+                                            unpackb)
 from cosmos_policy_lightning.embodiment import Embodiment
 from cosmos_policy_lightning.inference.policy import CosmosPolicy
 from cosmos_policy_lightning.inference.server import PolicyServer
@@ -201,6 +202,24 @@ def test_package_client_raises_the_error_and_goes_on(server):
         assert client.infer(observation(1))["actions"].shape == (K, A)
 
 
+def test_planning_server_replies_with_the_in_process_plan(served, reference):
+    from cosmos_policy_lightning.inference.planning import Planner
+
+    kw = dict(num_proposals=2, num_futures=2, num_values=2, policy_steps=1, world_model_steps=2, value_steps=1)
+    srv = PolicyServer(PolicyService(served, Planner(served, **kw)), port=0, max_batch_size=4)
+    assert srv.max_batch_size == 1  # a plan is already a batch of N x F x V samples
+    with srv.running_in_thread(), PolicyClient(srv.url) as client:
+        assert client.metadata["planning"]["num_proposals"] == 2
+        reply = client.infer({**observation(4), "seed": 11})
+        with pytest.raises(PolicyServerError, match="return_images: this server plans"):
+            client.infer({**observation(4), "return_images": True})
+    plan = Planner(reference, **kw).plan(observation(4), seed=11)
+    np.testing.assert_array_equal(reply["actions"], plan.actions)
+    assert reply["planning"]["best_index"] == plan.best_index and reply["value"] == plan.value
+    np.testing.assert_array_equal(reply["planning"]["scores"], plan.scores.astype(np.float32))
+    assert reply["future_proprio"].shape == (P,)
+
+
 def test_two_concurrent_clients_share_one_forward_pass(served, reference):
     # The first request waits up to 5 s for a second; the batch is full at 2 and runs at once.
     srv = PolicyServer(PolicyService(served, num_steps=STEPS), port=0, max_batch_size=2, batch_window_ms=5000)
@@ -254,7 +273,8 @@ def test_many_requests_from_concurrent_clients_are_all_answered(server, referenc
     assert len(replies) == 9
     for (i, j), reply in replies.items():
         expected = in_process(reference, observation(20 + i), 7 * i + j).actions
-        np.testing.assert_allclose(reply["actions"], expected, rtol=1e-5, atol=1e-5, err_msg=str((i, j, reply["server_timing"])))
+        np.testing.assert_allclose(reply["actions"], expected, rtol=1e-5, atol=1e-5,
+                                   err_msg=str((i, j, reply["server_timing"])))
 
 
 def test_api_key_is_checked_before_any_inference(served, monkeypatch):

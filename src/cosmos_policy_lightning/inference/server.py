@@ -331,6 +331,7 @@ def serve(
     aggregation: Literal["majority_mean", "mean", "lcb"] = "majority_mean",
     world_model_steps: int | None = None,
     value_steps: int | None = None,
+    ensemble_steps: Literal["linspace", "equal"] = "linspace",
     device: str = "cpu",
     dtype: str = "float32",
     max_batch_size: int = 8,
@@ -365,6 +366,8 @@ def serve(
         aggregation: majority_mean (reference), mean or lcb.
         world_model_steps: denoising steps of the planning future-state stage (default ``num_steps``).
         value_steps: denoising steps of the planning value stage (default ``num_steps``).
+        ensemble_steps: ``linspace`` (the reference: ensemble member i of a stage gets
+            ``linspace(1, steps, members)[i]`` steps and seed + i) or ``equal`` (every member all steps).
         device: torch device of the model(s), e.g. cpu or cuda.
         dtype: float32 or bfloat16 (GPU).
         max_batch_size: most simultaneous requests run as one forward pass (1: no batching).
@@ -398,7 +401,8 @@ def serve(
             planning_checkpoint, device=device, dtype=torch_dtype)
         planner = Planner(policy, judge, num_proposals=num_proposals, num_futures=num_futures, num_values=num_values,
                           aggregation=aggregation, policy_steps=num_steps,
-                          world_model_steps=world_model_steps or num_steps, value_steps=value_steps or num_steps)
+                          world_model_steps=world_model_steps or num_steps, value_steps=value_steps or num_steps,
+                          ensemble_steps=ensemble_steps)
     service = PolicyService(policy, planner, num_steps=num_steps, decoding=decoding, seed=seed,
                             return_images=return_images, default_instruction=instruction,
                             any_image_size=any_image_size, checkpoint=str(checkpoint),

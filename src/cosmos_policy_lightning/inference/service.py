@@ -137,7 +137,8 @@ class PolicyService:
             "planning": None if pl is None else {
                 "num_proposals": pl.num_proposals, "num_futures": pl.num_futures, "num_values": pl.num_values,
                 "aggregation": pl.aggregation, "policy_steps": pl.policy_steps,
-                "world_model_steps": pl.world_model_steps, "value_steps": pl.value_steps},
+                "world_model_steps": pl.world_model_steps, "value_steps": pl.value_steps,
+                "ensemble_steps": pl.ensemble_steps},
             "returns_images": self.return_images and pl is None,
             "embodiment_config": emb.to_dict(),
         }

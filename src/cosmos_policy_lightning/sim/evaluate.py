@@ -276,7 +276,8 @@ def evaluate_metaworld(
     if remote is not None:  # what the server runs
         meta = remote.metadata
         results["config"].update({"server": server, "checkpoint": meta.get("checkpoint"),
-                                  "planning_checkpoint": meta.get("planning_checkpoint"), **(meta.get("planning") or {})})
+                                  "planning_checkpoint": meta.get("planning_checkpoint"),
+                                  **(meta.get("planning") or {})})
     warmup: float | None = None
     latencies: list[float] = []
     bar = tqdm(total=episodes * len(task_list), unit="episode", desc=f"evaluate {label}", dynamic_ncols=True)
