@@ -17,6 +17,7 @@ import yaml
 from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.data.datamodule import CosmosDataModule
 from cosmos_policy_lightning.embodiment import Embodiment
+from cosmos_policy_lightning.model.backbone import VideoVAE
 from cosmos_policy_lightning.model.module import CHECKPOINT_KEY, CosmosPolicyModule
 from cosmos_policy_lightning.training.cli import CosmosPolicyCLI
 
@@ -67,7 +68,7 @@ def _override(tmp: Path, data: Path, max_steps: int, every: int = 3, **model) ->
         },
         "model": {"init_args": {"vae": TINY_VAE, "image_log_every_n_steps": every, "warmup_steps": 2, **model}},
         "data": {"init_args": {"data_dir": str(data / "data"), "embodiment": str(data / "toy.yaml"),
-                               "convert_from": None, "num_workers": 0, "batch_size": 4}},
+                               "convert_from": None, "num_workers": 0, "batch_size": 4, "latent_cache": False}},
     }
     path = tmp / "override.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -151,8 +152,40 @@ def test_fit_then_test_on_cpu(toy_data, tmp_path, capsys):
                  "--ckpt_path", "last", "--model.init_args.test_num_steps", "2"]) == 0
     out = capsys.readouterr().out
     for metric in ("test/action_mae", "test/future_proprio_mae", "test/value_mae", "test/value_auroc",
-                   "test/l1/policy/action"):
+                   "test/l1/policy/action", "test/action_mae_mean_baseline", "test/action_skill",
+                   "test/action_mae_normalized", "test/future_proprio_skill", "test/action_skill_robot_units"):
         assert metric in out, metric
+
+
+def test_fit_and_test_from_the_latent_cache(toy_data, tmp_path, capsys):
+    """The quickstart's path: the data module builds the cache with the model's (linked) VAE on first use,
+    trains and tests from it; the metrics carry the baselines and the skill."""
+    torch.manual_seed(0)
+    VideoVAE(TINY_VAE).vae.save_pretrained(tmp_path / "vae")
+    over = _override(tmp_path, toy_data, max_steps=3, vae=str(tmp_path / "vae"))
+    cfg = yaml.safe_load(over.read_text())
+    cfg["data"]["init_args"].update(latent_cache=True, latent_views=1, latent_dir=str(tmp_path / "latents"))
+    over.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--config", str(over)]) == 0
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["views"] == {"train": 2, "validation": 1}
+    assert manifest["fingerprint"]["vae"] == VideoVAE(str(tmp_path / "vae")).weights_fingerprint()
+    _, images = _scalars_and_images(tmp_path / "run")
+    assert {"train/future_frames", "val/future_frames"} <= images  # decoded from the cached latents
+    capsys.readouterr()
+    assert main(["test", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--config", str(over),
+                 "--ckpt_path", "last", "--model.init_args.test_num_steps", "2"]) == 0
+    out = capsys.readouterr().out
+    for metric in ("test/action_skill", "test/action_mae_mean_baseline", "test/future_proprio_skill"):
+        assert metric in out, metric
+    # another VAE than the cache's: refused in one line before any step
+    torch.manual_seed(1)
+    VideoVAE(TINY_VAE).vae.save_pretrained(tmp_path / "other_vae")
+    capsys.readouterr()
+    assert main(["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--config", str(over),
+                 "--model.init_args.vae", str(tmp_path / "other_vae")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "latents were encoded by VAE" in err[-1]
 
 
 def test_killed_fit_resumes_from_last(toy_data, tmp_path):

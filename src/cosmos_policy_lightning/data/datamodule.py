@@ -361,7 +361,7 @@ class CosmosDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         convert_from: dict[str, Any] | None = None,
         latent_cache: bool = False,
-        vae: str | None = None,
+        vae: str | dict | None = None,
         latent_views: int = 4,
         latent_dir: str | None = None,
         latent_dtype: str = "float16",
