@@ -103,7 +103,9 @@ def test_imported_dit_computes_what_diffusers_computes_with_the_same_weights(ref
 def test_ema_weights_on_request(reference, tmp_path):
     out = import_checkpoint(str(reference["pt"]), reference["embodiment"], tmp_path / "ema.ckpt", transformer=TINY,
                             ema=True, vae=reference["vae"])["output"]
-    state = torch.load(out, map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(out, map_location="cpu", weights_only=False)
+    assert saved["hyper_parameters"]["test_num_steps"] == 5          # no recipe named after the toy robot
+    state = saved["state_dict"]
     expected = reference["ema"].state_dict()
     for key, value in expected.items():
         assert torch.equal(state[f"dit.transformer.{key}"], value.to(torch.bfloat16)), key
@@ -263,6 +265,13 @@ def test_fit_starts_from_the_imported_weights(reference, imported, tmp_path):
     assert trainer.global_step == 1
     moved = [k for k, v in module.dit.state_dict().items() if not torch.equal(v, start[k])]
     assert moved  # the optimizer step changed the imported weights
+
+
+def test_denoising_steps_follow_the_recipe_of_the_embodiment(reference, tmp_path):
+    # ALOHA: the reference samples (and plans) with 10 steps, recipes/aloha.yaml too
+    out = import_checkpoint(str(reference["pt"]), EMBODIMENTS / "aloha.yaml", tmp_path / "aloha.ckpt",
+                            transformer=TINY, vae=reference["vae"])["output"]
+    assert torch.load(out, map_location="cpu", weights_only=False)["hyper_parameters"]["test_num_steps"] == 10
 
 
 def test_2b_recipes_start_from_the_base_models_pt_through_the_same_path(reference, tmp_path):

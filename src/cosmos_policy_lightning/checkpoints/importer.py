@@ -35,6 +35,19 @@ from .reference import REFERENCE_T5_IDENTITY, PrecomputedTextEncoder, read_refer
 TEXT_EMBEDDINGS_KEY = "text_embeddings"
 
 
+def _recipe_test_steps(name: str, default: int = 5) -> int:
+    """``model.init_args.test_num_steps`` of the shipped recipe named after the embodiment, else ``default``."""
+    import yaml
+
+    from ..model.module import REPO_ROOT
+
+    recipe = REPO_ROOT / "recipes" / f"{name}.yaml"
+    if not recipe.is_file():
+        return default
+    init = ((yaml.safe_load(recipe.read_text()) or {}).get("model") or {}).get("init_args") or {}
+    return int(init.get("test_num_steps", default))
+
+
 def import_checkpoint(
     source: str,
     embodiment: Path | None = None,
@@ -46,7 +59,7 @@ def import_checkpoint(
     vae: str = WAN21_VAE[0],
     text_encoder: str = REFERENCE_T5_IDENTITY,
     text_cache: Path | None = None,
-    test_num_steps: int = 5,
+    test_num_steps: int | None = None,
     center_crop: bool = True,
     dtype: str | None = None,
     trust_pickle: bool = False,
@@ -70,8 +83,9 @@ def import_checkpoint(
             model attends to it padded to 512 tokens, and unseen instructions are encoded with it.
         text_cache: also write the T5 embeddings as a text cache directory here (default: beside
             ``output``, ``<output stem>.text_embeddings/``, when ``t5_embeddings`` is given).
-        test_num_steps: denoising steps recorded for test / predict / planning proposals (the
-            reference: 5 for LIBERO and RoboCasa, 10 for ALOHA).
+        test_num_steps: denoising steps recorded for test / predict / planning proposals; default: the
+            ``test_num_steps`` of ``recipes/<embodiment name>.yaml`` when there is one (the reference's:
+            5 for LIBERO and RoboCasa, 10 for ALOHA), else 5.
         center_crop: the test-time centre crop of augmented training (the released models used it).
         dtype: store the DiT weights in this dtype (``float32``, ``bfloat16``); default: the file's.
         trust_pickle: allow arbitrary pickled objects in ``source`` (only for files you trust).
@@ -89,6 +103,8 @@ def import_checkpoint(
         raise CosmosPolicyError("import-checkpoint: --embodiment E.yaml and --output OUT.ckpt are required")
     emb = load_embodiment(embodiment)
     layout = SequenceLayout.from_embodiment(emb)
+    if test_num_steps is None:
+        test_num_steps = _recipe_test_steps(emb.name)
     torch_dtype = None
     if dtype is not None:
         torch_dtype = getattr(torch, str(dtype), None)
