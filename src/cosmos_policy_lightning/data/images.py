@@ -25,13 +25,13 @@ def to_pil(frame: np.ndarray | bytes, size_hw: tuple[int, int], where: str, swap
     """One frame as an RGB PIL image of ``size_hw = (H, W)``.
 
     Args:
-        frame: ``(H, W, 3)`` uint8 (or float in [0, 1]) array, or encoded image bytes.
+        frame: ``(H, W, 3)`` uint8 (or float in [0, 1], checked) array, or encoded image bytes.
         size_hw: target ``(H, W)`` in pixels.
         where: message prefix naming file, episode and key.
         swap_rb: the source is BGR (e.g. frames encoded by OpenCV from RGB arrays): swap red and blue.
 
     Raises:
-        DataError: undecodable bytes.
+        DataError: undecodable bytes, or an array refused by :func:`frame_to_uint8`.
     """
     h, w = size_hw
     if isinstance(frame, bytes):
@@ -44,16 +44,51 @@ def to_pil(frame: np.ndarray | bytes, size_hw: tuple[int, int], where: str, swap
         except Exception as err:  # PIL raises several types for corrupt data
             raise DataError(f"{where}: cannot decode image bytes ({type(err).__name__}: {err})") from None
     else:
-        arr = frame
-        if arr.dtype != np.uint8:
-            arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        img = Image.fromarray(np.ascontiguousarray(arr))
+        img = Image.fromarray(np.ascontiguousarray(frame_to_uint8(frame, where)))
     if swap_rb:
         r, g, b = img.split()
         img = Image.merge("RGB", (b, g, r))
     if img.size != (w, h):
         img = img.resize((w, h), Image.Resampling.BILINEAR)
     return img
+
+
+def frame_to_uint8(frame: np.ndarray, where: str) -> np.ndarray:
+    """An ``(H, W, 3)`` RGB frame as uint8 0..255, refusing anything that would be silently wrong.
+
+    uint8 passes unchanged. Floating-point frames must lie in [0, 1] (checked: a float frame in
+    0..255 would otherwise saturate to white, and NaN would become black) and are scaled by 255.
+    Every other dtype (uint16, int64, bool, ...) is refused: its range has no single meaning.
+
+    Args:
+        frame: the array, ``H, W >= 1``.
+        where: message prefix naming file, episode and key (or the camera at inference).
+
+    Returns:
+        uint8 ``(H, W, 3)``.
+
+    Raises:
+        DataError: one line naming ``where``, the dtype and the observed range (or the shape).
+    """
+    arr = np.asarray(frame)
+    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise DataError(f"{where}: expected an (H, W, 3) RGB image with H, W >= 1, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind == "f":
+        nan = int(np.isnan(arr).sum())
+        finite = arr[np.isfinite(arr)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (float("nan"), float("nan"))
+        if nan or finite.size < arr.size or lo < 0.0 or hi > 1.0:
+            extra = f", {nan} NaN" if nan else ""
+            extra += f", {arr.size - finite.size - nan} inf" if finite.size + nan < arr.size else ""
+            hint = " (looks like 0..255: pass uint8)" if hi > 1.0 and hi <= 255.0 and lo >= 0.0 else ""
+            raise DataError(f"{where}: float image values must be in [0, 1], observed range [{lo:.6g}, {hi:.6g}]"
+                            f"{extra} ({arr.dtype}){hint}")
+        return (arr.astype(np.float32) * 255.0 + 0.5).astype(np.uint8)
+    finite = arr.astype(np.float64) if arr.dtype.kind in "biu" else None
+    rng = f", observed range [{finite.min():.6g}, {finite.max():.6g}]" if finite is not None else ""
+    raise DataError(f"{where}: image dtype {arr.dtype} is not accepted{rng}; pass uint8 0..255 or float in [0, 1]")
 
 
 def encode_jpeg(img: Image.Image, quality: int = JPEG_QUALITY) -> bytes:

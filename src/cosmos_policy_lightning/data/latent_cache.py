@@ -46,8 +46,10 @@ from ..atomic import atomic_path, write_json_atomic
 from ..embodiment import Embodiment
 from ..errors import DataError
 from ..layout import SequenceLayout
+from ..locking import folder_lock
 from . import sample as S
 from .augment import SPEC_AUGMENT, apply_uint8, center_crop_params, sample_params
+from .integrity import CheckedTarSamples, check_shard_sizes
 from .shards import BLOCK, RECORD, sample_record
 
 #: Member of a latent sample holding the stored views.
@@ -171,18 +173,23 @@ class _ViewEncoder:
         return latents[:, :, self.frames].numpy()
 
 
-def _write_tar(path: Path, records: list[bytes]) -> int:
-    """Write whole sample records into the tar ``path`` atomically; returns its size in bytes."""
+def _write_tar(path: Path, records: list[bytes]) -> tuple[int, str]:
+    """Write whole sample records into the tar ``path`` atomically; returns its size in bytes and the
+    SHA-256 of its bytes (recorded in the cache manifest, ``data/integrity.py``)."""
+    digest = hashlib.sha256()
     with atomic_path(path) as tmp, open(tmp, "wb") as stream:
         size = 0
         for rec in records:
             stream.write(rec)
+            digest.update(rec)
             size += len(rec)
         size += 2 * BLOCK
-        stream.write(b"\0" * (2 * BLOCK + (-size % RECORD)))
+        tail = b"\0" * (2 * BLOCK + (-size % RECORD))
+        stream.write(tail)
+        digest.update(tail)
         stream.flush()
         os.fsync(stream.fileno())
-    return path.stat().st_size
+    return path.stat().st_size, digest.hexdigest()
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -197,7 +204,10 @@ def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = No
     """Encode every sample of a converted dataset once; see the module docstring for the format.
 
     Resumable: a latent shard is written under a temporary name and renamed when complete, and a re-run
-    skips the shards already listed in the cache manifest.
+    skips the shards already listed in the cache manifest (with their recorded size). One writer at a
+    time (``locking.py``): other processes (the ranks of a distributed run) wait, then reuse the cache.
+    Pixel shards are read with the integrity checks of ``data/integrity.py``; latent shards record
+    their sample count, size and SHA-256.
 
     Args:
         data_dir: converted (pixel) dataset directory.
@@ -219,6 +229,18 @@ def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = No
         DataError: the dataset is missing or incomplete, or ``output`` holds a cache with another
             fingerprint (one line naming what differs).
     """
+    if not Path(data_dir).is_dir():
+        raise DataError(f"{data_dir}: dataset directory not found")
+    out = Path(output) if output is not None else Path(data_dir) / "latents"
+    with folder_lock(out, "latent cache"):
+        return _build_latent_cache(data_dir, vae, out, augment, augment_views, seed, dtype, batch_size, embodiment,
+                                   progress)
+
+
+def _build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = None, augment: bool = True,
+                       augment_views: int = 4, seed: int = 0, dtype: str = "float16", batch_size: int = 16,
+                       embodiment: str | Path | None = None, progress: bool = True) -> Path:
+    """:func:`build_latent_cache` with the folder lock held."""
     from tqdm.auto import tqdm
 
     from ..model.backbone import VideoVAE
@@ -242,6 +264,11 @@ def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = No
             return out
     done = {e["name"]: e for e in (manifest or {}).get("shards", [])}
     jobs = [(split, Path(p)) for split in S.SPLITS for p in info.splits[split].shards]
+    counts = {Path(p).name: n for split in S.SPLITS for p, n in zip(info.splits[split].shards,
+                                                                     info.splits[split].samples)}
+    check_shard_sizes([(p, b) for split in S.SPLITS for p, b in zip(info.splits[split].shards,
+                                                                    info.splits[split].bytes)],
+                      info.data_dir / S.MANIFEST)
     total = sum(n or 0 for split in S.SPLITS for n in info.splits[split].samples)
     encoder = _ViewEncoder(info.embodiment, layout, model_vae, augment, augment_views, seed)
     np_dtype = DTYPES[dtype]
@@ -259,7 +286,8 @@ def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = No
     bar = tqdm(total=total or None, desc=f"cache-latents {info.data_dir.name}", unit="sample", disable=not progress,
                initial=sum(e["samples"] for e in done.values()))
     for split, shard in jobs:
-        if shard.name in done and (out / shard.name).is_file():
+        if shard.name in done and (out / shard.name).is_file() and \
+                (out / shard.name).stat().st_size == done[shard.name].get("bytes", (out / shard.name).stat().st_size):
             continue
         records, pending = [], []
 
@@ -275,7 +303,7 @@ def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = No
             bar.update(len(pending))
             pending.clear()
 
-        for sample in wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples()):
+        for sample in wds.DataPipeline(wds.SimpleShardList([str(shard)]), CheckedTarSamples(counts, PASSTHROUGH)):
             key = sample["__key__"]
             missing = [m for m in PASSTHROUGH if m not in sample]
             if missing:
@@ -284,8 +312,9 @@ def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = No
             if len(pending) >= batch_size:
                 flush()
         flush()
-        _write_tar(out / shard.name, records)
-        done[shard.name] = {"name": shard.name, "split": split, "samples": len(records)}
+        nbytes, sha256 = _write_tar(out / shard.name, records)
+        done[shard.name] = {"name": shard.name, "split": split, "samples": len(records), "bytes": nbytes,
+                            "sha256": sha256}
         save("incomplete")
     bar.close()
     save("complete")

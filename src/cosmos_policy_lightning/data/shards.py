@@ -119,9 +119,13 @@ def interleave_order(counts: Sequence[int], seed: int) -> np.ndarray:
     return order
 
 
-def write_shard(path: Path, spills: Sequence[Path], counts: Sequence[int], seed: int) -> int:
+def write_shard(path: Path, spills: Sequence[Path], counts: Sequence[int], seed: int, hasher=None) -> int:
     """Write the samples of ``spills`` (one file per episode, ``counts`` records each) into the tar
     ``path``, interleaved; return its size in bytes.
+
+    Args:
+        hasher: optional ``hashlib`` object updated with every byte written (the manifest's ``sha256``,
+            computed without reading the shard again).
 
     Memory: one sample record at a time.
     """
@@ -133,9 +137,14 @@ def write_shard(path: Path, spills: Sequence[Path], counts: Sequence[int], seed:
             for i in interleave_order(counts, seed):
                 rec = read_record(files[i])
                 stream.write(rec)
+                if hasher is not None:
+                    hasher.update(rec)
                 size += len(rec)
             size += 2 * BLOCK  # end-of-archive marker, then pad to a whole tar record like tarfile
-            stream.write(b"\0" * (2 * BLOCK + (-size % RECORD)))
+            tail = b"\0" * (2 * BLOCK + (-size % RECORD))
+            stream.write(tail)
+            if hasher is not None:
+                hasher.update(tail)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)

@@ -51,10 +51,33 @@ def worker_position() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def stream_rng(seed: int, rank: int, epoch: int, stream: int) -> np.random.Generator:
-    """Independent numpy generator for one (seed, rank, worker, epoch, stream) tuple."""
+def stream_rng(seed: int, rank: int, epoch: int, stream: int, start: int = 0) -> np.random.Generator:
+    """Independent numpy generator for one (seed, rank, worker, epoch, stream) tuple; a resumed training
+    stream (``start`` > 0 batches delivered before, :class:`StreamPosition`) gets its own generators."""
     worker, _ = worker_position()
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, rank, worker, epoch, stream])
+    key = [int(seed) & 0xFFFFFFFF, rank, worker, epoch, stream]
+    return np.random.default_rng(key + [int(start)] if start else key)
+
+
+class StreamPosition:
+    """Where a training stream starts: the number of batches the loader had delivered in earlier runs
+    of the same training (0 for a fresh run; restored from the checkpoint on resume).
+
+    The stages of one pipeline share this object and mix ``start`` into their random streams, so a
+    resumed run draws new shards, shuffles, objectives and augmentations instead of replaying the
+    batches of step 0, 1, 2... again -- and, being a fresh draw from the same sampler, keeps the data
+    distribution. A fresh run (``start == 0``) draws exactly the streams it always did.
+    """
+
+    def __init__(self, start: int = 0):
+        self.start = int(start)
+
+    def __repr__(self) -> str:
+        return f"StreamPosition(start={self.start})"
+
+
+def _start(position: "StreamPosition | None") -> int:
+    return position.start if position is not None else 0
 
 
 def _where(sample: dict) -> str:
@@ -122,13 +145,15 @@ class Shuffle(PipelineStage):
     so a half-filled buffer would give batches of one or two episodes at the start of each epoch.
     """
 
-    def __init__(self, bufsize: int, seed: int = 0, rank: int = 0):
+    def __init__(self, bufsize: int, seed: int = 0, rank: int = 0, position: StreamPosition | None = None):
         self.bufsize, self.seed, self.rank = max(1, int(bufsize)), seed, rank
+        self.position = position
         self.epoch = -1
 
     def run(self, src: Iterable) -> Iterator:
         self.epoch += 1
-        rng = random.Random(int(stream_rng(self.seed, self.rank, self.epoch, 0).integers(2**63)))
+        rng = random.Random(int(stream_rng(self.seed, self.rank, self.epoch, 0, _start(self.position))
+                                .integers(2**63)))
         return shuffle(self.bufsize, self.bufsize, rng=rng)(src)
 
 
@@ -150,7 +175,7 @@ class ObjectiveMixer(PipelineStage):
         weights: probability per objective index (length ``len(OBJECTIVES)``, sums to 1).
         success_fraction: P(success) for non-policy samples, in [0, 1].
         has_success, has_failure: whether the split holds successful / failed samples (None = unknown).
-        seed, rank: for the worker's random stream.
+        seed, rank: for the worker's random stream; position: the shared :class:`StreamPosition` (resume).
         pool_size: capacity of each outcome pool (samples, undecoded).
         stall_limit: consecutive unmatched samples before a class is declared absent.
 
@@ -160,12 +185,13 @@ class ObjectiveMixer(PipelineStage):
 
     def __init__(self, weights: list[float], success_fraction: float, has_success: bool | None,
                  has_failure: bool | None, seed: int = 0, rank: int = 0, pool_size: int = 1000,
-                 stall_limit: int = 4000):
+                 stall_limit: int = 4000, position: StreamPosition | None = None):
         self.weights = np.asarray(weights, dtype=np.float64)
         self.success_fraction = float(success_fraction)
         self.has_success, self.has_failure = has_success, has_failure
         self.seed, self.rank = seed, rank
         self.pool_size, self.stall_limit = max(1, int(pool_size)), max(1, int(stall_limit))
+        self.position = position
         self.epoch = -1
 
     def _check_policy(self, available: dict[bool, bool]) -> None:
@@ -184,7 +210,7 @@ class ObjectiveMixer(PipelineStage):
 
     def run(self, src: Iterable[dict]) -> Iterator[dict]:
         self.epoch += 1
-        rng = stream_rng(self.seed, self.rank, self.epoch, 1)
+        rng = stream_rng(self.seed, self.rank, self.epoch, 1, _start(self.position))
         available = {True: self.has_success is not False, False: self.has_failure is not False}
         if not (available[True] or available[False]):
             raise DataError("objective mix: the training shards hold no samples")
@@ -356,14 +382,15 @@ class SampleDecoder(PipelineStage):
         text_dir: the dataset's ``text_embeddings`` directory.
         max_text_tokens: text embeddings are truncated to this many tokens.
         mode: ``"augment"``, ``"center"`` or ``"none"``.
-        seed, rank: for the augmentation's random stream.
+        seed, rank: for the augmentation's random stream; position: the shared :class:`StreamPosition`.
 
     Raises (while iterating):
         DataError: a member is missing, malformed or has the wrong shape (names shard, key, member).
     """
 
     def __init__(self, embodiment: Embodiment, normalizers: dict[str, Normalizer], text_dir: str,
-                 max_text_tokens: int, mode: str, seed: int = 0, rank: int = 0):
+                 max_text_tokens: int, mode: str, seed: int = 0, rank: int = 0,
+                 position: StreamPosition | None = None):
         if mode not in ("augment", "center", "none"):
             raise ValueError(f"SampleDecoder: mode must be augment, center or none, got {mode!r}")
         self.cameras = embodiment.camera_names
@@ -373,6 +400,7 @@ class SampleDecoder(PipelineStage):
         self.normalizers = normalizers
         self.text = TextLookup(text_dir, max_text_tokens)
         self.mode, self.seed, self.rank = mode, seed, rank
+        self.position = position
         self.epoch = -1
 
     def decode(self, sample: dict, rng: np.random.Generator | None = None) -> dict[str, Any]:
@@ -412,7 +440,8 @@ class SampleDecoder(PipelineStage):
 
     def run(self, src: Iterable[dict]) -> Iterator[dict]:
         self.epoch += 1
-        rng = stream_rng(self.seed, self.rank, self.epoch, 2) if self.mode == "augment" else None
+        rng = stream_rng(self.seed, self.rank, self.epoch, 2, _start(self.position)) if self.mode == "augment" \
+            else None
         for sample in src:
             yield self.decode(sample, rng)
 
@@ -436,8 +465,8 @@ class LatentSampleDecoder(SampleDecoder):
 
     def __init__(self, embodiment: Embodiment, normalizers: dict[str, Normalizer], text_dir: str,
                  max_text_tokens: int, mode: str, layout_frames: list[int], num_latent_frames: int,
-                 seed: int = 0, rank: int = 0):
-        super().__init__(embodiment, normalizers, text_dir, max_text_tokens, mode, seed, rank)
+                 seed: int = 0, rank: int = 0, position: StreamPosition | None = None):
+        super().__init__(embodiment, normalizers, text_dir, max_text_tokens, mode, seed, rank, position)
         self.frames = torch.tensor(list(layout_frames), dtype=torch.long)
         self.num_latent_frames = int(num_latent_frames)
 

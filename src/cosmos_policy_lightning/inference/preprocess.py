@@ -64,19 +64,18 @@ def prepare_image(frame: Any, size_hw: tuple[int, int], where: str, jpeg_quality
     """One camera frame -> ``(H, W, 3)`` uint8 at the model's ``size_hw``, as the converter stores it.
 
     Args:
-        frame: ``(h, w, 3)`` uint8 (or float in [0, 1]) array or tensor.
+        frame: ``(h, w, 3)`` uint8 (or float in [0, 1], checked) array or tensor.
         size_hw: the embodiment's ``image_size`` ``(H, W)``.
         where: message prefix (names the camera).
         jpeg_quality: round-trip through JPEG of this quality like the shards do (None: skip).
 
     Raises:
-        CosmosPolicyError: not an ``(h, w, 3)`` image or non-finite values.
+        CosmosPolicyError: not an ``(h, w, 3)`` image; a float image outside [0, 1] or with NaN / inf; any
+            dtype but uint8 and float (``data.images.frame_to_uint8``; the message gives the observed range).
     """
     arr = frame.detach().cpu().numpy() if isinstance(frame, torch.Tensor) else np.asarray(frame)
     if arr.ndim != 3 or arr.shape[-1] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise CosmosPolicyError(f"{where}: expected an (H, W, 3) RGB image, got shape {arr.shape}")
-    if arr.dtype != np.uint8 and not np.isfinite(arr).all():
-        raise CosmosPolicyError(f"{where}: image contains NaN or inf")
     img = to_pil(arr, size_hw, where)
     if jpeg_quality is not None:
         img = Image.open(io.BytesIO(encode_jpeg(img, jpeg_quality))).convert("RGB")
@@ -113,17 +112,26 @@ def prepare_images(observations: Sequence[Observation], embodiment: Embodiment, 
 def prepare_proprio(observations: Sequence[Observation], normalizer: Normalizer, dim: int) -> torch.Tensor:
     """Proprio of B observations in robot units -> float32 ``(B, P)`` normalised (SPEC §4).
 
+    Warns (once per dimension and normalizer) when a value lies far outside the training range
+    (:meth:`~cosmos_policy_lightning.normalization.Normalizer.warn_out_of_range`).
+
     Raises:
-        CosmosPolicyError: wrong length or non-finite values.
+        CosmosPolicyError: not numbers, wrong length or non-finite values.
     """
     rows = []
     for b, obs in enumerate(observations):
-        p = np.asarray(obs.proprio, dtype=np.float64).reshape(-1)
+        try:
+            p = np.asarray(obs.proprio, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise CosmosPolicyError(f"observation {b}: proprio must be numbers (robot units), got "
+                                    f"{str(obs.proprio)[:60]!r}") from None
         if p.shape != (dim,) or not np.isfinite(p).all():
             raise CosmosPolicyError(f"observation {b}: expected finite proprio of shape ({dim},), got "
                                     f"{np.asarray(obs.proprio).shape} {p[:8].tolist()}")
         rows.append(p)
-    return torch.as_tensor(np.asarray(normalizer.normalize(np.stack(rows))), dtype=torch.float32)
+    batch = np.stack(rows)
+    normalizer.warn_out_of_range(batch, "proprio")
+    return torch.as_tensor(np.asarray(normalizer.normalize(batch)), dtype=torch.float32)
 
 
 @functools.lru_cache(maxsize=4)

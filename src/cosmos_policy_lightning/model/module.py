@@ -27,6 +27,7 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAUROC
 
 from ..embodiment import Embodiment, load_embodiment
+from ..errors import CosmosPolicyError
 from ..layout import OBJECTIVES, SequenceLayout
 from ..normalization import DatasetStats, Normalizer
 from . import diffusion
@@ -52,6 +53,27 @@ def resolve_path(source: Any) -> Any:
             and (REPO_ROOT / source).exists():
         return str(REPO_ROOT / source)
     return source
+
+
+def refuse_other_robot(stored: dict, embodiment: Embodiment, where: Any = None) -> None:
+    """Refuse to resume or test a checkpoint of another robot: everything the weights and statistics
+    depend on must agree (camera slots in order, image size, proprio / action dims, chunk size, gamma).
+    Fine-tuning on a new robot starts from weights only (``init_from_checkpoint``).
+
+    Raises:
+        CosmosPolicyError: one line naming the checkpoint and the first field that differs.
+    """
+    theirs = Embodiment.from_dict(stored, source=f"{where or 'checkpoint'}:embodiment")
+    for name, a, b in (("cameras", list(theirs.camera_names), list(embodiment.camera_names)),
+                       ("image_size", list(theirs.image_size), list(embodiment.image_size)),
+                       ("proprio.dim", theirs.proprio.dim, embodiment.proprio.dim),
+                       ("action.dim", theirs.action.dim, embodiment.action.dim),
+                       ("action.chunk_size", theirs.action.chunk_size, embodiment.action.chunk_size),
+                       ("value.gamma", theirs.value.gamma, embodiment.value.gamma)):
+        if a != b:
+            raise CosmosPolicyError(f"{where or 'checkpoint'}: trained for embodiment {theirs.name!r} with {name} = "
+                                    f"{a}, but the data and model are for {embodiment.name!r} with {name} = {b}; use "
+                                    f"a checkpoint of this robot (model.init_from_checkpoint starts a new one)")
 
 
 def modality_frames(layout: SequenceLayout) -> dict[str, list[int]]:
@@ -213,6 +235,9 @@ class CosmosPolicyModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get(CHECKPOINT_KEY) or {}
+        if extra.get("embodiment"):  # before any weight is loaded or any batch runs
+            trainer = self._trainer
+            refuse_other_robot(extra["embodiment"], self.embodiment, getattr(trainer, "ckpt_path", None))
         if extra.get("stats"):
             self.stats = DatasetStats.from_dict(extra["stats"])
         self.text_encoder_identity = extra.get("text_encoder")

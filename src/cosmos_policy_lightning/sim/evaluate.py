@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..atomic import ensure_writable_dir
 from ..errors import CosmosPolicyError
 from ..normalization import write_json_atomic
 from .recording import Rollout, plot_values, save_gif, write_rollout_hdf5
@@ -259,8 +260,7 @@ def evaluate_metaworld(
     if policy != "model":
         execute = 1  # the baselines act step by step
 
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = ensure_writable_dir(output, "--output")  # now, not after the episodes have run
     from tqdm import tqdm
 
     label = "planning" if planning or (remote is not None and remote.metadata.get("planning")) else policy

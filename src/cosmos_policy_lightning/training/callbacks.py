@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..atomic import write_bytes_atomic
+from ..atomic import ensure_writable_dir, write_bytes_atomic
 
 
 def batch_size(batch: dict[str, Any]) -> int:
@@ -55,6 +55,11 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output_dir: str = "predictions"):
         super().__init__(write_interval="epoch")
         self.output_dir = Path(output_dir)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # A read-only or misnamed output_dir is refused before the predict pass, not after it.
+        if stage == "predict":
+            ensure_writable_dir(self.output_dir, "PredictionWriter output_dir")
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions

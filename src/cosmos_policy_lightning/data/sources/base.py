@@ -102,7 +102,8 @@ def expand_paths(sources: str | Path | Sequence[str | Path], suffixes: tuple[str
             directory store), not searched.
 
     Raises:
-        DataError: a path does not exist, a pattern matches nothing, or nothing was found.
+        DataError: a path does not exist, a pattern matches nothing, nothing was found, or a symbolic
+            link loops (a link chain that never ends, or a directory link back to an ancestor).
     """
     items = [sources] if isinstance(sources, (str, Path)) else list(sources)
     found: list[Path] = []
@@ -115,26 +116,48 @@ def expand_paths(sources: str | Path | Sequence[str | Path], suffixes: tuple[str
             found += matches
             continue
         path = Path(text)
+        _refuse_link_loop(path)
         if not path.exists():
             raise DataError(f"{path}: file not found")
         if path.is_dir() and not (is_unit and is_unit(path)):
-            inner = _walk(path, suffixes, is_unit)
+            inner = _walk(path, suffixes, is_unit, set())
             if not inner:
                 raise DataError(f"{path}: no {' / '.join(suffixes)} files in this directory")
             found += sorted(inner, key=lambda p: natural_key(str(p)))
         else:
             found.append(path)
+    for p in found:
+        _refuse_link_loop(p)
     unique = list(dict.fromkeys(p.resolve() for p in found))
     return unique
 
 
-def _walk(directory: Path, suffixes: tuple[str, ...], is_unit) -> list[Path]:
-    """Files ending in ``suffixes`` under ``directory``; units (stores) are returned, not entered."""
+def _refuse_link_loop(path: Path) -> None:
+    """DataError when ``path`` is a symbolic link whose chain never ends (``a -> b -> a``)."""
+    import errno
+    import os
+
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DataError(f"{path}: symbolic link loop (the link chain never reaches a file)") from None
+
+
+def _walk(directory: Path, suffixes: tuple[str, ...], is_unit, visited: set[tuple[int, int]]) -> list[Path]:
+    """Files ending in ``suffixes`` under ``directory``; units (stores) are returned, not entered.
+    ``visited`` holds the (device, inode) of the directories on the way down, so a link back to an
+    ancestor is refused instead of recursing forever."""
+    st = directory.stat()
+    here = (st.st_dev, st.st_ino)
+    if here in visited:
+        raise DataError(f"{directory}: symbolic link loop (leads back to a directory above it)")
     out: list[Path] = []
-    for p in directory.iterdir():
+    for p in sorted(directory.iterdir()):
         if p.is_dir():
-            out += [p] if is_unit and is_unit(p) else _walk(p, suffixes, is_unit)
+            out += [p] if is_unit and is_unit(p) else _walk(p, suffixes, is_unit, visited | {here})
         elif p.name.endswith(suffixes):
+            _refuse_link_loop(p)
             out.append(p)
     return out
 

@@ -99,13 +99,26 @@ def parse_score(value: Any, where: str) -> float:
 
 
 def combine(success: Any, score: Any, where: str) -> tuple[bool, float]:
-    """``(success, score)`` from either or both (see module docstring)."""
+    """``(success, score)`` from either or both (see module docstring).
+
+    Raises:
+        DataError: neither given, unreadable values, or contradictory ones (success with score 0,
+            failure with score 1).
+    """
     if success is None and score is None:
         raise DataError(f"{where}: neither success nor score given")
     s = parse_score(score, where) if score is not None else None
     if success is None:
         return bool(s >= 1.0), float(s)
     ok = parse_success(success, where)
+    # Contradictions would train silently wrong: a "success" of score 0 has value -1 at every step (a
+    # failure's curve) yet feeds policy samples; a failure of score 1 is a success by definition.
+    if s is not None and ok and s <= 0.0:
+        raise DataError(f"{where}: success is true but the success score is {s:g}; a success needs a score in "
+                        f"(0, 1] (fix the label, or drop the score to use 1)")
+    if s is not None and not ok and s >= 1.0:
+        raise DataError(f"{where}: success is false but the success score is {s:g} (a score of 1 means success); "
+                        f"fix the label")
     return ok, float(s) if s is not None else (1.0 if ok else 0.0)
 
 

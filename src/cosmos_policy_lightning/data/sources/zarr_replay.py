@@ -14,6 +14,7 @@ Keys may be written with or without the ``data/`` prefix. Episode ids are ``epis
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ class ZarrReplayReader(SourceReader):
         many = len(self.paths) > 1
         for path in self.paths:
             ends = self._ends(str(path))
+            self._warn_unended_rows(str(path), ends)
             stem = path.name.split(".")[0]
             for i in range(len(ends)):
                 raw = f"episode_{i:06d}"
@@ -84,6 +86,22 @@ class ZarrReplayReader(SourceReader):
                 refs.append(EpisodeRef(eid, str(path), str(i), (eid, raw, str(i), f"{stem}-{raw}")))
         self.close()
         return refs
+
+    def _warn_unended_rows(self, path: str, ends: np.ndarray) -> int:
+        """Warn when the action array has rows after the last ``meta/episode_ends`` entry (an episode
+        recorded without its end, e.g. a collection that was interrupted): they belong to no episode
+        and are not converted. Returns their count."""
+        group = self._group(path)
+        try:
+            key, actions = lookup(group, self.keys.action, ("data/", ""), path)
+        except DataError:
+            return 0  # reported per episode, with the keys that exist
+        last = int(ends[-1]) if len(ends) else 0
+        extra = int(actions.shape[0]) - last
+        if extra > 0:
+            warnings.warn(f"{path}: {extra} row(s) of {key} after the last meta/episode_ends entry ({last}) "
+                          f"belong to no episode and are not converted (an unfinished episode?)", stacklevel=3)
+        return max(extra, 0)
 
     def _open(self, ref: EpisodeRef) -> Episode:
         group = self._group(ref.path)
