@@ -29,6 +29,8 @@ TOOLS: dict[tuple[str, ...], tuple[str, str, str]] = {
                    "convert HDF5 / Zarr / LeRobot demonstrations into WebDataset shards + statistics"),
     ("cache-latents",): ("cosmos_policy_lightning.data.latent_cache", "cache_latents",
                          "encode a converted dataset once with the frozen VAE (fast training from latents)"),
+    ("verify",): ("cosmos_policy_lightning.data.integrity", "verify_dataset",
+                  "check a converted dataset's shards (size, sample count, SHA-256) against its manifest"),
     ("collect", "metaworld"): ("cosmos_policy_lightning.sim.collect", "collect_metaworld",
                                "record scripted-expert demonstrations in Meta-World"),
     ("evaluate", "metaworld"): ("cosmos_policy_lightning.sim.evaluate", "evaluate_metaworld",

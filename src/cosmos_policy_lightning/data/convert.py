@@ -136,7 +136,6 @@ def convert(
     emb = Embodiment.from_yaml(embodiment)
     _check_options(val_fraction, shard_size_mb, workers, jpeg_quality, format)
     check_text_encoder(text_encoder)  # now, not after every shard is written
-    ensure_writable_dir(output, "--output")
     labels = LabelOptions(all_success, success_sidecar, success_regex, instruction, instruction_from)
     reader = open_source(format, source, emb, labels, camera_keys, proprio_keys, action_key,
                          revision=revision, tolerance_s=tolerance_s)
@@ -159,7 +158,7 @@ def convert(
     }
     if format == "lerobot":  # only here, so the settings (and resumption) of other formats are unchanged
         settings["tolerance_s"] = tolerance_s
-    out = Path(output)
+    out = ensure_writable_dir(output, "--output")  # a file, read-only: refused before any episode is read
     settings_hash = _settings_hash(settings, emb, orders)
 
     def refuse_other_writer() -> None:
@@ -314,6 +313,7 @@ class _Conversion:
             self.manifest = previous
             if self.complete:
                 shutil.rmtree(self.work, ignore_errors=True)  # killed after completion, before cleanup
+                self._check_shards()  # "nothing to do" only if the shards are still those it wrote
                 return
         else:
             self.manifest = {

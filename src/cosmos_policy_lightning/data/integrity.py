@@ -11,16 +11,18 @@ shard, its sample count (``samples``), its size in bytes (``bytes``) and the SHA
   the sample schema (``data/sample.py``), and a tar that ends inside a member becomes one line naming
   the shard instead of ``tarfile.ReadError`` -- this also covers shards changed after set-up and
   manifests that predate ``bytes``;
-* on request (:func:`verify_checksums`), the SHA-256 of every shard (reads every byte).
+* on request (:func:`verify_checksums`; ``cosmos-policy verify DATA_DIR``, :func:`verify_dataset`), the
+  SHA-256 and sample count of every shard (reads every byte).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from webdataset.filters import PipelineStage
 
@@ -140,4 +142,101 @@ class CheckedTarSamples(PipelineStage):
             yield from self._samples(shard)
 
 
-__all__ = ["CheckedTarSamples", "check_shard_sizes", "file_sha256", "verify_checksums"]
+class _HashingReader(io.RawIOBase):
+    """A binary file whose bytes are counted and hashed as they are read (one pass for tar + SHA-256)."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.f.readinto(buffer)
+        if n:
+            self.sha256.update(memoryview(buffer)[:n])
+            self.bytes += n
+        return n or 0
+
+
+def scan_shard(path: str | Path) -> dict[str, Any]:
+    """Read a tar shard once: its sample count (consecutive members sharing a key, as webdataset groups
+    them), size and SHA-256.
+
+    Returns:
+        ``{"samples": int, "bytes": int, "sha256": str}``.
+
+    Raises:
+        DataError: the tar cannot be read to its end (names the shard and the samples read).
+    """
+    raw = _HashingReader(open(path, "rb"))
+    stream = io.BufferedReader(raw, _CHUNK)
+    samples, last = 0, None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                key = Path(member.name).name.split(".", 1)[0]
+                if key != last:
+                    samples, last = samples + 1, key
+        while stream.read(_CHUNK):  # the end-of-archive padding counts too
+            pass
+    except (tarfile.TarError, EOFError) as err:
+        reason = err.args[0] if err.args and isinstance(err.args[0], str) else type(err).__name__
+        raise DataError(f"{path}: truncated or corrupt shard: tar read error ({reason}) after {samples} samples") \
+            from None
+    finally:
+        raw.f.close()
+    return {"samples": samples, "bytes": raw.bytes, "sha256": raw.sha256.hexdigest()}
+
+
+def verify_dataset(data_dir: Path, checksums: bool = True) -> None:
+    """Check every shard of a converted dataset -- and of its latent cache (``latents/``), if there is one
+    -- against what the manifests recorded: size, sample count and SHA-256 (reads every byte; set-up
+    only checks sizes). Prints one line per shard that differs, then a summary.
+
+    Args:
+        data_dir: the converted dataset (``cosmos-policy convert`` output).
+        checksums: also read every shard for sample counts and SHA-256 (else sizes only).
+
+    Raises:
+        DataError: one line: how many shards differ, and the first difference.
+    """
+    import json
+
+    data_dir = Path(data_dir)
+    manifests = [data_dir / "manifest.json", data_dir / "latents" / "manifest.json"]
+    problems, checked = [], 0
+    for manifest in manifests:
+        if not manifest.is_file():
+            if manifest.parent == data_dir:
+                raise DataError(f"{manifest}: not found (convert the dataset first: cosmos-policy convert ...)")
+            continue
+        try:
+            entries = json.loads(manifest.read_text()).get("shards") or []
+        except ValueError as err:
+            raise DataError(f"{manifest}: not valid JSON ({err})") from None
+        for entry in entries:
+            path = manifest.parent / entry["name"]
+            checked += 1
+            try:
+                check_shard_sizes([(path, entry.get("bytes"))], manifest)
+                if not checksums:
+                    continue
+                found = scan_shard(path)
+            except DataError as err:
+                problems.append(str(err))
+                continue
+            for field, want in (("samples", entry.get("samples")), ("sha256", entry.get("sha256"))):
+                if want is not None and found[field] != want:
+                    problems.append(f"{path}: {field} differs: expected {want}, got {found[field]} "
+                                    f"(as recorded in {manifest})")
+    for line in problems:
+        print(f"bad shard: {line}")
+    if problems:
+        raise DataError(f"{data_dir}: {len(problems)} of {checked} shards differ from their manifest; first: "
+                        f"{problems[0]}")
+    what = "sizes, sample counts and SHA-256" if checksums else "sizes"
+    print(f"{data_dir}: {checked} shards, {what} as recorded")
+
+
+__all__ = ["CheckedTarSamples", "check_shard_sizes", "file_sha256", "scan_shard", "verify_checksums", "verify_dataset"]
