@@ -74,38 +74,55 @@ def _assert_consistent(out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------ concurrency
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cli_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
-
-
-def test_two_runs_with_equal_options_convert_once(slow, tmp_path):
-    """Both runs start while the folder is locked (by this test, so that both surely meet the lock), then
-    race for it: one converts while the other waits, then finds the finished conversion and reuses it."""
+def _race(commands: list[list[str]], out: Path, logs_dir: Path) -> tuple[list[int], list[str]]:
+    """Start ``commands`` together and make them collide: this test holds the folder's lock while they
+    start, until each reports that it waits for it, then lets them race for it (as ranks of one job do).
+    Returns exit statuses and stderr texts."""
     from filelock import FileLock
 
     from cosmos_policy_lightning.locking import LOCK_NAME
 
-    src, emb = slow
-    out = tmp_path / "out"
-    out.mkdir()
-    logs = [tmp_path / f"stderr{i}.txt" for i in range(2)]
+    out.mkdir(parents=True, exist_ok=True)
+    logs = [logs_dir / f"stderr{i}.txt" for i in range(len(commands))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with FileLock(str(out / LOCK_NAME)):
-        procs = [subprocess.Popen(cli_command(_convert_args(src, emb, out, "--val_fraction", "0.2")), cwd=REPO,
-                                  stdout=subprocess.DEVNULL, stderr=log.open("w"),
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"}) for log in logs]
+        procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
+                 for cmd, log in zip(commands, logs)]
         deadline = time.time() + 120
         while time.time() < deadline and not all("waiting for it to finish" in log.read_text() for log in logs):
             time.sleep(0.1)
     codes = [p.wait(timeout=600) for p in procs]
-    errs = [log.read_text() for log in logs]
+    return codes, [log.read_text() for log in logs]
+
+
+def test_two_runs_with_equal_options_convert_once(slow, tmp_path):
+    """One converts while the other waits, then finds the finished conversion and reuses it (before: one
+    died with 'No such file or directory: .work/<episode>.spill')."""
+    src, emb = slow
+    out = tmp_path / "out"
+    args = cli_command(_convert_args(src, emb, out, "--val_fraction", "0.2"))
+    codes, errs = _race([args, args], out, tmp_path)
     assert codes == [0, 0], errs
     assert all("waiting for it to finish" in e for e in errs), errs
     assert sum("nothing to do" in e for e in errs) == 1, errs
     _assert_consistent(out)
 
 
-def test_two_runs_with_other_options_one_is_refused(slow, tmp_path):
+def test_two_runs_with_other_options_started_together(slow, tmp_path):
+    """Seeds 1 and 2 into one folder at once (before: both 'complete', training shards holding validation
+    episodes, some missing, some twice): one converts, the other is refused in one line."""
+    src, emb = slow
+    out = tmp_path / "out"
+    codes, errs = _race([cli_command(_convert_args(src, emb, out, "--seed", str(seed))) for seed in (1, 2)], out,
+                        tmp_path)
+    assert sorted(codes) == [0, 2], errs
+    one_line_error(errs[codes.index(2)], str(out), "other settings", "seed")
+    manifest = _assert_consistent(out)
+    assert manifest["settings"]["seed"] == 1 + codes.index(0)
+
+
+def test_a_run_with_other_options_is_refused_at_once(slow, tmp_path):
+    """A second run with other options arriving while the first converts is refused without waiting."""
     src, emb = slow
     out = tmp_path / "out"
     first = _start(_convert_args(src, emb, out, "--seed", "1"))
@@ -121,21 +138,23 @@ def test_two_runs_with_other_options_one_is_refused(slow, tmp_path):
     assert manifest["settings"]["seed"] == 1
 
 
-def test_data_modules_of_two_ranks_convert_once(small, tmp_path):
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cli_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+
+
+def test_data_modules_of_two_ranks_convert_once(slow, tmp_path):
     """Two processes (the ranks of a torchrun / SLURM job) whose data module converts on first use
     (``convert_from``) into the same folder: one converts, the other waits and reads the result."""
-    src, emb = small
+    src, emb = slow
     out = tmp_path / "shards"
-    code = ("import sys; from cosmos_policy_lightning.data.datamodule import CosmosDataModule; "
+    code = ("from cosmos_policy_lightning.data.datamodule import CosmosDataModule; "
             f"dm = CosmosDataModule({str(out)!r}, embodiment={str(emb)!r}, num_workers=0, "
             f"convert_from={{'source': {str(src)!r}, 'text_encoder': 'none', 'progress': False}}); "
-            "print(dm.info.splits['train'].total_samples)")
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO) for _ in range(2)]
-    outputs = [(p.wait(timeout=600), *p.communicate()) for p in procs]
-    for rc, stdout, stderr in outputs:
-        assert rc == 0, stderr[-2000:]
-    assert len({stdout for _, stdout, _ in outputs}) == 1
+            "assert dm.info.splits['train'].total_samples > 0")
+    codes, errs = _race([[sys.executable, "-c", code]] * 2, out, tmp_path)
+    assert codes == [0, 0], [e[-2000:] for e in errs]
+    assert sum("nothing to do" in e for e in errs) == 1, errs
     _assert_consistent(out)
 
 
