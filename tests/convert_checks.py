@@ -16,7 +16,7 @@ from .factories import CAMERAS, EpisodeSpec, decode_sample, episode_arrays, prop
 
 
 def expected_value(length: int, future: int, score: float, gamma: float) -> float:
-    """SPEC §4 with a fractional score scaling the curve: ``2 R gamma^(T-1-t') - 1``."""
+    """docs/method.md §4 with a fractional score scaling the curve: ``2 R gamma^(T-1-t') - 1``."""
     return 2.0 * score * gamma ** (length - 1 - future) - 1.0
 
 

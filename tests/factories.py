@@ -1,4 +1,4 @@
-"""Write small real source datasets in every layout ``cosmos-policy convert`` reads (SPEC §4).
+"""Write small real source datasets in every layout ``cosmos-policy convert`` reads (docs/method.md §4).
 
 Every writer takes a list of :class:`EpisodeSpec` and writes real files with h5py / zarr; the arrays
 come from :func:`episode_arrays`, deterministic per seed, so tests can recompute what the shards

@@ -97,7 +97,7 @@ def _image(rng: np.random.Generator, size: tuple[int, int], episode: int, step: 
 
 
 def episode_values(length: int, success: bool, score: float, gamma: float) -> np.ndarray:
-    """V at every step in [-1, 1] (SPEC §4): ``2 * score * gamma^(T-1-t) - 1`` for a success, -1 for a failure."""
+    """V at every step in [-1, 1] (method §4): ``2 * score * gamma^(T-1-t) - 1`` for a success, -1 for a failure."""
     t = np.arange(length)
     if not success:
         return -np.ones(length)
@@ -108,7 +108,7 @@ def write_dataset(root: str | Path, episodes: list[EpisodeSpec], embodiment: Emb
                   samples_per_shard: int = 40, seed: int = 0, text_encoder=None) -> ToyDataset:
     """Write a converted dataset of ``episodes`` into ``root``.
 
-    Every step t of an episode is one sample (SPEC §1): images at t and t' = min(t + K, T - 1), proprio
+    Every step t of an episode is one sample (docs/method.md §1): images at t and t' = min(t + K, T - 1), proprio
     at both, ``actions[t:t+K]`` padded with the last action, V(s'). Samples go into shards of
     ``samples_per_shard`` per split, episodes in order. Statistics are computed over the training
     split (successful episodes for normalisation) with the matching fingerprint in the manifest.

@@ -1,4 +1,4 @@
-"""SPEC §4 augmentation: one parameter set per sample, the documented ranges, a deterministic test transform."""
+"""method §4 augmentation: one parameter set per sample, the documented ranges, a deterministic test transform."""
 
 from __future__ import annotations
 

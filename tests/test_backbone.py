@@ -1,4 +1,4 @@
-"""The diffusers DiT and VAE behind the model (SPEC §1, §2, §6): configurations, weight loading and
+"""The diffusers DiT and VAE behind the model (docs/method.md §1, §2, §6): configurations, weight loading and
 input-channel adaptation, the 18-channel input, per-frame time, text masking, the frozen VAE."""
 
 from pathlib import Path
@@ -271,7 +271,7 @@ def test_vae_is_causal_so_the_sequence_is_encoded_in_one_call(tiny_vae):
     z = tiny_vae.encode(pixels)
     # a prefix of 1 + 4k frames gives the same first latents ...
     torch.testing.assert_close(tiny_vae.encode(pixels[:, :, :5]), z[:, :, :2])
-    # ... but a group encoded without its past does not (SPEC §1)
+    # ... but a group encoded without its past does not (docs/method.md §1)
     alone = tiny_vae.encode(pixels[:, :, 4:9])[:, :, 1]
     assert not torch.allclose(alone, z[:, :, 2], atol=1e-3)
 

@@ -1,4 +1,4 @@
-"""Values, future index and action-chunk padding (SPEC §1, §4)."""
+"""Values, future index and action-chunk padding (docs/method.md §1, §4)."""
 
 import numpy as np
 import pytest

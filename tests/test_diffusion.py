@@ -1,4 +1,4 @@
-"""Noise levels, preconditioning, loss and sampler against hand-computed numbers (SPEC §3)."""
+"""Noise levels, preconditioning, loss and sampler against hand-computed numbers (docs/method.md §3)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Injection / extraction of vectors into latent frames (SPEC §1)."""
+"""Injection / extraction of vectors into latent frames (docs/method.md §1)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The LightningModule's single training step, objective by objective (SPEC §2, §3)."""
+"""The LightningModule's single training step, objective by objective (docs/method.md §2, §3)."""
 
 import pytest
 import torch

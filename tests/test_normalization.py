@@ -1,4 +1,4 @@
-"""Statistics and normalisation to [-1, 1] (SPEC §4), with the zero-range guard and fingerprints."""
+"""Statistics and normalisation to [-1, 1] (docs/method.md §4), with the zero-range guard and fingerprints."""
 
 import json
 import warnings

@@ -1,4 +1,4 @@
-"""Best-of-N planning (SPEC §3, §5): aggregation edge cases, choice of the best proposal with a planning
+"""Best-of-N planning (docs/method.md §3, §5): aggregation edge cases, choice of the best proposal with a planning
 model of known values, and the real batched pipeline on tiny checkpoints (same model and dual deployment)."""
 
 from __future__ import annotations

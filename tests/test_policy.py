@@ -1,5 +1,5 @@
 """CosmosPolicy on a tiny real checkpoint (1 Lightning fit step, MiniLM text): robot units, shapes,
-seeds, batching, both decodings, preprocessing, errors, and ``cosmos-policy predict`` (SPEC §1, §3, §4)."""
+seeds, batching, both decodings, preprocessing, errors, and ``cosmos-policy predict`` (docs/method.md §1, §3, §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Latency per action chunk of :class:`CosmosPolicy` and of best-of-N planning (SPEC §3, §5).
+"""Latency per action chunk of :class:`CosmosPolicy` and of best-of-N planning (docs/method.md §3, §5).
 
 Measures, for one observation (camera frames at the model size, proprio, an instruction whose
 embedding is cached after the first call):

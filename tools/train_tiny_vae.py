@@ -6,7 +6,7 @@ the predicted futures shown in TensorBoard would be unreadable. This tool trains
 compression) on the camera frames of robomimic HDF5 files such as ``samples/metaworld``.
 
 The framework encodes ``1 + 4k`` pixel frames: a black frame, then groups of 4 identical copies of an
-image (or 4 black frames for vector slots), SPEC §1. Training on such sequences on a CPU is slow
+image (or 4 black frames for vector slots), docs/method.md §1. Training on such sequences on a CPU is slow
 (every copy runs through the network), so training has two phases:
 
 1. *images*: the VAE starts "temporally transparent" -- every causal convolution sees only the current
@@ -354,7 +354,7 @@ def train_tiny_vae(
 
     def image_batch_fn():
         x = to_pixels(train[rng.integers(0, len(train), image_batch)])
-        # Some black frames: every sequence the framework encodes starts with one (SPEC §1).
+        # Some black frames: every sequence the framework encodes starts with one (docs/method.md §1).
         x[rng.random(image_batch) < black_fraction] = -1.0
         return x[:, :, None]
 

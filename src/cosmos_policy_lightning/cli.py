@@ -44,7 +44,7 @@ TOOLS: dict[tuple[str, ...], tuple[str, str, str]] = {
 
 
 def layout(embodiment: Path, json_output: bool = False) -> None:
-    """Print the latent-frame layout derived from an embodiment (SPEC §1, §2).
+    """Print the latent-frame layout derived from an embodiment (docs/method.md §1, §2).
 
     Args:
         embodiment: path of the embodiment YAML (e.g. ``embodiments/aloha.yaml``).

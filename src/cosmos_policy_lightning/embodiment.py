@@ -1,4 +1,4 @@
-"""Embodiment descriptor: one YAML file declares a robot (SPEC §1, §4).
+"""Embodiment descriptor: one YAML file declares a robot (docs/method.md §1, §4).
 
 Everything the framework derives about a robot -- latent-frame layout, injection sizes, shard
 contents, normalisation -- comes from an :class:`Embodiment` loaded from ``embodiments/<name>.yaml``.
@@ -44,11 +44,11 @@ import yaml
 
 from .errors import CosmosPolicyError
 
-#: Latent channels of the Wan2.1 VAE (SPEC §1).
+#: Latent channels of the Wan2.1 VAE (docs/method.md §1).
 LATENT_CHANNELS = 16
-#: Spatial downsampling of the Wan2.1 VAE (SPEC §1).
+#: Spatial downsampling of the Wan2.1 VAE (docs/method.md §1).
 VAE_SPATIAL_DOWNSAMPLE = 8
-#: The DiT patchifies latents 2x2 (SPEC §6), so an image side must be a multiple of 8 * 2.
+#: The DiT patchifies latents 2x2 (docs/method.md §6), so an image side must be a multiple of 8 * 2.
 IMAGE_SIZE_MULTIPLE = VAE_SPATIAL_DOWNSAMPLE * 2
 
 CAMERA_ROLES = ("primary", "secondary", "wrist")
@@ -87,7 +87,7 @@ class ProprioSpec:
 @dataclass(frozen=True)
 class ActionSpec:
     """Actions: ``dim`` values per step; chunks of ``chunk_size`` (K) steps are predicted, and
-    ``execute_steps`` of them are executed before re-planning (SPEC §5)."""
+    ``execute_steps`` of them are executed before re-planning (docs/method.md §5)."""
 
     dim: int
     chunk_size: int
@@ -98,7 +98,7 @@ class ActionSpec:
 
 @dataclass(frozen=True)
 class ValueSpec:
-    """Value function settings: discount ``gamma`` in (0, 1] (SPEC §4)."""
+    """Value function settings: discount ``gamma`` in (0, 1] (docs/method.md §4)."""
 
     gamma: float
 
@@ -132,7 +132,7 @@ class Embodiment:
 
     @property
     def latent_frame_shape(self) -> tuple[int, int, int]:
-        """``(C', H/8, W/8)`` of one latent frame (SPEC §1)."""
+        """``(C', H/8, W/8)`` of one latent frame (docs/method.md §1)."""
         h, w = self.image_size
         return (LATENT_CHANNELS, h // VAE_SPATIAL_DOWNSAMPLE, w // VAE_SPATIAL_DOWNSAMPLE)
 

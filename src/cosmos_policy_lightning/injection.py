@@ -1,4 +1,4 @@
-"""Writing low-dimensional vectors into latent frames and reading them back (SPEC §1).
+"""Writing low-dimensional vectors into latent frames and reading them back (docs/method.md §1).
 
 Injection: flatten the (already normalised) vector row-major -- an action chunk ``(K, d)`` becomes
 ``a[0,0], a[0,1], ..., a[1,0], ...`` (time-major) -- tile it ``ceil(V / L)`` times, truncate to the frame

@@ -1,4 +1,4 @@
-"""Sequence layout: where every modality sits in the video model's latent sequence (SPEC §1, §2).
+"""Sequence layout: where every modality sits in the video model's latent sequence (docs/method.md §1, §2).
 
 For an embodiment with cameras ``c1..cN`` the latent sequence is::
 
@@ -8,7 +8,7 @@ so ``2N + 5`` latent frames. The pixel sequence fed to the causal VAE is one bla
 pixel frames per slot, ``1 + 4(2N + 4)`` frames: latent frame 0 comes from pixel frame 0 alone, latent
 frame ``i >= 1`` from pixel frames ``1 + 4(i-1) .. 4i``.
 
-Conditioning masks (True = clean conditioning frame, False = noised target), SPEC §2:
+Conditioning masks (True = clean conditioning frame, False = noised target), docs/method.md §2:
 
 ==================== ================== =========================================
 objective            conditioned on     frames with loss
@@ -34,7 +34,7 @@ SlotTime = Literal["current", "future"]
 #: Every training / inference objective, in a fixed order.
 OBJECTIVES: tuple[str, ...] = ("policy", "world_model", "value", "value_future_state", "q_value")
 
-#: Pixel frames per latent frame after the first (Wan2.1 VAE temporal compression, SPEC §1).
+#: Pixel frames per latent frame after the first (Wan2.1 VAE temporal compression, docs/method.md §1).
 PIXELS_PER_LATENT = 4
 
 
@@ -78,7 +78,7 @@ def _pixel_range(latent_index: int) -> tuple[int, int]:
     return (first, first + PIXELS_PER_LATENT - 1)
 
 
-# Which sample groups are clean conditioning per objective (SPEC §2 table).
+# Which sample groups are clean conditioning per objective (docs/method.md §2 table).
 _CONDITIONED: dict[str, frozenset[str]] = {
     "policy": frozenset({"blank", "s"}),
     "world_model": frozenset({"blank", "s", "a"}),
@@ -112,7 +112,7 @@ class SequenceLayout:
 
     @classmethod
     def from_embodiment(cls, embodiment: Embodiment) -> "SequenceLayout":
-        """Build the ``2N + 5``-slot layout of SPEC §1 for ``embodiment``."""
+        """Build the ``2N + 5``-slot layout of docs/method.md §1 for ``embodiment``."""
         spec: list[tuple[str, SlotKind, SlotTime | None, str | None]] = [("blank", "blank", None, None),
                                                                           ("proprio", "proprio", "current", None)]
         spec += [(f"image/{c.name}", "image", "current", c.name) for c in embodiment.cameras]
@@ -159,7 +159,7 @@ class SequenceLayout:
             raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
 
     def conditioning_mask(self, objective: str) -> tuple[bool, ...]:
-        """Per latent frame, True where the frame is clean conditioning for ``objective`` (SPEC §2).
+        """Per latent frame, True where the frame is clean conditioning for ``objective`` (docs/method.md §2).
 
         Raises:
             ValueError: unknown objective.

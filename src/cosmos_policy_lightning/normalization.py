@@ -1,4 +1,4 @@
-"""Per-dimension statistics and normalisation of actions and proprio to [-1, 1] (SPEC §4).
+"""Per-dimension statistics and normalisation of actions and proprio to [-1, 1] (docs/method.md §4).
 
 ``minmax``: ``2 (x - min) / (max - min) - 1`` over the successful demonstrations (the reference).
 ``quantile``: the same with the 1st / 99th percentiles as bounds, clipped to [-1, 1] (robust to outliers).
@@ -230,7 +230,7 @@ def fingerprint(action_dim: int, proprio_dim: int, chunk_size: int, episode_ids:
 @dataclass
 class DatasetStats:
     """Statistics of a converted dataset: actions and proprio, over successful episodes (used for
-    normalisation, SPEC §4) and over all episodes, plus the fingerprint.
+    normalisation, docs/method.md §4) and over all episodes, plus the fingerprint.
 
     ``successful`` / ``all`` map modality (``action``, ``proprio``) to :class:`Stats`.
     """

@@ -1,4 +1,4 @@
-"""Image augmentation of SPEC §4, one random parameter set per training sample.
+"""Image augmentation of docs/method.md §4, one random parameter set per training sample.
 
 Training (:func:`augment`): a random crop of 90% of the image area resized back to the full size,
 a rotation by U(-5, 5) degrees, then colour jitter -- brightness U(0.7, 1.3), contrast U(0.6, 1.4),
@@ -10,7 +10,7 @@ One :class:`AugmentParams` is drawn per sample and applied to every image of tha
 cameras at step t and at step t' -- so the current and future frames stay geometrically and
 photometrically consistent (the world model must predict the future in the same "view").
 
-The maths is kornia's (no torchvision, which must never be installed: see SPEC §6): crop, resize and
+The maths is kornia's (no torchvision, which must never be installed: see docs/method.md §6): crop, resize and
 rotation are composed into one affine warp (a single bilinear resampling, black outside the image,
 like torchvision's rotation fill), and the colour steps are kornia's torchvision-equivalent
 functions (brightness multiplies, contrast blends with the grey mean, saturation blends with the
@@ -37,7 +37,7 @@ from ..errors import CosmosPolicyError
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Ranges of the random augmentation (defaults: SPEC §4).
+    """Ranges of the random augmentation (defaults: docs/method.md §4).
 
     Attributes:
         crop_area: fraction of the image area kept by the crop, in (0, 1]; the crop keeps the image's
@@ -63,7 +63,7 @@ class AugmentConfig:
                 raise CosmosPolicyError(f"augmentation: {name} range ({lo}, {hi}) has low > high")
 
 
-#: The augmentation of SPEC §4.
+#: The augmentation of docs/method.md §4.
 SPEC_AUGMENT = AugmentConfig()
 
 #: Colour steps, indexed by :attr:`AugmentParams.order`.
@@ -104,7 +104,7 @@ class AugmentParams:
 
 def sample_params(rng: np.random.Generator, image_size: tuple[int, int],
                   config: AugmentConfig = SPEC_AUGMENT) -> AugmentParams:
-    """Draw one sample's parameters (SPEC §4).
+    """Draw one sample's parameters (docs/method.md §4).
 
     Args:
         rng: numpy generator (one per data-loader worker, so workers draw independent streams).
@@ -129,7 +129,7 @@ def sample_params(rng: np.random.Generator, image_size: tuple[int, int],
 
 def center_crop_params(image_size: tuple[int, int], crop_area: float = SPEC_AUGMENT.crop_area) -> AugmentParams:
     """The test-time transform's parameters: centred crop of ``crop_area`` of the area, no rotation,
-    no colour change (SPEC §4)."""
+    no colour change (docs/method.md §4)."""
     h, w = image_size
     side = math.sqrt(crop_area)
     ch, cw = h * side, w * side
@@ -186,7 +186,7 @@ def apply_float(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
             elif name == "saturation" and params.saturation != 1.0:
                 out = adjust_saturation_with_gray_subtraction(out, float(params.saturation))
             elif name == "hue" and params.hue != 0.0:
-                # kornia takes radians in [-pi, pi]; SPEC's range is in turns.
+                # kornia takes radians in [-pi, pi]; method §4 gives the hue range in turns.
                 out = adjust_hue(out, float(params.hue) * 2.0 * math.pi)
     return out.clamp(0.0, 1.0)
 
@@ -219,7 +219,7 @@ def augment(images: torch.Tensor, rng: np.random.Generator, config: AugmentConfi
 
 
 def test_transform(images: torch.Tensor, crop_area: float = SPEC_AUGMENT.crop_area) -> torch.Tensor:
-    """Deterministic test-time transform (SPEC §4): centre crop of ``crop_area`` of the area, resized
+    """Deterministic test-time transform (docs/method.md §4): centre crop of ``crop_area`` of the area, resized
     back to ``(H, W)``. uint8 ``(M, H, W, 3)`` in and out. Use it at inference on every camera image
     of a model trained with augmentation."""
     return apply_uint8(images, center_crop_params(tuple(images.shape[1:3]), crop_area))

@@ -1,5 +1,5 @@
 """``cosmos-policy convert``: demonstrations and rollouts (HDF5 / Zarr / LeRobot) -> WebDataset shards,
-statistics, manifest and cached text embeddings (SPEC §1, §4; output schema in ``data/sample.py``).
+statistics, manifest and cached text embeddings (docs/method.md §1, §4; output schema in ``data/sample.py``).
 
 Flow::
 

@@ -1,5 +1,5 @@
 """LightningDataModule over converted shards: the objective mix, augmentation and normalisation
-(SPEC §2, §4).
+(docs/method.md §2, §4).
 
 A converted dataset directory (schema: :mod:`cosmos_policy_lightning.data.sample`) becomes batches:
 
@@ -26,7 +26,7 @@ key                 dtype, shape                content
 ``proprio``         float32 (B, P)              step t, normalised to [-1, 1]
 ``future_proprio``  float32 (B, P)              step t', normalised
 ``actions``         float32 (B, K, A)           ``actions[t:t+K]``, normalised
-``value``           float32 (B,)                V(s') in [-1, 1] (SPEC §4)
+``value``           float32 (B,)                V(s') in [-1, 1] (docs/method.md §4)
 ``objective``       int64 (B,)                  index into ``layout.OBJECTIVES``
 ``success``         bool (B,)                   the episode succeeded
 ``score``           float32 (B,)                the episode's score in [0, 1]
@@ -79,7 +79,7 @@ from .stages import (
     collate,
 )
 
-#: The pre-training mix of SPEC §2; the planning fine-tune uses ``{"policy": 0.1, "world_model": 0.45,
+#: The pre-training mix of docs/method.md §2; the planning fine-tune uses ``{"policy": 0.1, "world_model": 0.45,
 #: "value": 0.45}``.
 DEFAULT_OBJECTIVE_MIX: dict[str, float] = {"policy": 0.5, "world_model": 0.25, "value": 0.25}
 
@@ -142,7 +142,7 @@ class DatasetInfo:
     splits: dict[str, SplitInfo] = field(default_factory=dict)
 
     def normalizers(self) -> dict[str, Normalizer]:
-        """``{"action": Normalizer, "proprio": Normalizer}`` with the embodiment's modes (SPEC §4)."""
+        """``{"action": Normalizer, "proprio": Normalizer}`` with the embodiment's modes (docs/method.md §4)."""
         return {m: self.stats.normalizer(m, self.embodiment.normalization[m]) for m in ("action", "proprio")}
 
 
@@ -347,7 +347,7 @@ class _SizedPipeline(wds.DataPipeline):
 
 
 class CosmosDataModule(L.LightningDataModule):
-    """Batches of ``(s, a, s', V(s'))`` samples with objectives, from a converted dataset (SPEC §2, §4).
+    """Batches of ``(s, a, s', V(s'))`` samples with objectives, from a converted dataset (docs/method.md §2, §4).
 
     Args:
         data_dir: converted dataset directory (shards, ``stats.json``, ``manifest.json``, ``text_embeddings/``).
@@ -355,16 +355,16 @@ class CosmosDataModule(L.LightningDataModule):
             one must describe the same robot as the shards; its normalisation modes are used.
         batch_size: training samples per batch, per rank.
         num_workers: data-loader worker processes (persistent when > 0; 1 torch thread each).
-        objective_mix: weight per objective (names of ``layout.OBJECTIVES``), normalised to sum 1. SPEC §2:
+        objective_mix: weight per objective (names of ``layout.OBJECTIVES``), normalised to sum 1. docs/method.md §2:
             ``{policy: 0.5, world_model: 0.25, value: 0.25}`` for training, ``{policy: 0.1, world_model:
             0.45, value: 0.45}`` (or with ``value_future_state``) for the planning fine-tune.
         success_fraction: share of successful-episode samples among non-policy samples, in [0, 1]
-            (SPEC §2: 0.5). Policy samples always come from successes.
+            (docs/method.md §2: 0.5). Policy samples always come from successes.
         shuffle_buffer: samples in each worker's shuffle buffer (undecoded; also the cap of the mixer's
             per-outcome pools).
         samples_per_epoch: training samples per epoch over all ranks; default: the number of training
             samples in the manifest.
-        augment: random SPEC §4 augmentation in training, and the test-time centre crop in validation /
+        augment: random docs/method.md §4 augmentation in training, and the test-time centre crop in validation /
             test / predict (inference must then centre-crop too: see :attr:`center_crop`). False: raw
             images everywhere.
         max_text_tokens: instruction embeddings are cut to this many tokens.
@@ -496,7 +496,7 @@ class CosmosDataModule(L.LightningDataModule):
 
     @property
     def center_crop(self) -> bool:
-        """Whether validation / test images get the SPEC §4 centre crop (True when trained with
+        """Whether validation / test images get the docs/method.md §4 centre crop (True when trained with
         augmentation); inference must do the same (``augment.test_transform``)."""
         return self.augment
 

@@ -1,4 +1,4 @@
-"""Episode: one demonstration or rollout, as every source reader yields it (SPEC §4).
+"""Episode: one demonstration or rollout, as every source reader yields it (docs/method.md §4).
 
 An :class:`Episode` holds the low-dimensional arrays in memory (they are small) and the camera images
 as lazy :class:`FrameSource` views on the open file, so a reader costs the memory of one episode's
@@ -119,7 +119,7 @@ class Episode:
         proprio: ``(T, proprio_dim)`` float32, robot units (several source keys concatenated in order).
         images: camera name (embodiment order) -> ``FrameSource`` of T frames.
         success: whether the episode succeeded (failures are kept; they feed world model and value).
-        score: reward ``R`` in [0, 1] used for the value curve (SPEC §4).
+        score: reward ``R`` in [0, 1] used for the value curve (docs/method.md §4).
         instruction: task text.
         aliases: other names a sidecar, ``--val_episodes`` or a regex may use for this episode.
     """

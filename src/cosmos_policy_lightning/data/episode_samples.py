@@ -1,5 +1,5 @@
 """One episode -> its ``(s, a, s', V(s'))`` samples, spilled to the conversion's work directory
-(SPEC §1, §4; member names from ``data/sample.py``).
+(docs/method.md §1, §4; member names from ``data/sample.py``).
 
 This is the per-episode work of ``cosmos-policy convert``, run in worker processes, so it imports
 neither torch nor webdataset. Each camera frame is resized and JPEG-encoded exactly once; a sample

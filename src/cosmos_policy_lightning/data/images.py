@@ -1,4 +1,4 @@
-"""Frames -> model-size JPEG bytes, done once at conversion so loading never resizes (SPEC §4).
+"""Frames -> model-size JPEG bytes, done once at conversion so loading never resizes (docs/method.md §4).
 
 Every frame is decoded (if stored encoded), converted to RGB, resized to the embodiment's
 ``image_size`` with PIL's bilinear filter (which widens its support when shrinking, i.e. it averages

@@ -1,4 +1,4 @@
-"""Monte-Carlo values of an episode, rescaled to [-1, 1] (SPEC §4).
+"""Monte-Carlo values of an episode, rescaled to [-1, 1] (docs/method.md §4).
 
 The reward is sparse: ``R`` at the last step of an episode, 0 elsewhere, so the discounted return at
 step ``t`` of an episode of ``T`` steps is ``G_t = R * gamma^(T-1-t)``. The value stored with a sample
@@ -11,9 +11,9 @@ is that return mapped from [0, 1] to [-1, 1]::
 - failure (``R = 0``): -1 at every step;
 - fractional score (``0 < R < 1``): the success curve scaled by ``R`` *before* the shift, so a half
   success ends at 0 and a 0.8 success at 0.6. (The reference maps every positive score to the full
-  success curve; SPEC §4 names that a defect.)
+  success curve; docs/method.md §4 names that a defect.)
 
-Decoding a predicted value back to [0, 1] is ``(V + 1) / 2`` (SPEC §1), which recovers ``G_t``.
+Decoding a predicted value back to [0, 1] is ``(V + 1) / 2`` (docs/method.md §1), which recovers ``G_t``.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ def episode_values(length: int, score: float, gamma: float) -> np.ndarray:
 
 
 def future_index(step: int, chunk_size: int, length: int) -> int:
-    """Index of the future state ``s'`` of the sample at ``step``: ``min(step + K, T - 1)`` (SPEC §1)."""
+    """Index of the future state ``s'`` of the sample at ``step``: ``min(step + K, T - 1)`` (docs/method.md §1)."""
     return min(step + chunk_size, length - 1)
 
 
 def action_chunk(actions: np.ndarray, step: int, chunk_size: int) -> np.ndarray:
-    """``actions[step : step + K]`` padded to K rows by repeating the episode's last action (SPEC §1).
+    """``actions[step : step + K]`` padded to K rows by repeating the episode's last action (docs/method.md §1).
 
     Args:
         actions: ``(T, action_dim)`` array of one episode.

@@ -10,7 +10,7 @@ A converted dataset directory holds::
     text_embeddings/index.json    instruction -> embedding file, plus the text encoder's identity
     text_embeddings/<sha1>.npy    (L, D) float16 per-token embedding of one instruction
 
-One sample = the tuple ``(s, a, s', V(s'))`` at step ``t`` of an episode (SPEC §1), stored under the key
+One sample = the tuple ``(s, a, s', V(s'))`` at step ``t`` of an episode (docs/method.md §1), stored under the key
 ``<episode_id>_<t:06d>`` (episode ids contain no dots) with the members:
 
 ==========================  =====================================================================

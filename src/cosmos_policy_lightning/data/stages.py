@@ -1,4 +1,4 @@
-"""webdataset pipeline stages between the shards and a collated batch (SPEC §2, §4).
+"""webdataset pipeline stages between the shards and a collated batch (docs/method.md §2, §4).
 
 The stages run inside data-loader workers, in this order::
 
@@ -159,7 +159,7 @@ class Shuffle(PipelineStage):
 
 # ---------------------------------------------------------------------------------------- objectives
 class ObjectiveMixer(PipelineStage):
-    """Assign an objective to every training sample by the configured mix (SPEC §2).
+    """Assign an objective to every training sample by the configured mix (docs/method.md §2).
 
     Per output sample: draw the objective from ``weights``; a policy sample must come from a
     successful episode; any other objective takes a success with probability ``success_fraction``
@@ -373,7 +373,7 @@ class SampleDecoder(PipelineStage):
 
     Images: JPEG -> uint8, stacked ``(2N, H, W, 3)`` (current cameras then future cameras, in the
     embodiment's camera order), transformed with one parameter set (``mode``: ``"augment"`` =
-    random SPEC §4 augmentation, ``"center"`` = test-time centre crop, ``"none"``), then split.
+    random docs/method.md §4 augmentation, ``"center"`` = test-time centre crop, ``"none"``), then split.
     Proprio and actions are normalised to [-1, 1] by the normalisers; the value is V(s') from meta.
 
     Args:

@@ -1,4 +1,4 @@
-"""Best-of-N planning with world-model and value ensembles (SPEC §3, §5).
+"""Best-of-N planning with world-model and value ensembles (docs/method.md §3, §5).
 
 Per action chunk:
 
@@ -44,12 +44,12 @@ from .policy import CosmosPolicy, Observation
 Aggregation = Literal["majority_mean", "mean", "lcb"]
 AGGREGATIONS = ("majority_mean", "mean", "lcb")
 
-#: Majority-mean threshold of the reference (SPEC §5).
+#: Majority-mean threshold of the reference (docs/method.md §5).
 MAJORITY_THRESHOLD = 0.05
 
 
 def majority_mean(values: torch.Tensor | np.ndarray, threshold: float = MAJORITY_THRESHOLD) -> torch.Tensor:
-    """Majority mean over the last axis (SPEC §5).
+    """Majority mean over the last axis (docs/method.md §5).
 
     Args:
         values: ``(..., M)`` values in [0, 1].
@@ -126,7 +126,7 @@ class PlanResult:
 
 
 class Planner:
-    """Best-of-N planning (SPEC §3, §5): propose with one model, judge with an ensemble of another.
+    """Best-of-N planning (docs/method.md §3, §5): propose with one model, judge with an ensemble of another.
 
     Args:
         policy: the model that proposes action chunks.

@@ -1,11 +1,11 @@
 """A trained checkpoint as a robot policy: observation in, action chunk (+ future state, value) out
-(SPEC §1, §3).
+(docs/method.md §1, §3).
 
 :class:`CosmosPolicy` wraps a :class:`~cosmos_policy_lightning.model.module.CosmosPolicyModule`. The
 checkpoint carries everything inference needs: the embodiment (cameras, dims, chunk size), the
 normalisation statistics, the text encoder's identity and whether images were centre-cropped.
 
-Two decodings (SPEC §3):
+Two decodings (docs/method.md §3):
 
 * **parallel** (default, the direct policy): one sampling run with the policy conditioning mask
   (clean: blank + current state) generates action chunk, future proprio, future images and value at once;
@@ -55,7 +55,7 @@ class PolicyOutput:
         actions: ``(..., K, A)`` action chunk, un-normalised (normalised values clamped to [-1, 1]
             first, i.e. inside the range of the training demonstrations for ``minmax``).
         future_proprio: ``(..., P)`` predicted proprio at step ``t + K``.
-        value: ``(...)`` predicted value of the future state, in [0, 1] (SPEC §1).
+        value: ``(...)`` predicted value of the future state, in [0, 1] (docs/method.md §1).
         future_images: camera -> ``(..., H, W, 3)`` uint8 predicted frames at ``t + K`` (model
             resolution); None unless ``decode_images``.
         latents: ``(B*S, 16, T, h, w)`` the generated latent sequence of the last stage (torch).
@@ -133,7 +133,7 @@ class CosmosPolicy:
         max_text_tokens: instruction embeddings are cut to this many tokens (as in training).
         jpeg_quality: camera frames go through JPEG at this quality like the converted shards (None: no).
         value_objective: conditioning of the value stage: ``value`` (blank, s, a, s'), ``value_future_state``
-            (blank, s' -- a model fine-tuned with V(s') masks, SPEC §2), ``q_value``; ``auto`` picks
+            (blank, s' -- a model fine-tuned with V(s') masks, docs/method.md §2), ``q_value``; ``auto`` picks
             ``value_future_state`` when the training mix used it and not ``value``.
         objective_mix: the training objective mix (for ``auto``; read from the checkpoint).
         max_batch: largest batch per network call (None: everything in one call).
@@ -299,7 +299,7 @@ class CosmosPolicy:
         return EncodedObservations(batch, self.encode(batch), single)
 
     def condition_mask(self, objective: str, batch_size: int) -> torch.Tensor:
-        """``(B, T)`` bool conditioning mask of ``objective`` (SPEC §2)."""
+        """``(B, T)`` bool conditioning mask of ``objective`` (docs/method.md §2)."""
         if objective not in OBJECTIVES:
             raise CosmosPolicyError(f"policy: unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
         return self.module.cond_table[OBJECTIVES.index(objective)].to(self.device).expand(batch_size, -1)
@@ -307,7 +307,7 @@ class CosmosPolicy:
     @torch.no_grad()
     def sample(self, clean: torch.Tensor, objective: str, text: torch.Tensor, text_mask: torch.Tensor,
                num_steps: int, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
-        """Generate the non-conditioning frames of ``objective`` (SPEC §3 sampler, ``num_steps`` network
+        """Generate the non-conditioning frames of ``objective`` (docs/method.md §3 sampler, ``num_steps`` network
         calls), in micro-batches of at most ``max_batch``. Returns ``(B, 16, T, h, w)`` float32.
 
         ``generator`` may be a list of G generators (B divisible by G): rows ``g * B/G ... (g+1) * B/G - 1``
@@ -341,7 +341,7 @@ class CosmosPolicy:
 
     def write(self, latents: torch.Tensor, slot: str, vector: torch.Tensor) -> torch.Tensor:
         """Inject a normalised vector into ``slot`` (``action`` ``(B, K, A)``, ``future_proprio``
-        ``(B, P)``) of a copy of ``latents`` (SPEC §1)."""
+        ``(B, P)``) of a copy of ``latents`` (docs/method.md §1)."""
         out = latents.clone()
         shape = (out.shape[1], out.shape[3], out.shape[4])
         ndim = 2 if slot == "action" else 1
@@ -370,7 +370,7 @@ class CosmosPolicy:
             observation: one observation or a list of B (``Observation`` or dict with ``images``: camera
                 -> HxWx3 uint8 of any size, ``proprio``: robot units, ``instruction``), or the
                 :class:`EncodedObservations` of :meth:`encode_observations`.
-            num_steps: denoising steps (network calls) per sampling run (SPEC §3: 5; 1 = one x0 prediction).
+            num_steps: denoising steps (network calls) per sampling run (docs/method.md §3: 5; 1 = one x0 prediction).
             seed: seed of the sampling noise; the same seed gives the same actions. None: global RNG.
                 A list of B seeds (one per observation) gives every observation its own noise stream:
                 its result is then that of a call with this observation alone and its seed, whatever
@@ -446,7 +446,7 @@ class CosmosPolicy:
                          num_futures: int = 3, num_values: int = 5, world_model_steps: int = 5, value_steps: int = 5,
                          seed: int | None = None, instruction: str | None = None,
                          ensemble_steps: EnsembleSteps = "linspace") -> ActionEvaluation:
-        """Predict futures and values of N candidate action chunks from one observation (SPEC §3, planning).
+        """Predict futures and values of N candidate action chunks from one observation (docs/method.md §3, planning).
 
         For each chunk, ``num_futures`` future states are sampled with the world-model mask (conditioned
         on the observation and the chunk); for each future state, ``num_values`` values are sampled with

@@ -1,4 +1,4 @@
-"""Robot observations -> the model's input tensors, the way training saw them (SPEC §4).
+"""Robot observations -> the model's input tensors, the way training saw them (docs/method.md §4).
 
 Training images went through the converter (resized to the embodiment's ``image_size`` with PIL's
 bilinear filter, stored as JPEG quality 95) and, for a model trained with augmentation, the test-time
@@ -87,7 +87,7 @@ def prepare_images(observations: Sequence[Observation], embodiment: Embodiment, 
     """Camera frames of B observations -> uint8 ``(B, N, H, W, 3)``, cameras in embodiment order.
 
     Applies :func:`prepare_image` and, when the model was trained with augmentation
-    (``center_crop``), the SPEC §4 test-time centre crop.
+    (``center_crop``), the docs/method.md §4 test-time centre crop.
 
     Raises:
         CosmosPolicyError: a camera is missing or a frame is malformed.
@@ -110,7 +110,7 @@ def prepare_images(observations: Sequence[Observation], embodiment: Embodiment, 
 
 
 def prepare_proprio(observations: Sequence[Observation], normalizer: Normalizer, dim: int) -> torch.Tensor:
-    """Proprio of B observations in robot units -> float32 ``(B, P)`` normalised (SPEC §4).
+    """Proprio of B observations in robot units -> float32 ``(B, P)`` normalised (docs/method.md §4).
 
     Warns (once per dimension and normalizer) when a value lies far outside the training range
     (:meth:`~cosmos_policy_lightning.normalization.Normalizer.warn_out_of_range`).

@@ -1,4 +1,4 @@
-"""The video model's two networks, taken from diffusers (SPEC §1, §6): the Cosmos-Predict2 DiT
+"""The video model's two networks, taken from diffusers (docs/method.md §1, §6): the Cosmos-Predict2 DiT
 (``CosmosTransformer3DModel``) and the Wan2.1 causal video VAE (``AutoencoderKLWan``).
 
 Nothing here reimplements a layer; this module only chooses configurations, loads weights and adapts
@@ -28,12 +28,12 @@ from torch import nn
 
 from ..errors import CosmosPolicyError
 
-#: Latent channels of the Wan2.1 VAE (SPEC §1).
+#: Latent channels of the Wan2.1 VAE (docs/method.md §1).
 LATENT_CHANNELS = 16
-#: DiT input channels: 16 latent + 1 condition mask + 1 padding mask (SPEC §2, §6).
+#: DiT input channels: 16 latent + 1 condition mask + 1 padding mask (docs/method.md §2, §6).
 DIT_IN_CHANNELS = LATENT_CHANNELS + 2
 
-# Cosmos-Predict2-2B-Video2World (SPEC §6): hidden 2048, 28 blocks, ~1.96 B parameters.
+# Cosmos-Predict2-2B-Video2World (docs/method.md §6): hidden 2048, 28 blocks, ~1.96 B parameters.
 _COSMOS_PREDICT2_2B: dict[str, Any] = dict(
     in_channels=DIT_IN_CHANNELS,
     out_channels=LATENT_CHANNELS,
@@ -146,7 +146,7 @@ def build_transformer(
     device: torch.device | str | None = None,
     subfolder: str | None = None,
 ):
-    """Build the Cosmos DiT (``diffusers.CosmosTransformer3DModel``) with 18 input channels (SPEC §6).
+    """Build the Cosmos DiT (``diffusers.CosmosTransformer3DModel``) with 18 input channels (docs/method.md §6).
 
     Args:
         config: named configuration (``"cosmos-predict2-2b"``, ``"tiny"``) or dict, see
@@ -301,7 +301,7 @@ def reset_parameters_(module: nn.Module) -> nn.Module:
 
 
 class VideoDiT(nn.Module):
-    """The DiT as the framework calls it: latents, per-frame time, conditioning mask, text (SPEC §2, §6).
+    """The DiT as the framework calls it: latents, per-frame time, conditioning mask, text (docs/method.md §2, §6).
 
     Builds the 18-channel input itself: 16 latent channels, a condition-mask channel (1 on
     conditioning frames, broadcast over height and width) and an all-zero padding-mask channel.
@@ -353,7 +353,7 @@ class VideoDiT(nn.Module):
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute every transformer block in the backward pass (diffusers' gradient checkpointing,
-        ``torch.utils.checkpoint`` with ``use_reentrant=False``; SPEC §5)."""
+        ``torch.utils.checkpoint`` with ``use_reentrant=False``; docs/method.md §5)."""
         self.transformer.enable_gradient_checkpointing()
 
     def forward(
@@ -364,7 +364,7 @@ class VideoDiT(nn.Module):
         text: torch.Tensor | None,
         text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Raw network output ``F`` of SPEC §3 (feed it ``c_in * x_sigma``; see ``Denoiser``).
+        """Raw network output ``F`` of docs/method.md §3 (feed it ``c_in * x_sigma``; see ``Denoiser``).
 
         Args:
             x: ``(B, 16, T, h, w)`` preconditioned latents; h, w multiples of the patch size.
@@ -439,11 +439,11 @@ class VideoDiT(nn.Module):
 
 
 class VideoVAE(nn.Module):
-    """The frozen Wan2.1 causal video VAE (``diffusers.AutoencoderKLWan``), SPEC §1.
+    """The frozen Wan2.1 causal video VAE (``diffusers.AutoencoderKLWan``), docs/method.md §1.
 
     Always in eval mode (``train()`` is a no-op) with ``requires_grad=False``; encoding and decoding run
     without autograd. Latents are the posterior mean, normalised per channel with the configuration's
-    ``latents_mean`` / ``latents_std``: ``z = (mu - mean) / std``, as Cosmos-Predict2 does (SPEC §1, §6).
+    ``latents_mean`` / ``latents_std``: ``z = (mu - mean) / std``, as Cosmos-Predict2 does (docs/method.md §1, §6).
 
     Args:
         source: a local directory (``save_pretrained`` layout, weights directly inside or in a ``vae/``
@@ -538,7 +538,7 @@ class VideoVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Encode a whole pixel sequence in one call (causal VAE, SPEC §1).
+        """Encode a whole pixel sequence in one call (causal VAE, docs/method.md §1).
 
         Args:
             pixels: ``(B, 3, T, H, W)`` float in [-1, 1], ``T = 1 + 4k``, H and W multiples of 8.

@@ -1,4 +1,4 @@
-"""Diffusion in latent space: noise levels, preconditioning, loss and sampler (SPEC §2, §3).
+"""Diffusion in latent space: noise levels, preconditioning, loss and sampler (docs/method.md §2, §3).
 
 Notation. Latents are laid out ``(B, C, T, H, W)`` (batch, channels, latent frames, height, width).
 ``sigma`` is the noise level of ``x_sigma = x0 + sigma * eps`` (variance-exploding form, no scaling of
@@ -6,7 +6,7 @@ Notation. Latents are laid out ``(B, C, T, H, W)`` (batch, channels, latent fram
 have sigma 0.
 
 Preconditioning is the rectified-flow form with ``sigma_data = 1`` that the pretrained
-Cosmos-Predict2 weights expect (SPEC §3)::
+Cosmos-Predict2 weights expect (docs/method.md §3)::
 
     t = sigma / (1 + sigma),  c_in = c_skip = 1 - t,  c_out = -t
     x0_pred = c_skip * x_sigma + c_out * F(c_in * x_sigma, t)
@@ -24,7 +24,7 @@ import torch
 
 from ..errors import CosmosPolicyError
 
-#: Hybrid training noise distribution (SPEC §3): with probability ``P_LOGNORMAL`` ``ln sigma ~
+#: Hybrid training noise distribution (docs/method.md §3): with probability ``P_LOGNORMAL`` ``ln sigma ~
 #: N(LN_SIGMA_MEAN, LN_SIGMA_STD^2)``, otherwise ``sigma ~ U[SIGMA_UNIFORM_LOW, SIGMA_UNIFORM_HIGH]``.
 P_LOGNORMAL = 0.7
 LN_SIGMA_MEAN = math.log(4.0)
@@ -32,10 +32,10 @@ LN_SIGMA_STD = 1.2
 SIGMA_UNIFORM_LOW = 1.0
 SIGMA_UNIFORM_HIGH = 85.0
 
-#: The loss is multiplied by this constant (SPEC §3).
+#: The loss is multiplied by this constant (docs/method.md §3).
 LOSS_SCALE = 10.0
 
-#: Sampling schedule (SPEC §3): Karras, rho 7, from 80 down to 4. The floor of 4 is deliberate.
+#: Sampling schedule (docs/method.md §3): Karras, rho 7, from 80 down to 4. The floor of 4 is deliberate.
 SIGMA_MAX = 80.0
 SIGMA_MIN = 4.0
 RHO = 7.0
@@ -61,7 +61,7 @@ def sample_sigma(
     uniform_low: float = SIGMA_UNIFORM_LOW,
     uniform_high: float = SIGMA_UNIFORM_HIGH,
 ) -> torch.Tensor:
-    """Draw one training noise level per sample, shared by all its frames (SPEC §3).
+    """Draw one training noise level per sample, shared by all its frames (docs/method.md §3).
 
     With probability ``p_lognormal`` (0.7) ``ln sigma ~ N(ln 4, 1.2^2)``, otherwise
     ``sigma ~ U[1, 85]``; the result is multiplied by ``sqrt(num_latent_frames)`` (x3 for 9 frames,
@@ -112,7 +112,7 @@ def latent_view(value: torch.Tensor) -> torch.Tensor:
 
 
 def add_noise(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """``x_sigma = x0 + sigma * eps`` (SPEC §3).
+    """``x_sigma = x0 + sigma * eps`` (docs/method.md §3).
 
     Args:
         x0: clean latents ``(B, C, T, H, W)``.
@@ -130,7 +130,7 @@ def add_noise(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> tor
 
 
 class Preconditioning(NamedTuple):
-    """Rectified-flow coefficients, each the shape of the ``sigma`` they came from (SPEC §3)."""
+    """Rectified-flow coefficients, each the shape of the ``sigma`` they came from (docs/method.md §3)."""
 
     c_skip: torch.Tensor
     c_out: torch.Tensor
@@ -139,7 +139,7 @@ class Preconditioning(NamedTuple):
 
 
 def precondition(sigma: torch.Tensor) -> Preconditioning:
-    """Rectified-flow preconditioning with sigma_data = 1 (SPEC §3).
+    """Rectified-flow preconditioning with sigma_data = 1 (docs/method.md §3).
 
     ``t = sigma / (1 + sigma)``, ``c_in = c_skip = 1 - t``, ``c_out = -t``. Elementwise, so ``sigma``
     may be per sample ``(B,)`` or per frame ``(B, T)``; sigma 0 (a conditioning frame) gives
@@ -160,7 +160,7 @@ def precondition(sigma: torch.Tensor) -> Preconditioning:
 
 
 def loss_weight(sigma: torch.Tensor) -> torch.Tensor:
-    """Per-sigma loss weight ``w = (1 + sigma)^2 / sigma^2`` (SPEC §3); infinite at sigma 0.
+    """Per-sigma loss weight ``w = (1 + sigma)^2 / sigma^2`` (docs/method.md §3); infinite at sigma 0.
 
     It is ``1 / c_out^2``: the weighted x0 error equals the plain error of the raw network output.
     """
@@ -174,7 +174,7 @@ def diffusion_loss(
     loss_mask: torch.Tensor,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Weighted x0 regression loss (SPEC §3).
+    """Weighted x0 regression loss (docs/method.md §3).
 
     ``LOSS_SCALE * mean(w(sigma) * (x0_pred - x0)^2)`` where the mean runs over EVERY element of the
     ``(B, C, T, H, W)`` latents and frames outside ``loss_mask`` contribute zero (they stay in the
@@ -227,7 +227,7 @@ def karras_sigmas(
     sigma_max: float = SIGMA_MAX,
     rho: float = RHO,
 ) -> torch.Tensor:
-    """Karras et al. (2022) noise schedule (SPEC §3).
+    """Karras et al. (2022) noise schedule (docs/method.md §3).
 
     ``sigma_i = (sigma_max^(1/rho) + i / (N - 1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`` for
     ``i = 0 .. N-1``: descending from ``sigma_max`` to ``sigma_min`` inclusive; ``N = 1`` gives
@@ -270,7 +270,7 @@ def sample(
     rho: float = RHO,
     order: int = 2,
 ) -> torch.Tensor:
-    """Generate clean latents with ``num_steps`` network calls (SPEC §3).
+    """Generate clean latents with ``num_steps`` network calls (docs/method.md §3).
 
     Step convention: N steps = N calls of ``denoise``: N-1 solver steps along the Karras schedule
     (:func:`karras_sigmas`), then one final x0 prediction at ``sigma_min``, which is the result.
@@ -331,7 +331,7 @@ NetworkFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Denoiser:
-    """x0 prediction with conditioning frames, the four-way treatment of SPEC §2 and §3.
+    """x0 prediction with conditioning frames, the four-way treatment of docs/method.md §2 and §3.
 
     For noised latents ``x_sigma`` at per-sample noise ``sigma``:
 

@@ -1,4 +1,4 @@
-"""The LightningModule: one network trained as policy, world model and value function (SPEC §2, §3, §5).
+"""The LightningModule: one network trained as policy, world model and value function (docs/method.md §2, §3, §5).
 
 One ``training_step`` serves every objective. Per sample:
 
@@ -77,7 +77,7 @@ def refuse_other_robot(stored: dict, embodiment: Embodiment, where: Any = None) 
 
 
 def modality_frames(layout: SequenceLayout) -> dict[str, list[int]]:
-    """Target modalities whose latent-space L1 is logged (SPEC §3) -> their latent indices."""
+    """Target modalities whose latent-space L1 is logged (docs/method.md §3) -> their latent indices."""
     out = {"action": [layout.index("action")], "future_proprio": [layout.index("future_proprio")]}
     for cam in layout.camera_names:
         out[f"future_image_{cam}"] = [layout.index(f"future_image/{cam}")]
@@ -99,14 +99,14 @@ class CosmosPolicyModule(L.LightningModule):
         vae: local directory / hub id of an ``AutoencoderKLWan`` (e.g. ``assets/tiny_wan_vae`` or the
             Wan2.1 VAE) or a config dict (random init, tests only).
         auxiliary_targets: keep the loss on the auxiliary targets (policy: s' and V; world model: V).
-        learning_rate, betas, eps, weight_decay: AdamW (SPEC §5: 1e-4, (0.9, 0.99), 1e-8, 0.1).
+        learning_rate, betas, eps, weight_decay: AdamW (docs/method.md §5: 1e-4, (0.9, 0.99), 1e-8, 0.1).
         warmup_steps, decay_steps, decay_factor, final_factor: the reference's schedule
             (``model/schedule.py``): warm-up, linear 1 -> 0.3 until ``decay_steps``, then flat 0.06.
-        grad_clip_norm: clip the global gradient norm (SPEC §5: 1.0); 0 disables.
+        grad_clip_norm: clip the global gradient norm (docs/method.md §5: 1.0); 0 disables.
         activation_checkpointing: recompute every DiT block in the backward pass.
         image_log_every_n_steps: how often the image grid (current / true future / predicted future
             frames) goes to TensorBoard; 0 disables.
-        test_num_steps: denoising steps of the sampler in ``test_step`` and ``predict_step`` (SPEC §3: 5).
+        test_num_steps: denoising steps of the sampler in ``test_step`` and ``predict_step`` (docs/method.md §3: 5).
         init_from_checkpoint: start from the DiT weights of this ``.ckpt`` (weights only: a new run with
             fresh optimizer and schedule, e.g. the planning fine-tune on rollouts; see ``warm_start.py``).
         text_conditioning: ``auto`` (default: T5 text zero-padded to 512 tokens without attention mask,
@@ -146,7 +146,7 @@ class CosmosPolicyModule(L.LightningModule):
         self.layout = SequenceLayout.from_embodiment(self.embodiment)
         self.stats: DatasetStats | None = None
         self.text_encoder_identity: str | None = None
-        # Whether held-out images got the SPEC §4 test-time centre crop (inference must do the same).
+        # Whether held-out images got the docs/method.md §4 test-time centre crop (inference must do the same).
         self.center_crop: bool = False
         self.vae = VideoVAE(resolve_path(vae))
         self.dit: VideoDiT | None = None  # built in configure_model (meta-device friendly for FSDP2)
@@ -179,7 +179,7 @@ class CosmosPolicyModule(L.LightningModule):
     # ------------------------------------------------------------------ model construction
     def configure_model(self) -> None:
         """Build the DiT (idempotent); under ``ModelParallelStrategy`` shard it with FSDP2 per block,
-        HSDP over the strategy's 2-D mesh: replicate across nodes, shard within a node (SPEC §5)."""
+        HSDP over the strategy's 2-D mesh: replicate across nodes, shard within a node (docs/method.md §5)."""
         if self.dit is not None:
             return
         h = self.hparams
@@ -257,7 +257,7 @@ class CosmosPolicyModule(L.LightningModule):
 
     def denoise(self, x_sigma: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, clean: torch.Tensor,
                 text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
-        """x0 prediction with conditioning frames handled the four ways of SPEC §2.
+        """x0 prediction with conditioning frames handled the four ways of docs/method.md §2.
 
         Args:
             x_sigma: ``(B, C, T, h, w)`` noisy latents; sigma: ``(B,)``; cond: ``(B, T)`` bool;
@@ -290,7 +290,7 @@ class CosmosPolicyModule(L.LightningModule):
     def generate(self, clean: torch.Tensor, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None,
                  num_steps: int = 5, generator: torch.Generator | None = None,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample the non-conditioning frames with the SPEC §3 sampler; conditioning frames come back clean.
+        """Sample the non-conditioning frames with the docs/method.md §3 sampler; conditioning frames come back clean.
 
         Args:
             noise: the sampler's starting noise, unit normal ``(B, C, T, h, w)`` like ``clean`` (the
@@ -359,7 +359,7 @@ class CosmosPolicyModule(L.LightningModule):
         self._log_metrics("val", {"loss": self.val_loss})
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Latent L1s at the training sigma, then *sampled* errors in robot units (SPEC §3 sampler):
+        """Latent L1s at the training sigma, then *sampled* errors in robot units (docs/method.md §3 sampler):
         the action chunk and future proprio from parallel decoding of the policy objective (action
         error on successful episodes only), and the value from the value objective, with the AUROC of
         the predicted value separating successes from failures."""

@@ -1,4 +1,4 @@
-"""``predict_step`` of the LightningModule: sampled action chunks and values on held-out shards (SPEC §3).
+"""``predict_step`` of the LightningModule: sampled action chunks and values on held-out shards (docs/method.md §3).
 
 ``cosmos-policy predict`` runs the data module's exact pass over the validation shards; for every
 sample this draws the policy's action chunk and the value of the future state by parallel decoding
@@ -27,7 +27,7 @@ def predict_batch(module, batch: dict[str, Any], num_steps: int, x0: torch.Tenso
     Args:
         module: a configured :class:`~cosmos_policy_lightning.model.module.CosmosPolicyModule` with statistics.
         batch: a batch of the data module (``data/datamodule.py``).
-        num_steps: denoising steps (SPEC §3: 5).
+        num_steps: denoising steps (docs/method.md §3: 5).
         x0: the batch's clean latents if already encoded (``module.encode_batch``); only the
             conditioning frames are read.
 

@@ -1,4 +1,4 @@
-"""Batch -> pixel sequence -> latents with injected vectors, and back (SPEC §1).
+"""Batch -> pixel sequence -> latents with injected vectors, and back (docs/method.md §1).
 
 The steps between a collated batch (see ``data/datamodule.py``) and the diffusion model:
 
@@ -90,7 +90,7 @@ def encode_pixel_sequence(layout: SequenceLayout, vae, images: torch.Tensor,
 
 def inject_vectors(latents: torch.Tensor, layout: SequenceLayout, proprio: torch.Tensor,
                    future_proprio: torch.Tensor, actions: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Write normalised vectors into their slots (SPEC §1), in place, and return ``latents``.
+    """Write normalised vectors into their slots (docs/method.md §1), in place, and return ``latents``.
 
     Args:
         latents: ``(B, C, T, h, w)`` VAE latents of the pixel sequence.
@@ -109,7 +109,7 @@ def inject_vectors(latents: torch.Tensor, layout: SequenceLayout, proprio: torch
 
 def read_vectors(latents: torch.Tensor, layout: SequenceLayout, proprio_dim: int, chunk_size: int,
                  action_dim: int) -> dict[str, torch.Tensor]:
-    """Extract normalised vectors from generated latents ``(B, C, T, h, w)`` (SPEC §1).
+    """Extract normalised vectors from generated latents ``(B, C, T, h, w)`` (docs/method.md §1).
 
     Returns:
         ``{"actions": (B, K, A), "future_proprio": (B, P), "proprio": (B, P), "value": (B,)}``, in the
@@ -125,5 +125,5 @@ def read_vectors(latents: torch.Tensor, layout: SequenceLayout, proprio_dim: int
 
 
 def value_to_unit(value: torch.Tensor) -> torch.Tensor:
-    """Map a value in [-1, 1] to [0, 1] by ``(v + 1) / 2`` and clamp (SPEC §1)."""
+    """Map a value in [-1, 1] to [0, 1] by ``(v + 1) / 2`` and clamp (docs/method.md §1)."""
     return ((value + 1) / 2).clamp(0, 1)

@@ -1,4 +1,4 @@
-"""Instruction text -> per-token embeddings, and the on-disk cache written at conversion time (SPEC §4).
+"""Instruction text -> per-token embeddings, and the on-disk cache written at conversion time (docs/method.md §4).
 
 The DiT cross-attends to the embedding of the task instruction. The instruction set of a dataset is
 small (one per task), so every instruction is encoded once by :func:`build_text_encoder` when the
@@ -34,7 +34,7 @@ from ..errors import CosmosPolicyError
 
 INDEX_FILE = "index.json"
 MINILM_IDENTITY = "minilm:all-MiniLM-L6-v2"
-#: Token limits of the encoders: MiniLM was trained on 256-token inputs; T5 on 512 (SPEC §4).
+#: Token limits of the encoders: MiniLM was trained on 256-token inputs; T5 on 512 (docs/method.md §4).
 MINILM_MAX_TOKENS = 256
 T5_MAX_TOKENS = 512
 

@@ -1,4 +1,4 @@
-"""Start a fit from another checkpoint's DiT weights only (the planning fine-tune of SPEC §2, §5).
+"""Start a fit from another checkpoint's DiT weights only (the planning fine-tune of docs/method.md §2, §5).
 
 ``--ckpt_path`` resumes a run: optimizer state, step counter and schedule included. Fine-tuning a
 trained model on rollouts is a new run (new data, new objective mix, fresh optimizer and warm-up),

@@ -1,4 +1,4 @@
-"""``cosmos-policy evaluate metaworld``: closed-loop evaluation in Meta-World (SPEC §3, §5).
+"""``cosmos-policy evaluate metaworld``: closed-loop evaluation in Meta-World (docs/method.md §3, §5).
 
 The policy is called once per action chunk; the first ``execute_steps`` actions of the chunk are
 executed (the embodiment's value unless overridden), then the policy is called again on the new
@@ -168,14 +168,14 @@ def evaluate_metaworld(
             other than the demonstrations' (``collect`` defaults to 0) to test on unseen placements.
         policy: ``model`` (the checkpoint), ``expert`` (Meta-World's scripted policy, privileged state,
             one action per step) or ``random`` (uniform actions in [-1, 1]).
-        planning: best-of-N planning instead of the direct policy (SPEC §3, ``inference/planning.py``).
+        planning: best-of-N planning instead of the direct policy (docs/method.md §3, ``inference/planning.py``).
         planning_checkpoint: checkpoint predicting futures and values (dual deployment); default: the
             policy checkpoint itself.
-        num_proposals: N, action chunks proposed per planning step (SPEC §5: 8).
-        num_futures: F, future states predicted per proposal (SPEC §5: 3).
-        num_values: V, values predicted per future state (SPEC §5: 5).
+        num_proposals: N, action chunks proposed per planning step (docs/method.md §5: 8).
+        num_futures: F, future states predicted per proposal (docs/method.md §5: 3).
+        num_values: V, values predicted per future state (docs/method.md §5: 5).
         aggregation: majority_mean (reference), mean or lcb.
-        num_steps: denoising steps of the policy (SPEC §3: 5).
+        num_steps: denoising steps of the policy (docs/method.md §3: 5).
         world_model_steps: denoising steps of the planning future-state stage (default ``num_steps``).
         value_steps: denoising steps of the planning value stage (default ``num_steps``).
         ensemble_steps: ``linspace`` (the reference: ensemble member i of a stage gets

@@ -192,7 +192,7 @@ class CorrelatedActionNoise:
     the process starts from its stationary distribution, so every step has std ``std``.
     ``theta = 1`` gives i.i.d. noise; small ``theta`` gives slow drifts (correlation time about
     ``1 / theta`` steps). The scripted experts correct i.i.d. noise within a step or two and hardly
-    ever fail; drifts of a few centimetres push them into failure (SPEC §2: failures feed the
+    ever fail; drifts of a few centimetres push them into failure (docs/method.md §2: failures feed the
     world-model and value objectives).
 
     Args:

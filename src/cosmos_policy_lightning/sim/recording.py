@@ -1,6 +1,6 @@
 """What a closed-loop evaluation leaves behind: rollout HDF5 files, GIF strips, value plots.
 
-Rollout HDF5 (the reference's per-episode rollout layout, SPEC §4; read back by
+Rollout HDF5 (the reference's per-episode rollout layout, docs/method.md §4; read back by
 ``cosmos-policy convert --format episode_hdf5``)::
 
     attrs: success (bool), success_score (float in [0, 1]), task_description (str),

@@ -1,4 +1,4 @@
-"""Source readers: one module per input layout (SPEC §4), each yielding :class:`Episode` objects
+"""Source readers: one module per input layout (docs/method.md §4), each yielding :class:`Episode` objects
 one at a time.
 
 ======================  =======================================================================

@@ -1,5 +1,5 @@
 """What every source reader shares: key resolution, episode references, path expansion, the reader
-interface (SPEC §4 source layouts)."""
+interface (docs/method.md §4 source layouts)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-episode HDF5 files: ALOHA recordings and the reference's rollout files (SPEC §4).
+"""Per-episode HDF5 files: ALOHA recordings and the reference's rollout files (docs/method.md §4).
 
 ALOHA layout (one file per episode)::
 

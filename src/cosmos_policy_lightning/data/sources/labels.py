@@ -1,4 +1,4 @@
-"""Success labels, fractional scores and instructions of episodes (SPEC §4).
+"""Success labels, fractional scores and instructions of episodes (docs/method.md §4).
 
 Success, first rule that applies:
 

@@ -1,4 +1,4 @@
-"""LeRobot datasets: parquet tables plus mp4 videos, local or from the Hugging Face Hub (SPEC §4 source
+"""LeRobot datasets: parquet tables plus mp4 videos, local or from the Hugging Face Hub (docs/method.md §4 source
 layouts).
 
 Paths, fps and features come from ``meta/info.json``; its ``codebase_version`` picks the layout:

@@ -1,4 +1,4 @@
-"""robomimic / LIBERO HDF5: one file holds many demonstrations (SPEC §4).
+"""robomimic / LIBERO HDF5: one file holds many demonstrations (docs/method.md §4).
 
 Layout::
 

@@ -1,4 +1,4 @@
-"""Image codecs for Zarr stores (Diffusion Policy stores its images Jpeg2k-compressed, SPEC §4).
+"""Image codecs for Zarr stores (Diffusion Policy stores its images Jpeg2k-compressed, docs/method.md §4).
 
 Zarr format 2 names a compressor by its numcodecs id (``imagecodecs_jpeg2k``): registering
 imagecodecs' numcodecs codecs is enough. Zarr format 3 has no standard image codec; zarr-python

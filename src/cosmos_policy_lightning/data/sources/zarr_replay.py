@@ -1,4 +1,4 @@
-"""Diffusion Policy Zarr replay buffers (SPEC §4).
+"""Diffusion Policy Zarr replay buffers (docs/method.md §4).
 
 Layout (Zarr format 2 or 3, a directory store or a ``.zarr.zip``)::
 
