@@ -81,3 +81,60 @@ def test_corrupt_image_chunk_names_episode_and_key(tmp_path):
     manifest = convert(str(src), output=str(tmp_path / "out2"), skip_bad=True, **kw)
     assert list(manifest["bad_episodes"]) == ["episode_000001"]
     assert manifest["counts"]["train"]["episodes"] == 2
+
+
+def _write_pusht_zarr(path, lengths, seed=0):
+    """A replay buffer in the layout of Diffusion Policy's pusht_cchi_v7_replay.zarr (zarr format 2):
+    ``data/img (N, 96, 96, 3) float32`` holding 0..255, ``data/state (N, 5)``, ``data/action (N, 2)``,
+    ``data/keypoint (N, 9, 2)``, ``data/n_contacts (N, 1)``, ``meta/episode_ends (E,) int64``."""
+    import numpy as np
+    import zarr
+
+    rng = np.random.default_rng(seed)
+    n = sum(lengths)
+    arrays = {
+        "img": rng.integers(0, 256, size=(n, 96, 96, 3)).astype(np.float32),
+        "state": rng.uniform(0, 512, size=(n, 5)).astype(np.float32),
+        "action": rng.uniform(0, 512, size=(n, 2)).astype(np.float32),
+        "keypoint": rng.uniform(0, 512, size=(n, 9, 2)).astype(np.float32),
+        "n_contacts": rng.integers(0, 3, size=(n, 1)).astype(np.float32),
+    }
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    for name, arr in arrays.items():
+        root.create_array(f"data/{name}", data=arr, chunks=(min(n, 100), *arr.shape[1:]))
+    root.create_array("meta/episode_ends", data=np.cumsum(lengths).astype(np.int64))
+    return arrays
+
+
+def test_shipped_pusht_embodiment_reads_the_pusht_replay_buffer(tmp_path, capsys):
+    """embodiments/pusht.yaml (used by README and docs/convert.md) converts a buffer in Push-T's real layout;
+    its float32 0..255 images need --float_image_max 255 and are refused with that hint without it."""
+    import numpy as np
+
+    from cosmos_policy_lightning.cli import main
+    from cosmos_policy_lightning.data import sample as S
+
+    from .conftest import EMBODIMENTS
+    from .factories import decode_sample, read_split
+
+    src = tmp_path / "pusht_cchi_v7_replay.zarr"
+    arrays = _write_pusht_zarr(src, [6, 4])
+    args = ["convert", str(src), "--format", "zarr", "--embodiment", str(EMBODIMENTS / "pusht.yaml"),
+            "--all_success", "--instruction", "push the T onto the target", "--val_fraction", "0",
+            "--text_encoder", "none", "--progress", "false"]
+    assert main(args + ["--output", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "data/img" in err and "--float_image_max 255" in err, err
+    assert main(args + ["--output", str(tmp_path / "out"), "--float_image_max", "255"]) == 0
+    samples = sorted((decode_sample(s) for s in read_split(tmp_path / "out", "train")),
+                     key=lambda s: (s[S.META]["episode"], s[S.META]["step"]))
+    assert len(samples) == 10
+    first = samples[0]
+    assert first[S.META]["episode"] == "episode_000000" and first[S.META]["step"] == 0
+    np.testing.assert_array_equal(first[S.PROPRIO], arrays["state"][0])
+    np.testing.assert_array_equal(first[S.ACTIONS][:6], arrays["action"][:6])  # K = 16: padded after step 5
+    np.testing.assert_array_equal(first[S.ACTIONS][6:], np.repeat(arrays["action"][5:6], 10, axis=0))
+    img = first[S.image_member("top")]
+    assert img.shape == (96, 96, 3)
+    # JPEG of uniform noise is lossy: the mean level must match 0..255, not saturate (a [0, 1] reading) to white
+    assert abs(float(img.mean()) - float(arrays["img"][0].mean())) < 3.0

@@ -74,6 +74,7 @@ def convert(
     skip_bad: bool = False,
     text_encoder: str = "minilm",
     swap_rb: bool = False,
+    float_image_max: float = 1.0,
     jpeg_quality: int = 95,
     overwrite: bool = False,
     progress: bool = True,
@@ -120,6 +121,8 @@ def convert(
         text_encoder: instruction encoder for the embedding cache: minilm, t5:<hub id or path>, or none
             (no cache).
         swap_rb: source frames are BGR (e.g. ALOHA frames JPEG-encoded by OpenCV): swap red and blue.
+        float_image_max: the value of white in floating-point image arrays: 1.0, or 255 for sources that
+            store 0..255 as float (Diffusion Policy's Push-T Zarr). Float frames outside [0, this] are refused.
         jpeg_quality: JPEG quality of the stored images (the reference uses 95).
         overwrite: delete a previous conversion in output (with different settings) and start over.
         progress: show a progress bar.
@@ -135,6 +138,8 @@ def convert(
     """
     emb = Embodiment.from_yaml(embodiment)
     _check_options(val_fraction, shard_size_mb, workers, jpeg_quality, format)
+    if not 0.0 < float_image_max < float("inf"):
+        raise DataError(f"--float_image_max: expected a positive number (1 or 255), got {float_image_max}")
     check_text_encoder(text_encoder)  # now, not after every shard is written
     labels = LabelOptions(all_success, success_sidecar, success_regex, instruction, instruction_from)
     reader = open_source(format, source, emb, labels, camera_keys, proprio_keys, action_key,
@@ -156,6 +161,8 @@ def convert(
         "val_fraction": val_fraction, "validation_episodes": sorted(orders["validation"]),
         "shard_size_mb": shard_size_mb,
     }
+    if float_image_max != 1.0:  # only when set, so the settings hash of existing conversions is unchanged
+        settings["float_image_max"] = float_image_max
     if format == "lerobot":  # only here, so the settings (and resumption) of other formats are unchanged
         settings["tolerance_s"] = tolerance_s
     out = ensure_writable_dir(output, "--output")  # a file, read-only: refused before any episode is read
@@ -183,7 +190,7 @@ def convert(
                  f"nothing to do")
             return job.manifest
         encode = EncodeSettings(str(job.work), tuple(emb.image_size), emb.action.chunk_size, emb.value.gamma,
-                                jpeg_quality, swap_rb, skip_bad)
+                                jpeg_quality, swap_rb, skip_bad, float_image_max)
         job.run(reader, {r.episode_id: r for r in refs}, encode, workers, progress)
         return job.finish(text_encoder)
 

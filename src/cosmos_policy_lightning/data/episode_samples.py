@@ -50,6 +50,7 @@ class EncodeSettings:
         gamma: discount of the value curve.
         jpeg_quality: JPEG quality (95 in the reference).
         swap_rb: source frames are BGR.
+        float_image_max: white of floating-point source frames (1.0, or 255.0 for 0..255 floats).
         skip_bad: record a bad episode instead of raising.
     """
 
@@ -60,6 +61,7 @@ class EncodeSettings:
     jpeg_quality: int = 95
     swap_rb: bool = False
     skip_bad: bool = False
+    float_image_max: float = 1.0
 
 
 @functools.lru_cache(maxsize=64)
@@ -124,7 +126,8 @@ def process_episode(reader: SourceReader, ref: EpisodeRef, split: str, settings:
     try:
         with reader.open(ref) as episode:
             jpegs = {cam: encode_frames(episode.images[cam], settings.image_size, settings.jpeg_quality,
-                                        settings.swap_rb) for cam in reader.embodiment.camera_names}
+                                        settings.swap_rb, settings.float_image_max)
+                     for cam in reader.embodiment.camera_names}
             tar_bytes = 0
 
             def spill(f) -> None:
