@@ -34,20 +34,30 @@ def _kwargs(src: Path, out: Path, emb: Path) -> dict:
 
 
 def _run_and_kill(args: list[str], out: Path, ready, timeout: float = 120.0) -> None:
-    """Start the CLI in a subprocess (slowed down per episode) and SIGKILL it once ``ready(out)``."""
-    env = {**os.environ, "COSMOS_POLICY_CONVERT_EPISODE_DELAY": "0.2", "OMP_NUM_THREADS": "1"}
+    """Start the CLI in a subprocess and SIGKILL it once ``ready(out)``.
+
+    The conversion runs at its own speed. To kill it at a chosen point without a hook in the converter,
+    the test freezes the process (SIGSTOP) before each look at the folder and lets it go on (SIGCONT)
+    for a few milliseconds at a time; the kill then lands on exactly the state that ``ready`` saw.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cosmos_policy_lightning.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
     try:
-        while not ready(out):
+        while True:
             if proc.poll() is not None:
                 pytest.fail(f"conversion ended before the kill: {proc.stderr.read().decode()[-500:]}")
+            proc.send_signal(signal.SIGSTOP)
+            if ready(out):
+                break
             if time.monotonic() > deadline:
                 pytest.fail("conversion never reached the kill point")
-            time.sleep(0.02)
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
     finally:
+        proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
 

@@ -19,7 +19,6 @@ import functools
 import io
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,6 @@ from .images import encode_frames
 from .returns import action_chunk, episode_values, future_index
 from .shards import write_samples
 from .sources.base import EpisodeRef, SourceReader
-
-#: Seconds to pause after spilling each episode. For the kill-and-resume test only; 0 otherwise.
-_TEST_DELAY_S = float(os.environ.get("COSMOS_POLICY_CONVERT_EPISODE_DELAY", "0") or 0)
 
 
 @dataclass(frozen=True)
@@ -135,8 +131,6 @@ def process_episode(reader: SourceReader, ref: EpisodeRef, split: str, settings:
                 tar_bytes = write_samples(f, episode_samples(episode, jpegs, settings.chunk_size, settings.gamma))
 
             write_bytes_atomic(work / f"{ref.episode_id}.spill", spill)
-            if _TEST_DELAY_S:  # lets the resume test kill a conversion between two writes
-                time.sleep(_TEST_DELAY_S)
             write_bytes_atomic(work / f"{ref.episode_id}.npz",
                             lambda f: np.savez(f, actions=episode.actions, proprio=episode.proprio))
             record = {"episode": ref.episode_id, "split": split, "source": ref.source, "length": episode.length,
