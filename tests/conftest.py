@@ -28,3 +28,37 @@ def repo() -> Path:
 @pytest.fixture
 def embodiments_dir() -> Path:
     return EMBODIMENTS
+
+
+#: CI sets this (``.ci/run``): the simulator tests must run there, so Meta-World missing or MuJoCo unable to
+#: render offscreen fails them instead of skipping them. Elsewhere (a laptop without EGL) they skip, with the reason.
+REQUIRE_SIM = "COSMOS_POLICY_REQUIRE_SIM"
+
+
+def sim_unavailable(reason: str, module_level: bool = False):
+    """Skip the calling simulator test (or module) for ``reason``; fail it instead when ``$COSMOS_POLICY_REQUIRE_SIM``
+    is set to anything but ``""`` / ``0``."""
+    if os.environ.get(REQUIRE_SIM, "") not in ("", "0"):
+        pytest.fail(f"{reason} ({REQUIRE_SIM}={os.environ[REQUIRE_SIM]}: the simulator tests must run)",
+                    pytrace=False)
+    pytest.skip(reason, allow_module_level=module_level)
+
+
+def require_rendering() -> str:
+    """The MuJoCo GL backend, after a real offscreen render in a subprocess (MuJoCo binds its backend at
+    import, so the probe cannot run in this process); :func:`sim_unavailable` when there is none."""
+    import subprocess
+    import sys
+
+    from cosmos_policy_lightning.errors import CosmosPolicyError
+    from cosmos_policy_lightning.sim import metaworld as mw
+
+    try:
+        backend = mw.select_gl_backend()
+    except CosmosPolicyError as err:
+        sim_unavailable(f"MuJoCo cannot render offscreen: {err}")
+    probe = subprocess.run([sys.executable, "-c", mw._RENDER_PROBE], capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        sim_unavailable(f"MuJoCo cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')}: {last}")
+    return backend

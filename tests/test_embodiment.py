@@ -15,7 +15,15 @@ SHIPPED = sorted(EMBODIMENTS.glob("*.yaml"))
 
 
 def test_every_shipped_yaml_is_tested():
-    assert {p.stem for p in SHIPPED} >= {"libero", "robocasa", "aloha", "metaworld", "so101"}
+    """Every file in embodiments/ is a YAML that the parametrised tests load, and has a test of its own
+    numbers: named in ``REFERENCE`` or by a test function ``test_<name>_embodiment...`` in this module."""
+    own = {name for name, *_ in REFERENCE}
+    own |= {stem for stem in (p.stem for p in SHIPPED)
+            if any(f.startswith(f"test_{stem}_embodiment") and callable(v) for f, v in globals().items())}
+    for path in sorted(EMBODIMENTS.iterdir()):
+        assert path.is_file() and path.suffix == ".yaml", f"{path}: embodiments/ holds only embodiment YAML files"
+        assert path in SHIPPED
+        assert path.stem in own, f"{path.name} has no test of its own values (add test_{path.stem}_embodiment)"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -27,14 +35,14 @@ def test_shipped_embodiment_loads_and_round_trips(path):
     assert load_embodiment(path) == emb
 
 
-@pytest.mark.parametrize(
-    "name, cameras, k, adim, pdim, gamma, execute",
-    [
-        ("libero", ["wrist", "agentview"], 16, 7, 9, 0.99, 16),
-        ("robocasa", ["wrist", "left_agentview", "right_agentview"], 32, 7, 9, 0.99, 16),
-        ("aloha", ["left_wrist", "right_wrist", "cam_high"], 50, 14, 14, 0.998, 50),
-    ],
-)
+REFERENCE = [  # docs/method.md §1, §5
+    ("libero", ["wrist", "agentview"], 16, 7, 9, 0.99, 16),
+    ("robocasa", ["wrist", "left_agentview", "right_agentview"], 32, 7, 9, 0.99, 16),
+    ("aloha", ["left_wrist", "right_wrist", "cam_high"], 50, 14, 14, 0.998, 50),
+]
+
+
+@pytest.mark.parametrize("name, cameras, k, adim, pdim, gamma, execute", REFERENCE)
 def test_reference_embodiments_match_spec(name, cameras, k, adim, pdim, gamma, execute):
     emb = Embodiment.from_yaml(EMBODIMENTS / f"{name}.yaml")
     assert list(emb.camera_names) == cameras
@@ -63,6 +71,19 @@ def test_so101_embodiment_names_lerobot_features():
     assert {c.name: c.keys["lerobot"] for c in emb.cameras} == {"wrist": "observation.images.wrist",
                                                                "front": "observation.images.front"}
     assert emb.proprio.keys["lerobot"] == ("observation.state",) and emb.action.keys["lerobot"] == "action"
+
+
+def test_pusht_embodiment_reads_the_diffusion_policy_zarr():
+    """Push-T's replay buffer: data/img (96x96), data/state (5), data/action (2); one camera, 7 latent frames."""
+    from cosmos_policy_lightning.layout import SequenceLayout
+
+    emb = Embodiment.from_yaml(EMBODIMENTS / "pusht.yaml")
+    assert emb.image_size == (96, 96) and emb.latent_frame_shape == (16, 12, 12) and emb.control_hz == 10
+    assert [c.keys["zarr"] for c in emb.cameras] == ["img"] and emb.primary_camera.name == "top"
+    assert (emb.proprio.dim, emb.proprio.keys["zarr"]) == (5, ("state",))
+    assert (emb.action.dim, emb.action.keys["zarr"], emb.action.chunk_size, emb.action.execute_steps) == (
+        2, "action", 16, 8)
+    assert SequenceLayout.from_embodiment(emb).num_latent_frames == 7
 
 
 def test_metaworld_embodiment_reads_its_lerobot_export():

@@ -17,19 +17,14 @@ from cosmos_policy_lightning.errors import CosmosPolicyError
 from cosmos_policy_lightning.sim.evaluate import latency_summary, wilson_interval
 
 from .checkpoint_factory import make_checkpoint
-from .conftest import EMBODIMENTS
+from .conftest import EMBODIMENTS, require_rendering
 
 pytestmark = pytest.mark.sim
 
 
 @pytest.fixture(scope="module")
 def gl():
-    from cosmos_policy_lightning.sim.metaworld import select_gl_backend
-
-    try:
-        return select_gl_backend()
-    except CosmosPolicyError as err:
-        pytest.skip(f"MuJoCo cannot render offscreen here: {err}")
+    return require_rendering()
 
 
 @pytest.fixture(scope="module")

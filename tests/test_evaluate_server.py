@@ -12,25 +12,19 @@ import pytest
 
 from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.embodiment import Embodiment
-from cosmos_policy_lightning.errors import CosmosPolicyError
 from cosmos_policy_lightning.inference.policy import CosmosPolicy
 from cosmos_policy_lightning.inference.server import PolicyServer
 from cosmos_policy_lightning.inference.service import PolicyService
 
 from .checkpoint_factory import make_checkpoint
-from .conftest import EMBODIMENTS
+from .conftest import EMBODIMENTS, require_rendering
 
 pytestmark = [pytest.mark.sim, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
 def gl():
-    from cosmos_policy_lightning.sim.metaworld import select_gl_backend
-
-    try:
-        return select_gl_backend()
-    except CosmosPolicyError as err:
-        pytest.skip(f"MuJoCo cannot render offscreen here: {err}")
+    return require_rendering()
 
 
 @pytest.fixture(scope="module")

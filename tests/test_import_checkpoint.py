@@ -30,7 +30,7 @@ from cosmos_policy_lightning.model.reference_weights import is_reference_checkpo
 from cosmos_policy_lightning.model.text import TextEmbeddingCache
 
 from .checkpoint_factory import tiny_vae_dir
-from .conftest import EMBODIMENTS, REPO
+from .conftest import EMBODIMENTS, REPO, require_rendering
 from .reference_factory import write_reference_checkpoint, write_reference_stats, write_t5_pickle
 from .shard_factory import TOY_EMBODIMENT, HashTextEncoder, standard_episodes, write_dataset
 
@@ -288,12 +288,7 @@ def test_2b_recipes_start_from_the_base_models_pt_through_the_same_path(referenc
 
 @pytest.mark.sim
 def test_evaluate_runs_an_imported_checkpoint(tmp_path):
-    from cosmos_policy_lightning.sim.metaworld import select_gl_backend
-
-    try:
-        select_gl_backend()
-    except CosmosPolicyError as err:
-        pytest.skip(f"MuJoCo cannot render offscreen here: {err}")
+    require_rendering()
     emb = Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml")
     torch.manual_seed(1)
     pt = write_reference_checkpoint(tmp_path / "mw.pt", build_transformer(TINY))

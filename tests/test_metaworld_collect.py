@@ -1,19 +1,22 @@
 """Meta-World: real MuJoCo episodes rendered offscreen, written as robomimic HDF5 and read back.
 
-Skipped (with the reason) only when MuJoCo cannot render offscreen on this machine.
+Skipped (with the reason) only when MuJoCo cannot render offscreen on this machine, and failed instead
+where $COSMOS_POLICY_REQUIRE_SIM is set (CI, see conftest.sim_unavailable).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import importlib.util
 
 import h5py
 import numpy as np
 import pytest
 
-pytest.importorskip("metaworld", reason="Meta-World is the [sim] extra")
+from .conftest import require_rendering, sim_unavailable
+
+# find_spec, not import: importing metaworld imports MuJoCo, which binds its GL backend (require_rendering)
+if importlib.util.find_spec("metaworld") is None:
+    sim_unavailable("Meta-World is the [sim] extra (pip install -e \".[sim]\")", module_level=True)
 
 from cosmos_policy_lightning.cli import main as cli_main  # noqa: E402
 from cosmos_policy_lightning.embodiment import Embodiment  # noqa: E402
@@ -27,14 +30,7 @@ pytestmark = pytest.mark.sim
 @pytest.fixture(scope="module", autouse=True)
 def can_render():
     """Probe offscreen rendering in a subprocess (MuJoCo fixes its GL backend at import)."""
-    try:
-        mw.select_gl_backend()
-    except CosmosPolicyError as err:
-        pytest.skip(f"MuJoCo cannot render offscreen: {err}")
-    probe = subprocess.run([sys.executable, "-c", mw._RENDER_PROBE], capture_output=True, text=True, timeout=120)
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        pytest.skip(f"MuJoCo cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')}: {last}")
+    require_rendering()
 
 
 def test_env_renders_real_images_and_steps(embodiments_dir):

@@ -90,9 +90,10 @@ def test_every_recipe_parses_through_the_cli(recipe, capsys):
 
 @pytest.mark.parametrize("datamodule", DATAMODULES, ids=lambda p: p.stem)
 def test_every_datamodule_yaml_parses(datamodule, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--data", str(datamodule),
               "--print_config"])
+    assert info.value.code == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     emb = Embodiment.from_yaml(REPO / cfg["data"]["init_args"]["embodiment"])
     assert emb.name in datamodule.stem
