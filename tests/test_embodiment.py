@@ -86,6 +86,20 @@ def test_pusht_embodiment_reads_the_diffusion_policy_zarr():
     assert SequenceLayout.from_embodiment(emb).num_latent_frames == 7
 
 
+def test_bare_name_is_a_shipped_embodiment(tmp_path, monkeypatch):
+    """``metaworld`` (no such file here) is embodiments/metaworld.yaml; a file of that name wins; an unknown
+    name lists the shipped ones."""
+    monkeypatch.chdir(tmp_path)
+    assert Embodiment.from_yaml("metaworld") == Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml")
+    assert load_embodiment("embodiments/libero.yaml").name == "libero"  # relative to the checkout, from elsewhere
+    with pytest.raises(EmbodimentError, match=r"^robot: file not found \(shipped embodiments, by bare name: aloha, "
+                                              r"libero, metaworld, pusht, robocasa, so101\)$"):
+        Embodiment.from_yaml("robot")
+    own = yaml.safe_load((EMBODIMENTS / "so101.yaml").read_text())
+    (tmp_path / "metaworld").write_text(yaml.safe_dump({**own, "name": "metaworld"}))
+    assert Embodiment.from_yaml("metaworld").proprio.dim == 6
+
+
 def test_metaworld_embodiment_reads_its_lerobot_export():
     emb = Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml")
     assert {c.keys["lerobot"] for c in emb.cameras} == {"observation.images.wrist", "observation.images.corner"}

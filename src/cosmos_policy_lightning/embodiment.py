@@ -149,14 +149,22 @@ class Embodiment:
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Embodiment":
-        """Load and validate ``path``.
+        """Load and validate ``path``: a YAML file, or the bare name of a shipped embodiment (``metaworld``,
+        ``libero``, ...; see ``shipped.py``) when no such file exists.
 
         Raises:
             EmbodimentError: file missing, not YAML, or any field invalid (one-line message).
         """
         path = Path(path)
         if not path.is_file():
-            raise EmbodimentError(f"{path}: file not found")
+            from .shipped import embodiment_path, shipped_embodiments, shipped_path
+
+            # a bare name (``metaworld``), or ``embodiments/<name>.yaml`` from another directory: a shipped file
+            named = embodiment_path(str(path)) or (None if path.is_absolute() else shipped_path(path))
+            if named is None:
+                names = ", ".join(shipped_embodiments()) or "none found"
+                raise EmbodimentError(f"{path}: file not found (shipped embodiments, by bare name: {names})")
+            path = named
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as err:

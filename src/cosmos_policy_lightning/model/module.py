@@ -30,6 +30,7 @@ from ..embodiment import Embodiment, load_embodiment
 from ..errors import CosmosPolicyError
 from ..layout import OBJECTIVES, SequenceLayout
 from ..normalization import DatasetStats, Normalizer
+from ..shipped import CHECKOUT_ROOT, shipped_path
 from . import diffusion
 from .backbone import VideoDiT, VideoVAE
 from .predict import predict_batch
@@ -41,17 +42,21 @@ from .text import T5_MAX_TOKENS, pad_text_tokens, uses_padded_text
 from .warm_start import load_dit_weights
 
 CHECKPOINT_KEY = "cosmos_policy"
-#: Repository root of a source checkout: shipped assets (e.g. ``assets/tiny_wan_vae``) live there.
-REPO_ROOT = Path(__file__).resolve().parents[3]
+#: Repository root of a source checkout (recipes/ ...); nothing that an installed package needs lives only there.
+REPO_ROOT = CHECKOUT_ROOT
 
 
 def resolve_path(source: Any) -> Any:
-    """A relative path that does not exist from the working directory is looked up in the repository
-    root, so recipes and checkpoints naming ``assets/...`` work from any directory. Hub ids and dicts
-    pass through."""
-    if isinstance(source, str) and not Path(source).is_absolute() and not Path(source).exists() \
-            and (REPO_ROOT / source).exists():
-        return str(REPO_ROOT / source)
+    """A relative path that does not exist from the working directory is looked up among the shipped files
+    (``assets/tiny_wan_vae``, ``embodiments/...``: inside the installed package, or the source checkout; see
+    ``shipped.py``), then in the source checkout, so recipes and checkpoints naming ``assets/...`` work from
+    any directory and from a wheel install. Hub ids and dicts pass through."""
+    if isinstance(source, str) and not Path(source).is_absolute() and not Path(source).exists():
+        shipped = shipped_path(source)
+        if shipped is not None:
+            return str(shipped)
+        if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / source).exists():
+            return str(REPO_ROOT / source)
     return source
 
 

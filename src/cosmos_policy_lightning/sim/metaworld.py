@@ -34,9 +34,10 @@ import numpy as np
 
 from ..embodiment import Embodiment, load_embodiment
 from ..errors import CosmosPolicyError
+from ..shipped import shipped_path
 
-#: Embodiment shipped with the repository for Meta-World.
-DEFAULT_EMBODIMENT = Path(__file__).resolve().parents[3] / "embodiments" / "metaworld.yaml"
+#: Embodiment shipped for Meta-World (embodiments/metaworld.yaml; inside the wheel when installed, shipped.py).
+DEFAULT_EMBODIMENT = shipped_path("embodiments/metaworld.yaml") or Path("metaworld")
 
 #: Source-format key whose camera names map to MuJoCo cameras (``<mujoco camera>_rgb``).
 SOURCE_FORMAT = "robomimic"
