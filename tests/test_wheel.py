@@ -110,3 +110,31 @@ def test_shipped_files_resolve_inside_the_installed_package(installed):
     for key in ("vae", "metaworld"):
         assert site in Path(found[key]).parents and f"cosmos_policy_lightning/{PACKAGE_FOLDER}/" in found[key], found
     assert found["libero"] == "libero"
+
+
+def test_one_step_fit_from_the_installed_package(installed):
+    """``cosmos-policy fit`` of the installed package, from outside the checkout: the model's default VAE
+    (``assets/tiny_wan_vae``) comes from the wheel, a converted toy dataset from this test."""
+    import yaml
+
+    from .shard_factory import TOY_EMBODIMENT, HashTextEncoder, standard_episodes, write_dataset
+
+    python, elsewhere = installed
+    run = elsewhere / "fit"
+    write_dataset(run / "data", standard_episodes(2, 1, 1, 1, length=6), text_encoder=HashTextEncoder())
+    (run / "toy.yaml").write_text(yaml.safe_dump(TOY_EMBODIMENT))
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 1, "limit_val_batches": 0, "logger": False,
+                    "enable_progress_bar": False, "default_root_dir": str(run / "out"),
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(run / "out" / "checkpoints"), "save_last": True}}]},
+        "model": {"class_path": "cosmos_policy_lightning.model.module.CosmosPolicyModule",
+                  "init_args": {"transformer": "tiny", "warmup_steps": 1}},  # vae: the default, assets/tiny_wan_vae
+        "data": {"class_path": "cosmos_policy_lightning.data.datamodule.CosmosDataModule",
+                 "init_args": {"data_dir": str(run / "data"), "embodiment": str(run / "toy.yaml"), "convert_from": None,
+                               "num_workers": 0, "batch_size": 4, "latent_cache": False}},
+    }
+    (run / "fit.yaml").write_text(yaml.safe_dump(config))
+    _run([python.parent / "cosmos-policy", "fit", "--config", run / "fit.yaml"], cwd=elsewhere)
+    assert (run / "out" / "checkpoints" / "last.ckpt").is_file()
