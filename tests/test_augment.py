@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cosmos_policy_lightning.data.augment import (
-    SPEC_AUGMENT,
+    REFERENCE_AUGMENT,
     AugmentConfig,
     AugmentParams,
     apply_float,
@@ -120,7 +120,7 @@ def test_bad_input_and_config():
         apply_uint8(torch.zeros(1, 8, 8, 3), center_crop_params((8, 8)))
     with pytest.raises(CosmosPolicyError, match="crop_area"):
         AugmentConfig(crop_area=1.5)
-    assert SPEC_AUGMENT.crop_area == 0.9 and SPEC_AUGMENT.max_rotation == 5.0
+    assert REFERENCE_AUGMENT.crop_area == 0.9 and REFERENCE_AUGMENT.max_rotation == 5.0
 
 
 def test_warp_matrix_matches_kornia_rotation_about_the_centre():

@@ -64,7 +64,7 @@ class AugmentConfig:
 
 
 #: The augmentation of docs/method.md §4.
-SPEC_AUGMENT = AugmentConfig()
+REFERENCE_AUGMENT = AugmentConfig()
 
 #: Colour steps, indexed by :attr:`AugmentParams.order`.
 COLOR_STEPS = ("brightness", "contrast", "saturation", "hue")
@@ -103,13 +103,13 @@ class AugmentParams:
 
 
 def sample_params(rng: np.random.Generator, image_size: tuple[int, int],
-                  config: AugmentConfig = SPEC_AUGMENT) -> AugmentParams:
+                  config: AugmentConfig = REFERENCE_AUGMENT) -> AugmentParams:
     """Draw one sample's parameters (docs/method.md §4).
 
     Args:
         rng: numpy generator (one per data-loader worker, so workers draw independent streams).
         image_size: ``(H, W)`` in pixels.
-        config: ranges; default :data:`SPEC_AUGMENT`.
+        config: ranges; default :data:`REFERENCE_AUGMENT`.
 
     Returns:
         the parameters; the crop window lies inside the image, uniformly placed.
@@ -127,7 +127,7 @@ def sample_params(rng: np.random.Generator, image_size: tuple[int, int],
     )
 
 
-def center_crop_params(image_size: tuple[int, int], crop_area: float = SPEC_AUGMENT.crop_area) -> AugmentParams:
+def center_crop_params(image_size: tuple[int, int], crop_area: float = REFERENCE_AUGMENT.crop_area) -> AugmentParams:
     """The test-time transform's parameters: centred crop of ``crop_area`` of the area, no rotation,
     no colour change (docs/method.md §4)."""
     h, w = image_size
@@ -205,7 +205,7 @@ def apply_uint8(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     return y.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def augment(images: torch.Tensor, rng: np.random.Generator, config: AugmentConfig = SPEC_AUGMENT) -> torch.Tensor:
+def augment(images: torch.Tensor, rng: np.random.Generator, config: AugmentConfig = REFERENCE_AUGMENT) -> torch.Tensor:
     """Training augmentation of one sample: draw one :class:`AugmentParams` and apply it to every image.
 
     Args:
@@ -218,7 +218,7 @@ def augment(images: torch.Tensor, rng: np.random.Generator, config: AugmentConfi
     return apply_uint8(images, sample_params(rng, tuple(images.shape[1:3]), config))
 
 
-def test_transform(images: torch.Tensor, crop_area: float = SPEC_AUGMENT.crop_area) -> torch.Tensor:
+def test_transform(images: torch.Tensor, crop_area: float = REFERENCE_AUGMENT.crop_area) -> torch.Tensor:
     """Deterministic test-time transform (docs/method.md §4): centre crop of ``crop_area`` of the area, resized
     back to ``(H, W)``. uint8 ``(M, H, W, 3)`` in and out. Use it at inference on every camera image
     of a model trained with augmentation."""

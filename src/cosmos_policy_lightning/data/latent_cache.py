@@ -48,7 +48,7 @@ from ..errors import DataError
 from ..layout import SequenceLayout
 from ..locking import folder_lock
 from . import sample as S
-from .augment import SPEC_AUGMENT, apply_uint8, center_crop_params, sample_params
+from .augment import REFERENCE_AUGMENT, apply_uint8, center_crop_params, sample_params
 from .integrity import CheckedTarSamples, check_shard_sizes
 from .shards import BLOCK, RECORD, sample_record
 
@@ -77,7 +77,7 @@ def cache_fingerprint(layout: SequenceLayout, image_size: tuple[int, int], vae_h
         "layout": layout.to_dict(),
         "image_size": [int(x) for x in image_size],
         "augment": bool(augment),
-        "augmentation": asdict(SPEC_AUGMENT) if augment else None,
+        "augmentation": asdict(REFERENCE_AUGMENT) if augment else None,
         "augment_views": int(augment_views) if augment else 0,
         "seed": int(seed),
         "dtype": dtype,
@@ -161,7 +161,7 @@ class _ViewEncoder:
             digest = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "little")
             for v in range(1, self.views + 1):
                 rng = np.random.default_rng([self.seed & 0xFFFFFFFF, digest, v])
-                out.append(apply_uint8(raw, sample_params(rng, self.size, SPEC_AUGMENT)))
+                out.append(apply_uint8(raw, sample_params(rng, self.size, REFERENCE_AUGMENT)))
         return out
 
     @torch.no_grad()

@@ -36,7 +36,7 @@ from ..layout import OBJECTIVES
 from ..model.text import TextEmbeddingCache
 from ..normalization import Normalizer
 from . import sample as S
-from .augment import SPEC_AUGMENT, apply_uint8, center_crop_params, sample_params
+from .augment import REFERENCE_AUGMENT, apply_uint8, center_crop_params, sample_params
 
 POLICY = OBJECTIVES.index("policy")
 
@@ -407,7 +407,7 @@ class SampleDecoder(PipelineStage):
         """Decode one raw sample (see the class docstring); ``rng`` is needed in ``augment`` mode."""
         pixels = decode_images(sample, self.cameras, self.image_size)
         if self.mode == "augment":
-            pixels = apply_uint8(pixels, sample_params(rng, self.image_size, SPEC_AUGMENT))
+            pixels = apply_uint8(pixels, sample_params(rng, self.image_size, REFERENCE_AUGMENT))
         elif self.mode == "center":
             pixels = apply_uint8(pixels, center_crop_params(self.image_size))
         n = len(self.cameras)
