@@ -200,7 +200,8 @@ def _npy(arr: np.ndarray) -> bytes:
 
 def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = None, augment: bool = True,
                        augment_views: int = 4, seed: int = 0, dtype: str = "float16", batch_size: int = 16,
-                       embodiment: str | Path | None = None, progress: bool = True) -> Path:
+                       embodiment: str | Path | None = None, progress: bool = True,
+                       threads: int | None = None) -> Path:
     """Encode every sample of a converted dataset once; see the module docstring for the format.
 
     Resumable: a latent shard is written under a temporary name and renamed when complete, and a re-run
@@ -221,6 +222,7 @@ def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = No
         batch_size: samples per VAE call (each brings its views).
         embodiment: embodiment YAML (default: the manifest's).
         progress: show a progress bar.
+        threads: torch threads while encoding (default: all cores; restored afterwards).
 
     Returns:
         the cache directory.
@@ -232,9 +234,16 @@ def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = No
     if not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: dataset directory not found")
     out = Path(output) if output is not None else Path(data_dir) / "latents"
-    with folder_lock(out, "latent cache"):
-        return _build_latent_cache(data_dir, vae, out, augment, augment_views, seed, dtype, batch_size, embodiment,
-                                   progress)
+    # Nothing else runs while the cache is built (training waits for it), so the VAE gets every core:
+    # 1.5x faster on 2 cores than the one thread a training process is usually given.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads or os.cpu_count() or 1))
+    try:
+        with folder_lock(out, "latent cache"):
+            return _build_latent_cache(data_dir, vae, out, augment, augment_views, seed, dtype, batch_size,
+                                       embodiment, progress)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = None, augment: bool = True,
@@ -341,9 +350,8 @@ def cache_latents(data_dir: Path, vae: str = "assets/tiny_wan_vae", output: Path
         embodiment: embodiment YAML (default: the dataset manifest's).
         threads: torch threads for encoding (default: all cores).
     """
-    if threads:
-        torch.set_num_threads(int(threads))
-    out = build_latent_cache(data_dir, vae, output, augment, augment_views, seed, dtype, batch_size, embodiment)
+    out = build_latent_cache(data_dir, vae, output, augment, augment_views, seed, dtype, batch_size, embodiment,
+                             threads=threads)
     print(f"latent cache: {out}")
 
 
