@@ -48,19 +48,11 @@ NVIDIA_OPEN_MODEL_LICENSE = {
 
 
 def _read_checkpoint(path: Path) -> dict:
-    from ..model.module import CHECKPOINT_KEY
+    from ..inference.policy import read_checkpoint_file
 
-    if path.is_dir():
-        raise CosmosPolicyError(f"{path}: a sharded (FSDP) checkpoint directory; consolidate it into one file "
-                                f"first: python -m lightning.fabric.utilities.consolidate_checkpoint {path}")
-    if not path.is_file():
-        raise CosmosPolicyError(f"{path}: checkpoint not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:
-        raise CosmosPolicyError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
-    if not isinstance(raw, dict) or CHECKPOINT_KEY not in raw or "hyper_parameters" not in raw:
-        raise CosmosPolicyError(f"{path}: not a Cosmos Policy checkpoint (no {CHECKPOINT_KEY!r} entry)")
+    raw = read_checkpoint_file(path)
+    if "hyper_parameters" not in raw:
+        raise CosmosPolicyError(f"{path}: not a Cosmos Policy checkpoint (no 'hyper_parameters' entry)")
     return raw
 
 

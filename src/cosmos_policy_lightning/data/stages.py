@@ -353,14 +353,18 @@ def decode_images(sample: dict, cameras: list[str], size: tuple[int, int]) -> to
     return torch.from_numpy(np.stack(images))
 
 
-def _load_npy(sample: dict, member: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+def _read_npy(sample: dict, member: str, where: str, hint: str = "") -> np.ndarray:
     raw = sample.get(member)
     if raw is None:
-        raise DataError(f"{where}: missing member {member}")
+        raise DataError(f"{where}: missing member {member}{hint}")
     try:
-        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+        return np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, OSError) as err:
         raise DataError(f"{where}: {member} is not a .npy array ({err})") from None
+
+
+def _load_npy(sample: dict, member: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    arr = _read_npy(sample, member, where)
     if arr.shape != shape:
         raise DataError(f"{where}: {member} has shape {arr.shape}, expected {shape}")
     if not np.isfinite(arr).all():
@@ -472,13 +476,7 @@ class LatentSampleDecoder(SampleDecoder):
 
     def decode(self, sample: dict, rng: np.random.Generator | None = None) -> dict[str, Any]:
         where = _where(sample)
-        raw = sample.get("latents.npy")
-        if raw is None:
-            raise DataError(f"{where}: missing member latents.npy (is this a latent cache shard?)")
-        try:
-            views = np.load(io.BytesIO(raw), allow_pickle=False)
-        except (ValueError, OSError) as err:
-            raise DataError(f"{where}: latents.npy is not a .npy array ({err})") from None
+        views = _read_npy(sample, "latents.npy", where, " (is this a latent cache shard?)")
         if views.ndim != 5 or views.shape[2] != len(self.frames):
             raise DataError(f"{where}: latents.npy has shape {views.shape}, expected (views, C, "
                             f"{len(self.frames)}, h, w)")

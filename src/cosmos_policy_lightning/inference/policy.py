@@ -120,6 +120,30 @@ class EncodedObservations:
     single: bool = False
 
 
+
+def read_checkpoint_file(path: str | Path) -> dict:
+    """Load a ``cosmos-policy fit`` checkpoint's dict (memory-mapped: the weights are not read twice).
+
+    Raises:
+        CosmosPolicyError: a sharded (FSDP) directory, a missing or unreadable file, or a file without the
+            ``cosmos_policy`` entry (one line each).
+    """
+    from ..model.module import CHECKPOINT_KEY
+
+    path = Path(path)
+    if path.is_dir():
+        raise CosmosPolicyError(f"{path}: a sharded (FSDP) checkpoint directory; consolidate it into one file "
+                                f"first: python -m lightning.fabric.utilities.consolidate_checkpoint {path}")
+    if not path.is_file():
+        raise CosmosPolicyError(f"{path}: checkpoint not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # pickle / zip errors of a corrupt file
+        raise CosmosPolicyError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(raw, dict) or CHECKPOINT_KEY not in raw:
+        raise CosmosPolicyError(f"{path}: not a Cosmos Policy checkpoint (no {CHECKPOINT_KEY!r} entry)")
+    return raw
+
 class CosmosPolicy:
     """Observation -> action chunk, future proprio / images and value, from a trained model.
 
@@ -191,18 +215,7 @@ class CosmosPolicy:
         from ..model.module import CHECKPOINT_KEY, CosmosPolicyModule
 
         path = Path(path)
-        if path.is_dir():
-            raise CosmosPolicyError(f"{path}: a sharded (FSDP) checkpoint directory; consolidate it into one file "
-                                    f"first: python -m lightning.fabric.utilities.consolidate_checkpoint {path}")
-        if not path.is_file():
-            raise CosmosPolicyError(f"{path}: checkpoint not found")
-        try:
-            # mmap: reading the small metadata does not pull the weights into memory twice.
-            raw = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as err:  # pickle / zip errors of a corrupt file
-            raise CosmosPolicyError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-        if not isinstance(raw, dict) or CHECKPOINT_KEY not in raw:
-            raise CosmosPolicyError(f"{path}: not a Cosmos Policy checkpoint (no {CHECKPOINT_KEY!r} entry)")
+        raw = read_checkpoint_file(path)
         dm = raw.get("datamodule_hyper_parameters") or {}
         kwargs.setdefault("max_text_tokens", int(dm.get("max_text_tokens", 512)))
         kwargs.setdefault("objective_mix", dm.get("objective_mix"))
