@@ -86,6 +86,30 @@ def _underscore_option(arg: str) -> str:
     return "--" + name[2:].replace("-", "_") + eq + value
 
 
+def _positional_options(fn, args: list[str]) -> list[str]:
+    """Accept ``--<name> VALUE`` (or ``--<name>=VALUE``) for a required positional parameter too, e.g.
+    ``cosmos-policy serve --checkpoint CKPT`` as well as ``cosmos-policy serve CKPT``: jsonargparse
+    makes parameters without a default positional only."""
+    import inspect
+
+    required = [p.name for p in inspect.signature(fn).parameters.values()
+                if p.default is inspect.Parameter.empty
+                and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    out, moved = list(args), []
+    for name in required:
+        flag = f"--{name}"
+        for i, arg in enumerate(out):
+            if arg == flag and i + 1 < len(out):
+                moved.append(out[i + 1])
+                del out[i:i + 2]
+                break
+            if arg.startswith(flag + "="):
+                moved.append(arg.split("=", 1)[1])
+                del out[i]
+                break
+    return moved + out if moved and len(moved) == len(required) else args
+
+
 def _usage() -> str:
     lines = ["usage: cosmos-policy SUBCOMMAND [options]   (cosmos-policy SUBCOMMAND --help for its options)", "",
              "training (LightningCLI):"]
@@ -117,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 rest = [_underscore_option("--json_output=true" if a == "--json" else a) for a in argv[len(words):]]
                 fn = getattr(importlib.import_module(module), func)
-                rest = _bare_flags(fn, rest)
+                rest = _positional_options(fn, _bare_flags(fn, rest))
                 CLI(fn, args=rest, prog=f"cosmos-policy {' '.join(words)}")
                 return 0
         print(f"error: unknown subcommand {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
