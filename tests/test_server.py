@@ -410,3 +410,15 @@ def test_cli_server_answers_and_stops_cleanly_on_sigterm(ckpt, reference, tmp_pa
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_serve_takes_the_checkpoint_as_an_option_or_positionally(tmp_path, capsys):
+    from cosmos_policy_lightning.cli import main
+
+    ckpt = str(tmp_path / "policy.ckpt")
+    for args in (["--checkpoint", ckpt], [f"--checkpoint={ckpt}"], [ckpt]):
+        with pytest.raises(SystemExit) as info:
+            main(["serve", *args, "--port", "0", "--print_config"])
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert f"checkpoint: {ckpt}" in out and "port: 0" in out
