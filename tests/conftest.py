@@ -62,3 +62,22 @@ def require_rendering() -> str:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
         sim_unavailable(f"MuJoCo cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')}: {last}")
     return backend
+
+
+@pytest.fixture(scope="session")
+def gl() -> str:
+    """The MuJoCo GL backend for tests that render (see :func:`require_rendering`)."""
+    return require_rendering()
+
+
+@pytest.fixture(scope="session")
+def metaworld_checkpoint(tmp_path_factory) -> Path:
+    """A tiny Meta-World checkpoint trained with the real Trainer (after the render probe), shared by the
+    closed-loop tests (in-process and through the server)."""
+    require_rendering()
+    from cosmos_policy_lightning.embodiment import Embodiment
+
+    from .checkpoint_factory import make_checkpoint
+
+    emb = Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml")
+    return make_checkpoint(tmp_path_factory.mktemp("metaworld_checkpoint"), embodiment=emb)

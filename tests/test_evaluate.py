@@ -12,25 +12,17 @@ import pytest
 from PIL import Image
 
 from cosmos_policy_lightning.cli import main
-from cosmos_policy_lightning.embodiment import Embodiment
 from cosmos_policy_lightning.errors import CosmosPolicyError
 from cosmos_policy_lightning.sim.evaluate import latency_summary, wilson_interval
 
-from .checkpoint_factory import make_checkpoint
-from .conftest import EMBODIMENTS, require_rendering
+from .conftest import EMBODIMENTS
 
 pytestmark = pytest.mark.sim
 
 
 @pytest.fixture(scope="module")
-def gl():
-    return require_rendering()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, gl):
-    emb = Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml")
-    return make_checkpoint(tmp_path_factory.mktemp("evaluate"), embodiment=emb)
+def ckpt(metaworld_checkpoint):
+    return metaworld_checkpoint
 
 
 def test_wilson_interval_matches_hand_computed_values():

@@ -11,26 +11,16 @@ import numpy as np
 import pytest
 
 from cosmos_policy_lightning.cli import main
-from cosmos_policy_lightning.embodiment import Embodiment
 from cosmos_policy_lightning.inference.policy import CosmosPolicy
 from cosmos_policy_lightning.inference.server import PolicyServer
 from cosmos_policy_lightning.inference.service import PolicyService
-
-from .checkpoint_factory import make_checkpoint
-from .conftest import EMBODIMENTS, require_rendering
 
 pytestmark = [pytest.mark.sim, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def gl():
-    return require_rendering()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, gl):
-    emb = Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml")
-    return make_checkpoint(tmp_path_factory.mktemp("evaluate_server"), embodiment=emb)
+def ckpt(metaworld_checkpoint):
+    return metaworld_checkpoint
 
 
 def rollouts(out):

@@ -47,16 +47,22 @@ def _batch_with_padding(text_dim):
     return batch
 
 
-def test_t5_text_is_zero_padded_to_512_tokens_with_no_mask():
-    module = _module(1024, T5)
-    batch = _batch_with_padding(1024)
+def _text_inputs_of_a_training_step(module, batch) -> list:
+    """(text, mask) as the diffusers transformer received them, per call, during one training step."""
     probe = TransformerInputs(module.dit.transformer)
     try:
         module.training_step(batch, 0)
     finally:
         probe.remove()
-    assert len(probe.calls) == 1
-    text, mask = probe.calls[0]
+    return probe.calls
+
+
+def test_t5_text_is_zero_padded_to_512_tokens_with_no_mask():
+    module = _module(1024, T5)
+    batch = _batch_with_padding(1024)
+    calls = _text_inputs_of_a_training_step(module, batch)
+    assert len(calls) == 1
+    text, mask = calls[0]
     assert mask is None                                    # attends to all 512 tokens
     assert tuple(text.shape) == (3, 512, 1024)
     real = batch["text_mask"]
@@ -68,12 +74,7 @@ def test_t5_text_is_zero_padded_to_512_tokens_with_no_mask():
 def test_minilm_text_keeps_its_mask_and_length():
     module = _module(384, "minilm:all-MiniLM-L6-v2")
     batch = _batch_with_padding(384)
-    probe = TransformerInputs(module.dit.transformer)
-    try:
-        module.training_step(batch, 0)
-    finally:
-        probe.remove()
-    text, mask = probe.calls[0]
+    text, mask = _text_inputs_of_a_training_step(module, batch)[0]
     assert tuple(text.shape) == (3, 7, 384) and mask is not None
     assert torch.equal(mask, batch["text_mask"])
 
