@@ -46,7 +46,7 @@ def make_checkpoint(root: Path, embodiment: Embodiment | None = None, text_encod
     Returns:
         the checkpoint path.
     """
-    from cosmos_policy_lightning.model.text import NullTextEncoder
+    from cosmos_policy_lightning.text import NullTextEncoder
 
     root = Path(root)
     data = root / "data"

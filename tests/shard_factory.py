@@ -19,7 +19,7 @@ from PIL import Image
 
 from cosmos_policy_lightning.data import sample as S
 from cosmos_policy_lightning.embodiment import Embodiment
-from cosmos_policy_lightning.model.text import TextEmbeddingCache
+from cosmos_policy_lightning.text import TextEmbeddingCache
 from cosmos_policy_lightning.normalization import DatasetStats, Stats, fingerprint, write_json_atomic
 
 TOY_EMBODIMENT = {
@@ -39,7 +39,7 @@ def toy_embodiment(**overrides) -> Embodiment:
 
 
 class HashTextEncoder:
-    """A deterministic text encoder (the ``TextEncoder`` protocol of model/text.py) without model weights:
+    """A deterministic text encoder (the ``TextEncoder`` protocol of text.py) without model weights:
     one token per word plus an end token, each an 8-d vector derived from a hash of the word."""
 
     identity = "test:hash-words"

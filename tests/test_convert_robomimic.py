@@ -133,7 +133,7 @@ def test_several_files_explicit_validation_and_filename_instructions(tmp_path):
 
 
 def test_minilm_text_embeddings_cached_per_instruction(tmp_path):
-    from cosmos_policy_lightning.model.text import TextEmbeddingCache
+    from cosmos_policy_lightning.text import TextEmbeddingCache
 
     emb = write_embodiment(tmp_path)
     src = write_robomimic(tmp_path / "d.hdf5", [EpisodeSpec(3, 1, instruction="push the cube"),

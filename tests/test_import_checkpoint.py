@@ -27,7 +27,7 @@ from cosmos_policy_lightning.inference.policy import CosmosPolicy
 from cosmos_policy_lightning.model.backbone import VideoDiT, build_transformer
 from cosmos_policy_lightning.model.module import CHECKPOINT_KEY, CosmosPolicyModule
 from cosmos_policy_lightning.model.reference_weights import is_reference_checkpoint
-from cosmos_policy_lightning.model.text import TextEmbeddingCache
+from cosmos_policy_lightning.text import TextEmbeddingCache
 
 from .checkpoint_factory import tiny_vae_dir
 from .conftest import EMBODIMENTS, REPO, require_rendering

@@ -16,7 +16,7 @@ from cosmos_policy_lightning.data.augment import test_transform as center_transf
 from cosmos_policy_lightning.errors import CosmosPolicyError
 from cosmos_policy_lightning.inference.policy import CosmosPolicy
 from cosmos_policy_lightning.model.sequence import read_vectors
-from cosmos_policy_lightning.model.text import build_text_encoder
+from cosmos_policy_lightning.text import build_text_encoder
 
 from .checkpoint_factory import make_checkpoint
 

@@ -27,7 +27,7 @@ from cosmos_policy_lightning.embodiment import Embodiment
 from cosmos_policy_lightning.inference.policy import CosmosPolicy
 from cosmos_policy_lightning.inference.server import PolicyServer
 from cosmos_policy_lightning.inference.service import PolicyService
-from cosmos_policy_lightning.model.text import build_text_encoder
+from cosmos_policy_lightning.text import build_text_encoder
 
 from .checkpoint_factory import make_checkpoint
 

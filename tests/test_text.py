@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cosmos_policy_lightning.errors import CosmosPolicyError
-from cosmos_policy_lightning.model.text import (
+from cosmos_policy_lightning.text import (
     INDEX_FILE,
     TextEmbeddingCache,
     build_text_encoder,

@@ -8,7 +8,7 @@ import yaml
 
 from cosmos_policy_lightning.errors import CosmosPolicyError
 from cosmos_policy_lightning.model.module import CosmosPolicyModule
-from cosmos_policy_lightning.model.text import pad_text_tokens, uses_padded_text
+from cosmos_policy_lightning.text import pad_text_tokens, uses_padded_text
 
 from .conftest import REPO
 from .test_module import EMBODIMENT, TINY_VAE, make_batch

@@ -68,7 +68,7 @@ def _text_embeddings(raw: dict, text_embeddings: Path | None) -> tuple[str | Non
     """(encoder identity, instruction -> (L, D) float16) from a cache directory, the checkpoint's
     embedded embeddings (imported checkpoints) or its data module's ``text_embeddings/``."""
     from ..model.module import CHECKPOINT_KEY
-    from ..model.text import TextEmbeddingCache
+    from ..text import TextEmbeddingCache
 
     extra = raw[CHECKPOINT_KEY]
     directory = text_embeddings

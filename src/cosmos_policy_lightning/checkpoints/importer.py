@@ -28,7 +28,7 @@ from ..errors import CosmosPolicyError
 from ..layout import SequenceLayout
 from ..model.backbone import WAN21_VAE
 from ..model.reference_weights import fetch_file, load_reference_transformer
-from ..model.text import T5_MAX_TOKENS, TextEmbeddingCache
+from ..text import T5_MAX_TOKENS, TextEmbeddingCache
 from .reference import REFERENCE_T5_IDENTITY, PrecomputedTextEncoder, read_reference_stats, read_t5_embeddings
 
 #: Key of the embedded instruction embeddings inside ``checkpoint["cosmos_policy"]``.

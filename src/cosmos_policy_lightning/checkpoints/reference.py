@@ -8,7 +8,7 @@
 * ``t5_embeddings.pkl``: a plain pickle of ``{instruction: tensor (1, 512, 1024)}``, T5-11B's last
   hidden state zero-padded to 512 tokens (bfloat16). :func:`read_t5_embeddings` unpickles it with a
   loader that only accepts tensors and arrays, and cuts the zero padding off: our text cache stores
-  the real tokens and the model pads them back to 512 (``model/text.py``).
+  the real tokens and the model pads them back to 512 (``text.py``).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def read_t5_embeddings(path: str | Path, dim: int | None = 1024) -> dict[str, np
 
 class PrecomputedTextEncoder:
     """A text "encoder" that looks instructions up in precomputed embeddings, so they can be written
-    into a :class:`~cosmos_policy_lightning.model.text.TextEmbeddingCache` under the real encoder's
+    into a :class:`~cosmos_policy_lightning.text.TextEmbeddingCache` under the real encoder's
     identity.
 
     Args:

@@ -547,7 +547,7 @@ class _Conversion:
         identity = None
         instructions = sorted({r["instruction"] for recs in good.values() for r in recs})
         if text_encoder != "none":
-            from ..model.text import TextEmbeddingCache, build_text_encoder
+            from ..text import TextEmbeddingCache, build_text_encoder
 
             cache = TextEmbeddingCache(self.out / S.TEXT_DIR)
             missing = [t for t in instructions if t not in cache]

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader
 from ..embodiment import Embodiment
 from ..errors import CosmosPolicyError, DataError
 from ..layout import OBJECTIVES, SequenceLayout
-from ..model.text import INDEX_FILE, TextEmbeddingCache
+from ..text import INDEX_FILE, TextEmbeddingCache
 from ..normalization import DatasetStats, Normalizer
 from . import sample as S
 from .integrity import CheckedTarSamples, check_shard_sizes

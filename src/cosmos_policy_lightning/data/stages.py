@@ -33,7 +33,7 @@ from webdataset.filters import PipelineStage, shuffle
 from ..embodiment import Embodiment
 from ..errors import CosmosPolicyError, DataError
 from ..layout import OBJECTIVES
-from ..model.text import TextEmbeddingCache
+from ..text import TextEmbeddingCache
 from ..normalization import Normalizer
 from . import sample as S
 from .augment import REFERENCE_AUGMENT, apply_uint8, center_crop_params, sample_params
@@ -285,7 +285,7 @@ class RoundRobinObjectives(PipelineStage):
 
 # ---------------------------------------------------------------------------------------- decoding
 class TextLookup:
-    """Per-instruction text embeddings from ``text_embeddings/`` (model/text.py's cache), kept in memory
+    """Per-instruction text embeddings from ``text_embeddings/`` (text.py's cache), kept in memory
     per worker (a dataset has few instructions), truncated to ``max_tokens``. Without a cache (dataset
     converted with ``--text_encoder none``) every instruction gives a ``(0, 0)`` embedding."""
 

@@ -24,7 +24,7 @@ from ..data.augment import test_transform
 from ..data.images import encode_jpeg, to_pil
 from ..embodiment import Embodiment
 from ..errors import CosmosPolicyError
-from ..model.text import TextEncoder, build_text_encoder
+from ..text import TextEncoder, build_text_encoder
 from ..normalization import Normalizer
 
 

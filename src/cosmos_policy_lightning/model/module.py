@@ -38,7 +38,7 @@ from .schedule import lr_multiplier
 from .skill import ErrorTable, skill_metrics
 from .sequence import encode_pixel_sequence, inject_vectors, read_vectors, unit_range_to_images, value_to_unit
 from .rng import rank_generator, run_seed
-from .text import T5_MAX_TOKENS, pad_text_tokens, uses_padded_text
+from ..text import T5_MAX_TOKENS, pad_text_tokens, uses_padded_text
 from .warm_start import load_dit_weights
 
 CHECKPOINT_KEY = "cosmos_policy"
@@ -116,7 +116,7 @@ class CosmosPolicyModule(L.LightningModule):
             fresh optimizer and schedule, e.g. the planning fine-tune on rollouts; see ``warm_start.py``).
         text_conditioning: ``auto`` (default: T5 text zero-padded to 512 tokens without attention mask,
             as the pretrained and released weights were trained; other encoders masked), ``padded`` or
-            ``masked`` (``model/text.py``).
+            ``masked`` (``text.py``).
     """
 
     def __init__(

@@ -29,8 +29,8 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..atomic import write_bytes_atomic
-from ..errors import CosmosPolicyError
+from .atomic import write_bytes_atomic
+from .errors import CosmosPolicyError
 
 INDEX_FILE = "index.json"
 MINILM_IDENTITY = "minilm:all-MiniLM-L6-v2"
