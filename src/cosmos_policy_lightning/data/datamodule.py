@@ -55,8 +55,8 @@ from torch.utils.data import DataLoader
 from ..embodiment import Embodiment
 from ..errors import CosmosPolicyError, DataError
 from ..layout import OBJECTIVES, SequenceLayout
-from ..text import INDEX_FILE, TextEmbeddingCache
 from ..normalization import DatasetStats, Normalizer
+from ..text import INDEX_FILE, TextEmbeddingCache
 from . import sample as S
 from .integrity import CheckedTarSamples, check_shard_sizes
 from .latent_cache import (

@@ -51,6 +51,7 @@ from . import sample as S
 from .augment import REFERENCE_AUGMENT, apply_uint8, center_crop_params, sample_params
 from .integrity import CheckedTarSamples, check_shard_sizes
 from .shards import BLOCK, RECORD, sample_record
+from .stages import decode_images
 
 #: Member of a latent sample holding the stored views.
 LATENTS = "latents.npy"
@@ -152,8 +153,6 @@ class _ViewEncoder:
 
     def pixels(self, sample: dict, key: str, train: bool) -> list[torch.Tensor]:
         """uint8 ``(2N, H, W, 3)`` per view of one raw sample (current cameras then future cameras)."""
-        from .stages import decode_images
-
         raw = decode_images(sample, self.cameras, self.size)
         first = apply_uint8(raw, center_crop_params(self.size)) if self.augment else raw
         out = [first]

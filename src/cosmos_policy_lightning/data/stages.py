@@ -33,8 +33,8 @@ from webdataset.filters import PipelineStage, shuffle
 from ..embodiment import Embodiment
 from ..errors import CosmosPolicyError, DataError
 from ..layout import OBJECTIVES
-from ..text import TextEmbeddingCache
 from ..normalization import Normalizer
+from ..text import TextEmbeddingCache
 from . import sample as S
 from .augment import REFERENCE_AUGMENT, apply_uint8, center_crop_params, sample_params
 

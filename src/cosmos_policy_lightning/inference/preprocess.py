@@ -24,8 +24,8 @@ from ..data.augment import test_transform
 from ..data.images import encode_jpeg, to_pil
 from ..embodiment import Embodiment
 from ..errors import CosmosPolicyError
-from ..text import TextEncoder, build_text_encoder
 from ..normalization import Normalizer
+from ..text import TextEncoder, build_text_encoder
 
 
 @dataclass

@@ -31,6 +31,7 @@ from ..errors import CosmosPolicyError
 from ..layout import OBJECTIVES, SequenceLayout
 from ..normalization import DatasetStats, Normalizer
 from ..shipped import CHECKOUT_ROOT, shipped_path
+from ..text import T5_MAX_TOKENS, pad_text_tokens, uses_padded_text
 from . import diffusion
 from .backbone import VideoDiT, VideoVAE
 from .predict import predict_batch
@@ -38,7 +39,6 @@ from .schedule import lr_multiplier
 from .skill import ErrorTable, skill_metrics
 from .sequence import encode_pixel_sequence, inject_vectors, read_vectors, unit_range_to_images, value_to_unit
 from .rng import rank_generator, run_seed
-from ..text import T5_MAX_TOKENS, pad_text_tokens, uses_padded_text
 from .warm_start import load_dit_weights
 
 CHECKPOINT_KEY = "cosmos_policy"
