@@ -11,7 +11,7 @@ import torch
 
 from cosmos_policy_lightning.data.datamodule import CosmosDataModule
 from cosmos_policy_lightning.embodiment import Embodiment
-from cosmos_policy_lightning.model.backbone import VideoVAE
+from cosmos_policy_lightning.model.vae import VideoVAE
 from cosmos_policy_lightning.model.module import CosmosPolicyModule
 
 from .shard_factory import standard_episodes, write_dataset

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cosmos_policy_lightning.data import sample as S
+from cosmos_policy_lightning.data import schema as S
 
 from .factories import CAMERAS, EpisodeSpec, decode_sample, episode_arrays, proprio_of, read_split
 

@@ -1,4 +1,4 @@
-"""Writes small converted datasets exactly as ``data/sample.py`` specifies: real webdataset tar shards,
+"""Writes small converted datasets exactly as ``data/schema.py`` specifies: real webdataset tar shards,
 ``stats.json`` (normalization.DatasetStats), ``manifest.json`` and a real ``text_embeddings/`` cache.
 
 Used by the data-module tests, independently of the converter, so the reader is tested against the
@@ -17,7 +17,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from cosmos_policy_lightning.data import sample as S
+from cosmos_policy_lightning.data import schema as S
 from cosmos_policy_lightning.embodiment import Embodiment
 from cosmos_policy_lightning.text import TextEmbeddingCache
 from cosmos_policy_lightning.normalization import DatasetStats, Stats, fingerprint, write_json_atomic

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from cosmos_policy_lightning.errors import CosmosPolicyError
-from cosmos_policy_lightning.model.backbone import (
+from cosmos_policy_lightning.model.dit import (
     DIT_IN_CHANNELS,
     TRANSFORMER_CONFIGS,
     VideoDiT,
-    VideoVAE,
     build_transformer,
     reset_parameters_,
     transformer_config,
 )
+from cosmos_policy_lightning.model.vae import VideoVAE
 
 diffusers = pytest.importorskip("diffusers")
 

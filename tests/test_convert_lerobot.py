@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cosmos_policy_lightning.cli import main
-from cosmos_policy_lightning.data import sample as S
+from cosmos_policy_lightning.data import schema as S
 from cosmos_policy_lightning.data.convert import convert
 from cosmos_policy_lightning.data.sources import LabelOptions, open_source
 from cosmos_policy_lightning.data.sources.lerobot import hub_patterns

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cosmos_policy_lightning.data import sample as S
+from cosmos_policy_lightning.data import schema as S
 from cosmos_policy_lightning.data.convert import convert
 from cosmos_policy_lightning.errors import DataError
 

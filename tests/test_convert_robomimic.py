@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cosmos_policy_lightning.data import sample as S
+from cosmos_policy_lightning.data import schema as S
 from cosmos_policy_lightning.data.convert import convert
 from cosmos_policy_lightning.normalization import DatasetStats, fingerprint
 

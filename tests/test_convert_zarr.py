@@ -112,7 +112,7 @@ def test_shipped_pusht_embodiment_reads_the_pusht_replay_buffer(tmp_path, capsys
     import numpy as np
 
     from cosmos_policy_lightning.cli import main
-    from cosmos_policy_lightning.data import sample as S
+    from cosmos_policy_lightning.data import schema as S
 
     from .conftest import EMBODIMENTS
     from .factories import decode_sample, read_split

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from cosmos_policy_lightning.data import sample as S
+from cosmos_policy_lightning.data import schema as S
 from cosmos_policy_lightning.data.augment import test_transform as centre_crop
 from cosmos_policy_lightning.data.datamodule import CosmosDataModule, read_dataset_info
 from cosmos_policy_lightning.errors import CosmosPolicyError, DataError

@@ -21,7 +21,7 @@ from cosmos_policy_lightning.checkpoints.importer import import_checkpoint
 from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.errors import CosmosPolicyError
 from cosmos_policy_lightning.inference.policy import CosmosPolicy
-from cosmos_policy_lightning.model.backbone import build_transformer
+from cosmos_policy_lightning.model.dit import build_transformer
 
 from .checkpoint_factory import make_checkpoint, tiny_vae_dir
 from .conftest import REPO

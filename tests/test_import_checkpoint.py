@@ -24,7 +24,7 @@ from cosmos_policy_lightning.data.datamodule import CosmosDataModule
 from cosmos_policy_lightning.embodiment import Embodiment
 from cosmos_policy_lightning.errors import CosmosPolicyError
 from cosmos_policy_lightning.inference.policy import CosmosPolicy
-from cosmos_policy_lightning.model.backbone import VideoDiT, build_transformer
+from cosmos_policy_lightning.model.dit import VideoDiT, build_transformer
 from cosmos_policy_lightning.model.module import CHECKPOINT_KEY, CosmosPolicyModule
 from cosmos_policy_lightning.model.reference_weights import is_reference_checkpoint
 from cosmos_policy_lightning.text import TextEmbeddingCache

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cosmos_policy_lightning.data import sample as S
+from cosmos_policy_lightning.data import schema as S
 from cosmos_policy_lightning.data.datamodule import CosmosDataModule
 from cosmos_policy_lightning.data.latent_cache import (
     LATENTS,
@@ -20,7 +20,7 @@ from cosmos_policy_lightning.data.latent_cache import (
 )
 from cosmos_policy_lightning.errors import DataError
 from cosmos_policy_lightning.layout import SequenceLayout
-from cosmos_policy_lightning.model.backbone import VideoVAE
+from cosmos_policy_lightning.model.vae import VideoVAE
 from cosmos_policy_lightning.model.module import CosmosPolicyModule
 
 from .shard_factory import HashTextEncoder, TOY_EMBODIMENT, standard_episodes, toy_embodiment, write_dataset

@@ -75,7 +75,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 def test_shipped_vae_reconstructs_heldout_frames():
     # a committed asset: missing means a broken checkout, which must fail, not skip
     assert (ASSET / "config.json").is_file(), f"{ASSET} is committed but missing (git checkout / LFS?)"
-    from cosmos_policy_lightning.model.backbone import VideoVAE
+    from cosmos_policy_lightning.model.vae import VideoVAE
 
     training = json.loads((ASSET / "training.json").read_text())
     vae = VideoVAE(str(ASSET))

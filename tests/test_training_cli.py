@@ -17,7 +17,7 @@ import yaml
 from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.data.datamodule import CosmosDataModule
 from cosmos_policy_lightning.embodiment import Embodiment
-from cosmos_policy_lightning.model.backbone import VideoVAE
+from cosmos_policy_lightning.model.vae import VideoVAE
 from cosmos_policy_lightning.model.module import CHECKPOINT_KEY, CosmosPolicyModule
 from cosmos_policy_lightning.training.cli import CosmosPolicyCLI
 

@@ -52,7 +52,7 @@ RUNS = [  # (name, embodiment, global batch, GPUs): the paper's settings (LIBERO
 
 
 def _meta_dit():
-    from cosmos_policy_lightning.model.backbone import VideoDiT
+    from cosmos_policy_lightning.model.dit import VideoDiT
 
     with torch.device("meta"):
         dit = VideoDiT("cosmos-predict2-2b")

@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO / "src"))
 from cosmos_policy_lightning.embodiment import Embodiment  # noqa: E402
 from cosmos_policy_lightning.inference.planning import Planner  # noqa: E402
 from cosmos_policy_lightning.inference.policy import CosmosPolicy  # noqa: E402
-from cosmos_policy_lightning.model.backbone import VideoDiT  # noqa: E402
+from cosmos_policy_lightning.model.dit import VideoDiT  # noqa: E402
 from cosmos_policy_lightning.model.module import CosmosPolicyModule  # noqa: E402
 from cosmos_policy_lightning.normalization import DatasetStats, Stats  # noqa: E402
 

@@ -185,7 +185,7 @@ def main(steps: int = 30, batch_size: int = 16, repeats: int = 2, configs: list[
         steps: timed optimisation steps per run (one more warms up).
         batch_size: samples per batch for the CPU configs.
         repeats: runs of each loop, interleaved; the best of each is reported.
-        configs: CPU-sized DiT configs to measure (``model/backbone.py``).
+        configs: CPU-sized DiT configs to measure (``model/dit.py``).
         gpu_2b: also measure the 2B model on CUDA (LIBERO layout, 224x224, Wan2.1-sized VAE).
         gpu_batch_size: samples per batch for the 2B model.
     """

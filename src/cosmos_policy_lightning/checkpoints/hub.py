@@ -167,7 +167,7 @@ def export_folder(checkpoint: str | Path, folder: str | Path, repo_id: str = "lo
     Raises:
         CosmosPolicyError: not a (single-file) Cosmos Policy checkpoint, or no statistics in it.
     """
-    from ..model.backbone import build_transformer
+    from ..model.dit import build_transformer
     from ..model.module import CHECKPOINT_KEY
     from ..model.reference_weights import load_state_strict
 

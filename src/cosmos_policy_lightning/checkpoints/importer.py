@@ -26,7 +26,7 @@ from ..atomic import write_bytes_atomic
 from ..embodiment import load_embodiment
 from ..errors import CosmosPolicyError
 from ..layout import SequenceLayout
-from ..model.backbone import WAN21_VAE
+from ..model.vae import WAN21_VAE
 from ..model.reference_weights import fetch_file, load_reference_transformer
 from ..text import T5_MAX_TOKENS, TextEmbeddingCache
 from .reference import REFERENCE_T5_IDENTITY, PrecomputedTextEncoder, read_reference_stats, read_t5_embeddings

@@ -1,5 +1,5 @@
 """``cosmos-policy convert``: demonstrations and rollouts (HDF5 / Zarr / LeRobot) -> WebDataset shards,
-statistics, manifest and cached text embeddings (docs/method.md §1, §4; output schema in ``data/sample.py``).
+statistics, manifest and cached text embeddings (docs/method.md §1, §4; output schema in ``data/schema.py``).
 
 Flow::
 
@@ -37,7 +37,7 @@ from ..atomic import WRITE_PROBE_PREFIX, ensure_writable_dir
 from ..embodiment import Embodiment
 from ..errors import DataError
 from ..locking import LOCK_NAME, folder_lock
-from . import sample as S
+from . import schema as S
 from .episode_samples import EncodeSettings, init_worker, process_episode, run_job
 from .shards import shard_name, write_shard
 from .sources import open_source

@@ -1,7 +1,7 @@
 """LightningDataModule over converted shards: the objective mix, augmentation and normalisation
 (docs/method.md §2, §4).
 
-A converted dataset directory (schema: :mod:`cosmos_policy_lightning.data.sample`) becomes batches:
+A converted dataset directory (schema: :mod:`cosmos_policy_lightning.data.schema`) becomes batches:
 
 * **training**: an endless stream -- shards resampled with replacement per worker, samples shuffled in
   a buffer, each sample given an objective by the configured mix (policy samples from successful
@@ -57,7 +57,7 @@ from ..errors import CosmosPolicyError, DataError
 from ..layout import OBJECTIVES, SequenceLayout
 from ..normalization import DatasetStats, Normalizer
 from ..text import INDEX_FILE, TextEmbeddingCache
-from . import sample as S
+from . import schema as S
 from .integrity import CheckedTarSamples, check_shard_sizes
 from .latent_cache import (
     LATENTS,

@@ -1,5 +1,5 @@
 """One episode -> its ``(s, a, s', V(s'))`` samples, spilled to the conversion's work directory
-(docs/method.md §1, §4; member names from ``data/sample.py``).
+(docs/method.md §1, §4; member names from ``data/schema.py``).
 
 This is the per-episode work of ``cosmos-policy convert``, run in worker processes, so it imports
 neither torch nor webdataset. Each camera frame is resized and JPEG-encoded exactly once; a sample
@@ -27,7 +27,7 @@ import numpy as np
 
 from ..atomic import write_bytes_atomic
 from ..errors import DataError
-from . import sample as S
+from . import schema as S
 from .episode import Episode
 from .images import encode_frames
 from .returns import action_chunk, episode_values, future_index

@@ -8,7 +8,7 @@ shard, its sample count (``samples``), its size in bytes (``bytes``) and the SHA
 * at set-up, every shard's size against ``bytes`` (one ``stat`` per shard): a shard cut short by a
   full disk, an interrupted copy or a quota says ``truncated: expected N bytes, got M``;
 * while reading, every shard's sample count against ``samples`` and every sample's members against
-  the sample schema (``data/sample.py``), and a tar that ends inside a member becomes one line naming
+  the sample schema (``data/schema.py``), and a tar that ends inside a member becomes one line naming
   the shard instead of ``tarfile.ReadError`` -- this also covers shards changed after set-up and
   manifests that predate ``bytes``;
 * on request (:func:`verify_checksums`; ``cosmos-policy verify DATA_DIR``, :func:`verify_dataset`), the

@@ -4,7 +4,7 @@ The Wan VAE never trains, yet online training re-encodes the same pixel sequence
 CPU that is ~90 % of a step of the tiny model. The cache encodes each sample's pixel sequence once --
 exactly what :meth:`CosmosPolicyModule.encode_batch` encodes: the layout's whole pixel sequence in one
 VAE call, posterior mean, the VAE's per-channel normalisation (``model/sequence.py``,
-``model/backbone.py``) -- and training reads the stored latents instead.
+``model/vae.py``) -- and training reads the stored latents instead.
 
 Augmentation is kept by storing several *views* per training sample: view 0 is the test-time view
 (the centre crop of the paper's §IV-A augmentation when the data module augments, the raw images when
@@ -47,7 +47,7 @@ from ..embodiment import Embodiment
 from ..errors import DataError
 from ..layout import SequenceLayout
 from ..locking import folder_lock
-from . import sample as S
+from . import schema as S
 from .augment import REFERENCE_AUGMENT, apply_uint8, center_crop_params, sample_params
 from .integrity import CheckedTarSamples, check_shard_sizes
 from .shards import BLOCK, RECORD, sample_record
@@ -212,7 +212,7 @@ def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = No
     Args:
         data_dir: converted (pixel) dataset directory.
         vae: the model's VAE: local directory or hub id (e.g. ``assets/tiny_wan_vae``), a config dict, or
-            a loaded :class:`~cosmos_policy_lightning.model.backbone.VideoVAE`.
+            a loaded :class:`~cosmos_policy_lightning.model.vae.VideoVAE`.
         output: cache directory; default ``<data_dir>/latents``.
         augment: whether the data module augments (view 0 is then the test-time centre crop).
         augment_views: random augmented views per training sample (0 = only the test-time view).
@@ -251,7 +251,7 @@ def _build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = N
     """:func:`build_latent_cache` with the folder lock held."""
     from tqdm.auto import tqdm
 
-    from ..model.backbone import VideoVAE
+    from ..model.vae import VideoVAE
     from ..model.module import resolve_path
     from .datamodule import read_dataset_info
 

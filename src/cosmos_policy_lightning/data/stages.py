@@ -35,7 +35,7 @@ from ..errors import CosmosPolicyError, DataError
 from ..layout import OBJECTIVES
 from ..normalization import Normalizer
 from ..text import TextEmbeddingCache
-from . import sample as S
+from . import schema as S
 from .augment import REFERENCE_AUGMENT, apply_uint8, center_crop_params, sample_params
 
 POLICY = OBJECTIVES.index("policy")

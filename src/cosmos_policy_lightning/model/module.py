@@ -33,7 +33,8 @@ from ..normalization import DatasetStats, Normalizer
 from ..shipped import CHECKOUT_ROOT, shipped_path
 from ..text import T5_MAX_TOKENS, pad_text_tokens, uses_padded_text
 from . import diffusion
-from .backbone import VideoDiT, VideoVAE
+from .dit import VideoDiT
+from .vae import VideoVAE
 from .predict import predict_batch
 from .schedule import lr_multiplier
 from .skill import ErrorTable, skill_metrics

@@ -202,7 +202,7 @@ def load_reference_transformer(source: str | os.PathLike, config: str | Mapping[
 
     Args:
         source: local ``.pt`` / ``.pth`` file or Hub file ``<org>/<repo>/<path>``.
-        config: our transformer configuration (``model/backbone.py``; 18 input channels).
+        config: our transformer configuration (``model/dit.py``; 18 input channels).
         text_embed_dim: overrides the configuration's text width.
         ema: take the EMA weights (``net_ema.``).
         torch_dtype: parameter dtype (float32 for training; None keeps the file's, e.g. bfloat16).
@@ -214,7 +214,7 @@ def load_reference_transformer(source: str | os.PathLike, config: str | Mapping[
     Raises:
         CosmosPolicyError: file not found / unreadable, or weights not matching the configuration.
     """
-    from .backbone import build_transformer
+    from .dit import build_transformer
 
     path = resolve_reference_file(source)
     state = reference_to_diffusers(read_reference_state_dict(path, trust_pickle), ema=ema, source=os.fspath(source))

@@ -71,7 +71,7 @@ def encode_pixel_sequence(layout: SequenceLayout, vae, images: torch.Tensor,
 
     Args:
         layout: the sequence layout.
-        vae: a :class:`~cosmos_policy_lightning.model.backbone.VideoVAE`.
+        vae: a :class:`~cosmos_policy_lightning.model.vae.VideoVAE`.
         images, future_images: uint8 ``(B, N, H, W, 3)``, cameras in layout order.
 
     Returns:

@@ -23,7 +23,7 @@ def load_dit_weights(dit: nn.Module, path: str | Path) -> int:
     """Copy the ``dit.*`` weights of a Lightning checkpoint into ``dit`` (strict: same architecture).
 
     Args:
-        dit: the freshly built :class:`~cosmos_policy_lightning.model.backbone.VideoDiT` (before sharding).
+        dit: the freshly built :class:`~cosmos_policy_lightning.model.dit.VideoDiT` (before sharding).
         path: a checkpoint written by ``cosmos-policy fit`` (a single ``.ckpt`` file).
 
     Returns:

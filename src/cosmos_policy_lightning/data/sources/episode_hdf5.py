@@ -25,7 +25,7 @@ import h5py
 
 from ...errors import DataError
 from ..episode import Episode, build_episode
-from ..sample import sanitize_episode_id
+from ..schema import sanitize_episode_id
 from .base import EpisodeRef, SourceReader, lookup
 
 

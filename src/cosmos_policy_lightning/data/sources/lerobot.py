@@ -56,7 +56,7 @@ import numpy as np
 
 from ...errors import DataError
 from ..episode import Episode, build_episode
-from ..sample import sanitize_episode_id
+from ..schema import sanitize_episode_id
 from .base import EpisodeRef, SourceReader, natural_key
 from .hub import parse_hub_source, snapshot
 from .video_frames import TOLERANCE_S, VideoFrames

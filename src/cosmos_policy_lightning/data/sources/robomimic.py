@@ -20,7 +20,7 @@ from __future__ import annotations
 import h5py
 
 from ...errors import DataError
-from ..sample import sanitize_episode_id
+from ..schema import sanitize_episode_id
 from ..episode import Episode, build_episode
 from .base import EpisodeRef, SourceReader, lookup, natural_key
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from ...errors import DataError
 from ..episode import Episode, build_episode
-from ..sample import sanitize_episode_id
+from ..schema import sanitize_episode_id
 from .base import EpisodeRef, SourceReader, lookup
 from .zarr_codecs import register_image_codecs
 
