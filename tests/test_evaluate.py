@@ -74,9 +74,9 @@ def test_one_episode_end_to_end_records_an_hdf5_that_converts(ckpt, tmp_path):
 
 
 def test_planning_mode_runs_the_planner_per_chunk(ckpt, tmp_path):
-    from cosmos_policy_lightning.sim.evaluate import evaluate_metaworld
+    from cosmos_policy_lightning.sim.evaluate import evaluate
 
-    res = evaluate_metaworld(ckpt, tasks=["reach-v3"], episodes=1, max_steps=8, planning=True, num_proposals=2,
+    res = evaluate("metaworld", ckpt, tasks=["reach-v3"], episodes=1, max_steps=8, planning=True, num_proposals=2,
                              num_futures=2, num_values=2, num_steps=1, output=tmp_path / "plan", videos=0)
     assert res["config"]["policy"] == "planning" and res["config"]["num_proposals"] == 2
     assert res["tasks"]["reach-v3"]["latency"]["calls"] == 1

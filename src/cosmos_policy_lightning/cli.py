@@ -1,7 +1,7 @@
 """The ``cosmos-policy`` command.
 
 ``fit | validate | test | predict`` are LightningCLI subcommands (``training/cli.py``); the tools
-``layout``, ``convert``, ``collect metaworld`` and ``evaluate metaworld`` are plain functions whose
+``layout``, ``convert``, ``collect metaworld`` and ``evaluate SIMULATOR`` are plain functions whose
 signatures and docstrings jsonargparse turns into options and ``--help``. Each subcommand imports only
 its own module, so ``cosmos-policy layout`` starts without loading torch models.
 
@@ -33,8 +33,8 @@ TOOLS: dict[tuple[str, ...], tuple[str, str, str]] = {
                   "check a converted dataset's shards (size, sample count, SHA-256) against its manifest"),
     ("collect", "metaworld"): ("cosmos_policy_lightning.sim.collect", "collect_metaworld",
                                "record scripted-expert demonstrations in Meta-World"),
-    ("evaluate", "metaworld"): ("cosmos_policy_lightning.sim.evaluate", "evaluate_metaworld",
-                                "closed-loop evaluation of a checkpoint in Meta-World"),
+    ("evaluate",): ("cosmos_policy_lightning.sim.evaluate", "evaluate",
+                    "closed-loop evaluation in a simulator: evaluate SIMULATOR (metaworld) --checkpoint ..."),
     ("serve",): ("cosmos_policy_lightning.inference.server", "serve", "serve a checkpoint to robots (openpi websocket)"),
     ("import-checkpoint",): ("cosmos_policy_lightning.checkpoints.importer", "import_checkpoint",
                              "turn a released reference .pt (local or <org>/<repo>/<file>.pt) into a .ckpt"),

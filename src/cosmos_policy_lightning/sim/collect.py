@@ -42,7 +42,11 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..errors import CosmosPolicyError
-from .metaworld import DEFAULT_EMBODIMENT, SOURCE_FORMAT, CorrelatedActionNoise, MetaWorldEnv
+from .env import SimEnv
+from .metaworld import DEFAULT_EMBODIMENT, CorrelatedActionNoise, MetaWorldEnv
+
+#: The file format written: image datasets are named by the embodiment cameras' keys for it.
+SOURCE_FORMAT = "robomimic"
 
 #: Default episode time limit of the collector: clean experts need at most ~90 steps on reach / push /
 #: drawer-open / button-press and rarely more than 150 on the harder tasks (docs/metaworld.md).
@@ -86,28 +90,33 @@ def noise_rng(seed: int, task: str, episode: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(task.encode()), int(episode)])
 
 
-def run_episode(env: MetaWorldEnv, episode: int, noise: CorrelatedActionNoise | None = None,
+def run_episode(env: SimEnv, episode: int, noise: CorrelatedActionNoise | None = None,
                 stop_after_success: int | None = 8) -> EpisodeRecord:
-    """Roll out the scripted expert once.
+    """Roll out the env's expert once (any :class:`~.env.SimEnv` with an expert).
 
     Args:
         env: the environment (its ``max_steps`` bounds the episode).
-        episode: initial-state index passed to :meth:`MetaWorldEnv.reset`.
-        noise: added to every expert action before clipping to [-1, 1]; None = clean expert.
+        episode: initial-state index passed to :meth:`~.env.SimEnv.reset`.
+        noise: added to every expert action before clipping to ``env.action_bounds``; None = clean expert.
         stop_after_success: steps recorded after the first success (None = run to ``max_steps``).
 
     Returns:
         the :class:`EpisodeRecord`.
+
+    Raises:
+        CosmosPolicyError: the env has no expert.
     """
-    expert = env.expert_policy()
     obs = env.reset(episode)
+    low, high = env.action_bounds
     frames: dict[str, list[np.ndarray]] = {c: [] for c in env.cameras}
     proprio, actions, rewards, dense = [], [], [], []
     success_step = -1
     while True:
-        action = expert()
+        action = env.expert()
+        if action is None:
+            raise CosmosPolicyError(f"{env.task}: this simulator has no expert to collect demonstrations with")
         if noise is not None:
-            action = np.clip(action + noise(), -1.0, 1.0).astype(np.float32)
+            action = np.clip(action + noise(), low, high).astype(np.float32)
         for cam, img in obs["images"].items():
             frames[cam].append(img)
         proprio.append(obs["proprio"])
@@ -206,7 +215,7 @@ def collect_task(task: str, episodes: int, path: Path, *, noise_std: float, nois
         data.attrs["env_args"] = json.dumps({"env_name": task, "type": "metaworld",
                                              "env_kwargs": {"seed": seed, "max_steps": env.max_steps,
                                                             "image_size": list(env.image_size),
-                                                            "cameras": {k: v[0] for k, v in env.cameras.items()}}})
+                                                            "cameras": dict(env.cameras)}})
         f.attrs.update(env="metaworld", task=task, instruction=env.instruction,
                        command=shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]), arguments=json.dumps(arguments, default=str),
                        seed=seed, image_size=list(env.image_size), embodiment=env.embodiment.name,

@@ -1,11 +1,14 @@
-"""``cosmos-policy evaluate metaworld``: closed-loop evaluation in Meta-World (docs/method.md §3, §5).
+"""``cosmos-policy evaluate SIMULATOR``: closed-loop evaluation in a simulator (docs/method.md §3, §5).
 
-The policy is called once per action chunk; the first ``execute_steps`` actions of the chunk are
-executed (the embodiment's value unless overridden), then the policy is called again on the new
-observation. An episode ends at the first success or after ``max_steps`` steps. The same command
-evaluates the scripted expert (``--policy expert``, privileged state) and a uniformly random policy
-(``--policy random``) as reference points, and a policy behind ``cosmos-policy serve`` (``--server
-ws://HOST:PORT``): every call carries its seed, so the rollouts equal the in-process ones.
+Generic over simulators: it talks only to the :class:`~.env.SimEnv` protocol (an env built by the
+adapter class registered in :data:`~.env.SIMULATORS`, today ``metaworld``) and to a :data:`Controller`
+that chooses the actions. The policy is called once per action chunk; the first ``execute_steps``
+actions of the chunk are executed (the embodiment's value unless overridden), then the policy is
+called again on the new observation. An episode ends at the first success or after ``max_steps``
+steps. The same command evaluates the simulator's expert (``--policy expert``, e.g. Meta-World's
+scripted policies on privileged state) and a uniformly random policy (``--policy random``) as
+reference points, and a policy behind ``cosmos-policy serve`` (``--server ws://HOST:PORT``): every
+call carries its seed, so the rollouts equal the in-process ones.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +25,8 @@ import numpy as np
 from ..atomic import ensure_writable_dir
 from ..errors import CosmosPolicyError
 from ..normalization import write_json_atomic
+from .env import Observation, SimEnv
+from .env import simulator as simulator_class
 from .recording import Rollout, plot_values, save_gif, write_rollout_hdf5
 
 #: z of a two-sided 95% interval.
@@ -59,55 +65,96 @@ def latency_summary(seconds: list[float]) -> dict[str, float | int]:
             "p95_s": float(np.percentile(arr, 95))}
 
 
-class _Controller:
-    """Chooses the next action chunk: the checkpoint (direct or with planning), the expert or random."""
-
-    def __init__(self, kind: str, env, *, policy=None, planner=None, remote=None, num_steps: int = 5,
-                 decoding: str = "parallel", seed: int = 0, action_dim: int = 4):
-        self.kind, self.env, self.policy, self.planner, self.remote = kind, env, policy, planner, remote
-        self.num_steps, self.decoding, self.seed, self.action_dim = num_steps, decoding, seed, action_dim
-        self.expert = env.expert_policy() if kind == "expert" else None
-
-    def __call__(self, obs: dict[str, Any], call_seed: int) -> tuple[np.ndarray, float | None, float]:
-        """Returns ``(actions (n, A), predicted value or None, seconds)``."""
-        start = time.perf_counter()
-        if self.kind == "expert":
-            return self.expert()[None], None, time.perf_counter() - start
-        if self.kind == "random":
-            # Seeded per call: an episode's random actions depend on (seed, episode, step) only.
-            rng = np.random.default_rng(call_seed)
-            return rng.uniform(-1, 1, (1, self.action_dim)).astype(np.float32), None, time.perf_counter() - start
-        obs = {**obs, "instruction": self.env.instruction}
-        if self.remote is not None:  # the server samples with this call's seed: same chunk as in-process
-            reply = self.remote.infer({**obs, "seed": call_seed})
-            return np.asarray(reply["actions"]), float(reply["value"]), time.perf_counter() - start
-        if self.planner is not None:
-            plan = self.planner.plan(obs, seed=call_seed)
-            return plan.actions, plan.value, time.perf_counter() - start
-        out = self.policy.predict(obs, num_steps=self.num_steps, seed=call_seed, decoding=self.decoding,
-                                  decode_images=False)
-        return out.actions, float(out.value), time.perf_counter() - start
+#: What chooses the next action chunk: ``controller(env, observation, seed) -> (actions (n, A), value or None)``,
+#: ``actions`` in robot units (clipped to ``env.action_bounds`` before they are executed), ``value`` the
+#: predicted value in [0, 1] of the chosen chunk (None: the controller predicts none). ``seed`` is this
+#: call's seed: a function of (evaluation seed, episode, call index) only, so rollouts are reproducible.
+Controller = Callable[[SimEnv, Observation, int], tuple[np.ndarray, "float | None"]]
 
 
-def run_rollout(env, controller: _Controller, episode: int, execute_steps: int, record_images: bool,
-                seed: int) -> Rollout:
-    """One episode from initial state ``episode``: query a chunk, execute ``execute_steps`` of it, repeat.
+def expert_controller(env: SimEnv, obs: Observation, seed: int) -> tuple[np.ndarray, None]:
+    """The simulator's expert, one action per call: ``((1, A), None)``.
+
+    Raises:
+        CosmosPolicyError: the simulator has no expert (:meth:`~.env.SimEnv.expert` returned None).
+    """
+    action = env.expert()
+    if action is None:
+        raise CosmosPolicyError(f"--policy expert: the simulator of {env.task!r} has no expert")
+    return np.asarray(action, dtype=np.float32)[None], None
+
+
+def random_controller(env: SimEnv, obs: Observation, seed: int) -> tuple[np.ndarray, None]:
+    """Uniform actions inside ``env.action_bounds``, one per call: ``((1, A), None)``; seeded per call, so an
+    episode's random actions depend on (seed, episode, step) only."""
+    low, high = (np.asarray(b, dtype=np.float64) for b in env.action_bounds)
+    return np.random.default_rng(seed).uniform(low, high, (1, low.shape[0])).astype(np.float32), None
+
+
+def policy_controller(policy, num_steps: int, decoding: str) -> Controller:
+    """The direct policy: :meth:`CosmosPolicy.predict <cosmos_policy_lightning.inference.policy.CosmosPolicy.predict>`
+    (or any object with that method) on the observation, the whole chunk ``(K, A)`` and its value."""
+    def control(env: SimEnv, obs: Observation, seed: int) -> tuple[np.ndarray, float]:
+        out = policy.predict(obs, num_steps=num_steps, seed=seed, decoding=decoding, decode_images=False)
+        return out.actions, float(out.value)
+    return control
+
+
+def planner_controller(planner) -> Controller:
+    """Best-of-N planning (``inference/planning.py``, docs/method.md §3): the chosen chunk and its value."""
+    def control(env: SimEnv, obs: Observation, seed: int) -> tuple[np.ndarray, float]:
+        plan = planner.plan(obs, seed=seed)
+        return plan.actions, plan.value
+    return control
+
+
+def remote_controller(client) -> Controller:
+    """A policy behind ``cosmos-policy serve`` (:class:`~cosmos_policy_lightning.client.PolicyClient`): the
+    server samples with this call's seed, so it returns the same chunk as the in-process policy."""
+    def control(env: SimEnv, obs: Observation, seed: int) -> tuple[np.ndarray, float]:
+        reply = client.infer({**obs, "seed": seed})
+        return np.asarray(reply["actions"]), float(reply["value"])
+    return control
+
+
+def call_seed(seed: int, episode: int, call: int) -> int:
+    """The seed of policy call ``call`` of ``episode`` in an evaluation seeded ``seed``."""
+    return seed * 1_000_003 + episode * 1_000 + call
+
+
+def run_rollout(env: SimEnv, controller: Controller, episode: int, execute_steps: int, record_images: bool,
+                seed: int, record_latency: bool = True) -> Rollout:
+    """One episode from initial state ``episode``: query a chunk, execute ``execute_steps`` of it, repeat,
+    until the env reports success or truncation.
+
+    Args:
+        env: any :class:`~.env.SimEnv`.
+        controller: chooses each chunk (:data:`Controller`).
+        episode: initial-state index passed to ``env.reset``.
+        execute_steps: actions executed per chunk (at most the chunk's length are).
+        record_images: keep the camera frames (for GIFs / HDF5).
+        seed: the evaluation seed (per-call seeds: :func:`call_seed`).
+        record_latency: record the seconds of every controller call in ``Rollout.latencies``.
 
     Returns:
-        the :class:`Rollout` (images kept only when ``record_images``).
+        the :class:`Rollout` (images kept only when ``record_images``); its actions are the executed ones
+        (clipped to ``env.action_bounds``).
     """
+    low, high = env.action_bounds
     obs = env.reset(episode)
     r = Rollout(env.task, episode, env.instruction, images={c: [] for c in env.cameras} if record_images else {})
     call = 0
     while True:
-        chunk, value, seconds = controller(obs, call_seed=seed * 1_000_003 + episode * 1_000 + call)
+        start = time.perf_counter()
+        chunk, value = controller(env, obs, call_seed(seed, episode, call))
+        seconds = time.perf_counter() - start
         call += 1
-        if controller.kind == "model":
+        if record_latency:
             r.latencies.append(seconds)
         if value is not None:
             r.values.append((r.length, value))
         for action in chunk[:execute_steps]:
-            action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+            action = np.clip(np.asarray(action, dtype=np.float32), low, high)
             if record_images:
                 for cam, img in obs["images"].items():
                     r.images[cam].append(img)
@@ -121,10 +168,11 @@ def run_rollout(env, controller: _Controller, episode: int, execute_steps: int, 
                 return r
 
 
-def evaluate_metaworld(
+def evaluate(
+    simulator: str,
     checkpoint: Path | None = None,
     *,
-    tasks: list[str] | str = "drawer-open-v3",
+    tasks: list[str] | str | None = None,
     episodes: int = 10,
     seed: int = 1000,
     policy: Literal["model", "expert", "random"] = "model",
@@ -150,7 +198,7 @@ def evaluate_metaworld(
     server: str | None = None,
     api_key: str | None = None,
 ) -> dict[str, Any]:
-    """Run a checkpoint (or the scripted expert, or a random policy) closed-loop in Meta-World.
+    """Run a checkpoint (or the simulator's expert, or a random policy) closed-loop in a simulator.
 
     Reports per task the success rate with a Wilson 95% interval, the mean episode length and the
     policy latency per action chunk (mean, p50, p95; a warm-up call before the first episode, which
@@ -160,14 +208,16 @@ def evaluate_metaworld(
     rollout layout with a ``success`` attribute, for ``cosmos-policy convert --format episode_hdf5``).
 
     Args:
+        simulator: registered simulator name (``sim/env.py`` ``SIMULATORS``), e.g. ``metaworld``.
         checkpoint: ``.ckpt`` of ``cosmos-policy fit`` (needed for ``--policy model``).
-        tasks: Meta-World v3 task names, e.g. ``[drawer-open-v3,reach-v3]`` or ``drawer-open-v3``
-            (a comma-separated string also works).
-        episodes: episodes per task; episode ``i`` starts from Meta-World placement ``i`` of ``seed``.
-        seed: seeds the initial states (``metaworld.MT1(task, seed)``) and the sampling noise; pick one
-            other than the demonstrations' (``collect`` defaults to 0) to test on unseen placements.
-        policy: ``model`` (the checkpoint), ``expert`` (Meta-World's scripted policy, privileged state,
-            one action per step) or ``random`` (uniform actions in [-1, 1]).
+        tasks: the simulator's task names, e.g. ``[drawer-open-v3,reach-v3]`` or ``drawer-open-v3``
+            (a comma-separated string also works); default: the simulator's ``default_task``.
+        episodes: episodes per task; episode ``i`` starts from the simulator's initial state ``i`` of ``seed``.
+        seed: seeds the initial states (Meta-World: ``metaworld.MT1(task, seed)``) and the sampling noise;
+            pick one other than the demonstrations' (``collect`` defaults to 0) to test on unseen placements.
+        policy: ``model`` (the checkpoint), ``expert`` (the simulator's expert, e.g. Meta-World's scripted
+            policy on privileged state; one action per step) or ``random`` (uniform actions inside the
+            env's action bounds).
         planning: best-of-N planning instead of the direct policy (docs/method.md §3, ``inference/planning.py``).
         planning_checkpoint: checkpoint predicting futures and values (dual deployment); default: the
             policy checkpoint itself.
@@ -182,14 +232,14 @@ def evaluate_metaworld(
             ``linspace(1, steps, members)[i]`` steps and seed + i) or ``equal`` (every member all steps).
         decoding: parallel (one run) or autoregressive (action, future state, value) for the direct policy.
         execute_steps: actions executed per chunk (default: the embodiment's ``action.execute_steps``).
-        max_steps: episode time limit in steps (Meta-World allows up to 500).
+        max_steps: episode time limit in steps (capped at the simulator's own limit: Meta-World's is 500).
         output: output directory (created).
         record_hdf5: save every rollout as a per-episode HDF5.
         videos: GIF strips saved per task (the first episodes).
         device: torch device of the model(s), e.g. cpu or cuda.
         dtype: float32 or bfloat16 (GPU).
-        embodiment: embodiment YAML for ``expert`` / ``random`` (default: the checkpoint's or
-            ``embodiments/metaworld.yaml``).
+        embodiment: embodiment YAML for ``expert`` / ``random`` (default: the checkpoint's or the
+            simulator's ``default_embodiment``, for Meta-World ``embodiments/metaworld.yaml``).
         server: ``ws://HOST:PORT`` of ``cosmos-policy serve``: run the policy there instead of loading
             ``checkpoint`` (the server's sampling and planning options apply; the embodiment comes
             from its metadata). Each call sends its seed, so the same seeds give the same rollouts
@@ -200,31 +250,33 @@ def evaluate_metaworld(
         the results dict written to ``results.json``.
 
     Raises:
-        CosmosPolicyError: bad arguments, unknown task, missing checkpoint, no offscreen OpenGL.
+        CosmosPolicyError: unknown simulator, bad arguments, unknown task, missing checkpoint, a simulator
+            that cannot run (e.g. no offscreen OpenGL), ``--policy expert`` for a simulator without expert.
     """
-    from .metaworld import DEFAULT_EMBODIMENT, MetaWorldEnv, check_task, select_gl_backend
-
+    sim = simulator_class(simulator)
+    name = f"evaluate {simulator}"
+    if tasks is None:
+        tasks = sim.default_task
     task_list = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not task_list:
-        raise CosmosPolicyError("evaluate metaworld: --tasks is empty")
+        raise CosmosPolicyError(f"{name}: --tasks is empty")
     if episodes < 1 or max_steps < 1 or videos < 0:
-        raise CosmosPolicyError(f"evaluate metaworld: need episodes >= 1, max_steps >= 1, videos >= 0; got "
+        raise CosmosPolicyError(f"{name}: need episodes >= 1, max_steps >= 1, videos >= 0; got "
                                 f"{episodes}, {max_steps}, {videos}")
     if policy not in ("model", "expert", "random"):
-        raise CosmosPolicyError(f"evaluate metaworld: --policy must be model, expert or random, got {policy!r}")
+        raise CosmosPolicyError(f"{name}: --policy must be model, expert or random, got {policy!r}")
     if server is not None and (checkpoint is not None or policy != "model" or planning):
-        raise CosmosPolicyError("evaluate metaworld: --server runs the server's policy: give no --checkpoint and no "
+        raise CosmosPolicyError(f"{name}: --server runs the server's policy: give no --checkpoint and no "
                                 "--planning (start the server with `cosmos-policy serve --planning true` instead)")
     if policy == "model" and checkpoint is None and server is None:
-        raise CosmosPolicyError("evaluate metaworld: --checkpoint is required with --policy model (or --server "
+        raise CosmosPolicyError(f"{name}: --checkpoint is required with --policy model (or --server "
                                 "ws://HOST:PORT of `cosmos-policy serve`)")
     if planning and policy != "model":
-        raise CosmosPolicyError("evaluate metaworld: --planning needs --policy model")
-    select_gl_backend()
-    for task in task_list:
-        check_task(task)
+        raise CosmosPolicyError(f"{name}: --planning needs --policy model")
+    for task in task_list:  # before any model loads: a typo or a missing renderer fails in seconds
+        sim.check_task(task)
 
-    model = planner = remote = None
+    remote = None
     if server is not None:
         from ..client import PolicyClient
         from ..embodiment import Embodiment
@@ -235,28 +287,30 @@ def evaluate_metaworld(
         sampling = meta.get("sampling", {})
         num_steps, decoding = sampling.get("num_steps", num_steps), sampling.get("decoding", decoding)
         device, dtype = sampling.get("device", device), sampling.get("dtype", dtype)
+        controller = remote_controller(remote)
     elif policy == "model":
         from ..inference.policy import CosmosPolicy, dtype_from_name
 
         model = CosmosPolicy.from_checkpoint(checkpoint, device=device, dtype=dtype_from_name(dtype))
         emb = model.embodiment
+        controller = policy_controller(model, num_steps, decoding)
         if planning:
             from ..inference.planning import Planner
 
             judge = model if planning_checkpoint is None else CosmosPolicy.from_checkpoint(
                 planning_checkpoint, device=device, dtype=dtype_from_name(dtype))
-            planner = Planner(model, judge, num_proposals=num_proposals, num_futures=num_futures,
-                              num_values=num_values, aggregation=aggregation, policy_steps=num_steps,
-                              world_model_steps=world_model_steps or num_steps, value_steps=value_steps or num_steps,
-                              ensemble_steps=ensemble_steps)
+            controller = planner_controller(Planner(
+                model, judge, num_proposals=num_proposals, num_futures=num_futures, num_values=num_values,
+                aggregation=aggregation, policy_steps=num_steps, world_model_steps=world_model_steps or num_steps,
+                value_steps=value_steps or num_steps, ensemble_steps=ensemble_steps))
     else:
         from ..embodiment import load_embodiment
 
-        emb = load_embodiment(embodiment or DEFAULT_EMBODIMENT)
+        emb = load_embodiment(embodiment or sim.default_embodiment)
+        controller = expert_controller if policy == "expert" else random_controller
     execute = execute_steps or emb.action.execute_steps
     if policy == "model" and not 1 <= execute <= emb.action.chunk_size:
-        raise CosmosPolicyError(f"evaluate metaworld: execute_steps must be in [1, {emb.action.chunk_size}], "
-                                f"got {execute}")
+        raise CosmosPolicyError(f"{name}: execute_steps must be in [1, {emb.action.chunk_size}], got {execute}")
     if policy != "model":
         execute = 1  # the baselines act step by step
 
@@ -265,6 +319,7 @@ def evaluate_metaworld(
 
     label = "planning" if planning or (remote is not None and remote.metadata.get("planning")) else policy
     results: dict[str, Any] = {"config": {
+        "simulator": simulator,
         "checkpoint": None if checkpoint is None else str(checkpoint), "planning_checkpoint":
             None if planning_checkpoint is None else str(planning_checkpoint), "policy": label, "tasks": task_list,
         "episodes": episodes, "seed": seed, "num_steps": num_steps, "decoding": decoding, "execute_steps": execute,
@@ -285,28 +340,28 @@ def evaluate_metaworld(
         for task in task_list:
             rollouts: list[Rollout] = []
             with contextlib.ExitStack() as stack:
-                controllers: dict[bool, _Controller] = {}
+                envs: dict[bool, SimEnv] = {}
 
-                def controller_for(render: bool) -> _Controller:
+                def env_for(render: bool) -> SimEnv:
                     # The baselines need camera frames only for GIFs / HDF5: a non-rendering env (same
-                    # seed, same initial states) runs those episodes about 50x faster.
-                    if render not in controllers:
-                        env = stack.enter_context(MetaWorldEnv(task, emb, seed=seed, max_steps=min(max_steps, 500),
-                                                               render=render))
-                        controllers[render] = _Controller(policy, env, policy=model, planner=planner, remote=remote,
-                                                          num_steps=num_steps, decoding=decoding, seed=seed,
-                                                          action_dim=emb.action.dim)
-                    return controllers[render]
+                    # seed, same initial states) runs those episodes faster (Meta-World: about 50x).
+                    if render not in envs:
+                        envs[render] = sim.create(task, emb, seed=seed, max_steps=max_steps, render=render)
+                        stack.callback(envs[render].close)
+                    return envs[render]
 
                 for ep in range(episodes):
                     t0 = time.perf_counter()
                     images = record_hdf5 or ep < videos
-                    controller = controller_for(images or policy == "model")
+                    env = env_for(images or policy == "model")
                     if warmup is None and policy == "model":
                         # One call outside the statistics: loads the text encoder, allocates buffers.
                         # Calls are seeded individually, so it changes no episode.
-                        warmup = controller(controller.env.reset(0), call_seed=0)[2]
-                    r = run_rollout(controller.env, controller, ep, execute, record_images=images, seed=seed)
+                        start = time.perf_counter()
+                        controller(env, env.reset(0), 0)
+                        warmup = time.perf_counter() - start
+                    r = run_rollout(env, controller, ep, execute, record_images=images, seed=seed,
+                                    record_latency=policy == "model")
                     rollouts.append(r)
                     latencies += r.latencies
                     if ep < videos:
@@ -348,7 +403,7 @@ def _print_table(results: dict[str, Any], output: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Meta-World closed loop: {results['config']['policy']}",
+    table = Table(title=f"{results['config']['simulator']} closed loop: {results['config']['policy']}",
                   caption=f"results: {output}/results.json")
     for col in ("task", "success", "95% CI", "mean length", "latency/chunk mean", "p50", "p95"):
         table.add_column(col, justify="left" if col == "task" else "right")
@@ -362,4 +417,5 @@ def _print_table(results: dict[str, Any], output: Path) -> None:
     Console(width=140).print(table)
 
 
-__all__ = ["evaluate_metaworld", "wilson_interval", "latency_summary", "run_rollout"]
+__all__ = ["Controller", "evaluate", "expert_controller", "latency_summary", "planner_controller", "policy_controller",
+           "random_controller", "remote_controller", "run_rollout", "wilson_interval"]

@@ -1,15 +1,17 @@
-"""Meta-World (MuJoCo) as an embodiment: environment wrapper, scripted expert, correlated action noise.
+"""Meta-World (MuJoCo) as a simulator: the :class:`~.env.SimEnv` adapter, scripted expert, correlated action noise.
 
-Used by demonstration collection (:mod:`.collect`) and by closed-loop evaluation. One
-:class:`MetaWorldEnv` is one Meta-World v3 task on the Sawyer arm:
+Used by demonstration collection (:mod:`.collect`) and by closed-loop evaluation (:mod:`.evaluate`, as
+``SIMULATORS["metaworld"]``). One :class:`MetaWorldEnv` is one Meta-World v3 task on the Sawyer arm:
 
 - initial states come from ``metaworld.MT1(task, seed=...)`` (50 object/goal placements per seed);
   episode ``i`` starts from placement ``i % 50`` of block ``i // 50`` (see :meth:`MetaWorldEnv.reset`);
-- the embodiment's cameras are rendered offscreen with ``mujoco.Renderer`` at its ``image_size``, with
-  shadows and reflections off (several times faster, and the model does not need them) and
-  anti-aliased by supersampling: rendered at 2x the size without multisampling, then 2x2-averaged
+- the embodiment's cameras map to MuJoCo cameras by name (:data:`MUJOCO_CAMERAS`: ``wrist`` is
+  ``gripperPOV``; a camera named like a MuJoCo camera, e.g. ``corner``, is that camera) and are
+  rendered offscreen with ``mujoco.Renderer`` at its ``image_size``, with shadows and reflections off
+  (several times faster, and the model does not need them) and anti-aliased by supersampling: rendered at 2x the size without multisampling, then 2x2-averaged
   (as smooth as MuJoCo's 4x MSAA and about twice as fast on a software OpenGL such as llvmpipe);
-- an observation is ``{"images": {camera: (H, W, 3) uint8}, "proprio": (4,) float32}`` with proprio =
+- an observation is ``{"images": {camera: (H, W, 3) uint8}, "proprio": (4,) float32, "instruction": str}``
+  (the :mod:`.env` observation) with proprio =
   hand (tool-centre) position x, y, z in metres (world frame) and the gripper opening in [0, 1]
   (finger distance / 0.1 m, clipped), i.e. ``embodiments/metaworld.yaml``'s proprio;
 - actions are 4-d in [-1, 1]: hand displacement dx, dy, dz (x 1 cm per step) and gripper effort
@@ -27,6 +29,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +42,9 @@ from ..shipped import shipped_path
 #: Embodiment shipped for Meta-World (embodiments/metaworld.yaml; inside the wheel when installed, shipped.py).
 DEFAULT_EMBODIMENT = shipped_path("embodiments/metaworld.yaml") or Path("metaworld")
 
-#: Source-format key whose camera names map to MuJoCo cameras (``<mujoco camera>_rgb``).
-SOURCE_FORMAT = "robomimic"
+#: Embodiment camera name -> MuJoCo camera of the Meta-World v3 scenes, for names that are not MuJoCo
+#: camera names themselves (an embodiment camera called ``corner2`` or ``topview`` is that camera).
+MUJOCO_CAMERAS = {"wrist": "gripperPOV"}
 
 #: Quarter turns (np.rot90) that make each Meta-World camera upright: the four ``corner`` cameras of
 #: the v3 scenes render upside down.
@@ -49,6 +53,9 @@ CAMERA_ROTATIONS = {"topview": 0, "corner": 2, "corner2": 2, "corner3": 2, "corn
 
 #: Number of initial states (object / goal placements) that ``metaworld.MT1`` samples per seed.
 PLACEMENTS_PER_SEED = 50
+
+#: Meta-World v3's episode limit in steps (``max_path_length`` of every task).
+MAX_PATH_LENGTH = 500
 
 #: Instruction text of each task (the language the model is conditioned on).
 INSTRUCTIONS = {
@@ -225,26 +232,36 @@ class CorrelatedActionNoise:
 
 # ---------------------------------------------------------------------------------------- env
 class MetaWorldEnv:
-    """One Meta-World v3 task with the embodiment's cameras rendered offscreen.
+    """One Meta-World v3 task with the embodiment's cameras rendered offscreen; implements :class:`~.env.SimEnv`
+    (and its class is the :class:`~.env.Simulator` registered as ``metaworld``).
 
     Args:
         task: Meta-World v3 task name, e.g. ``"drawer-open-v3"``.
-        embodiment: embodiment YAML path (or :class:`Embodiment`); its cameras' ``robomimic`` keys name
-            the MuJoCo cameras (``corner_rgb`` -> camera ``corner``) and ``image_size`` the render size.
+        embodiment: embodiment YAML path (or :class:`Embodiment`): its cameras are rendered (mapped to
+            MuJoCo cameras as the module docstring says) at its ``image_size``.
         seed: selects the initial-state placements (``metaworld.MT1(task, seed=seed)``).
-        max_steps: truncate episodes after this many steps (at most Meta-World's 500).
+        max_steps: truncate episodes after this many steps (at most Meta-World's 500; None = 500).
         supersample: render at ``supersample`` times the image size, then average blocks (1 = off).
         render: False skips the cameras (observations carry ``images == {}``): ~50x faster, for
             measuring the expert or the noise without pictures.
+        cameras: embodiment camera name -> MuJoCo camera name, for cameras that neither
+            :data:`MUJOCO_CAMERAS` nor their own name map (e.g. ``{"front": "corner2"}``).
 
     Raises:
-        CosmosPolicyError: unknown task, unknown MuJoCo camera, missing simulator or OpenGL backend.
+        CosmosPolicyError: unknown task, a camera that maps to no MuJoCo camera, missing simulator or
+            OpenGL backend.
 
     Use as a context manager (or call :meth:`close`) to free the renderer's GL context.
     """
 
+    #: The embodiment of the ``expert`` / ``random`` baselines and the task evaluated without ``--tasks``
+    #: (:class:`~.env.Simulator`).
+    default_embodiment = DEFAULT_EMBODIMENT
+    default_task = "drawer-open-v3"
+
     def __init__(self, task: str, embodiment: str | Path | Embodiment = DEFAULT_EMBODIMENT, seed: int = 0,
-                 max_steps: int | None = None, supersample: int = 2, render: bool = True):
+                 max_steps: int | None = None, supersample: int = 2, render: bool = True,
+                 cameras: Mapping[str, str] | None = None):
         self.metaworld, self.mujoco = _import_sim()
         check_task(task)
         self.task = task
@@ -261,17 +278,22 @@ class MetaWorldEnv:
         if not 1 <= self.max_steps <= limit:
             raise CosmosPolicyError(f"max_steps must be in [1, {limit}] for {task}, got {max_steps}")
 
-        # Embodiment camera name -> (MuJoCo camera name, quarter turns).
-        self.cameras: dict[str, tuple[str, int]] = {}
+        # Embodiment camera name -> MuJoCo camera name (SimEnv.cameras), and the quarter turns of each.
+        self.cameras: dict[str, str] = {}
+        self._turns: dict[str, int] = {}
         model = self.env.model
         names = {self.mujoco.mj_id2name(model, self.mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)}
+        mapping = {**MUJOCO_CAMERAS, **(cameras or {})}
         for cam in self.embodiment.cameras:
-            key = cam.keys.get(SOURCE_FORMAT, f"{cam.name}_rgb")
-            mj_name = key[:-4] if key.endswith("_rgb") else key
+            mj_name = mapping.get(cam.name, cam.name)
             if mj_name not in names:
-                raise CosmosPolicyError(f"{self.embodiment.source}: camera {cam.name!r} (key {key!r}) names MuJoCo "
-                                        f"camera {mj_name!r}, not one of {', '.join(sorted(names))}")
-            self.cameras[cam.name] = (mj_name, CAMERA_ROTATIONS.get(mj_name, 0))
+                raise CosmosPolicyError(f"{self.embodiment.source}: camera {cam.name!r} maps to MuJoCo camera "
+                                        f"{mj_name!r}, not one of {', '.join(sorted(names))} (name the camera "
+                                        f"after one, or pass cameras={{{cam.name!r}: <MuJoCo camera>}})")
+            self.cameras[cam.name] = mj_name
+            self._turns[cam.name] = CAMERA_ROTATIONS.get(mj_name, 0)
+        #: Meta-World's actions: dx, dy, dz, gripper effort, each in [-1, 1] (SimEnv.action_bounds).
+        self.action_bounds = (np.full(4, -1.0, dtype=np.float32), np.full(4, 1.0, dtype=np.float32))
         h, w = self.image_size
         self.supersample = int(supersample)
         if self.supersample < 1:
@@ -284,6 +306,8 @@ class MetaWorldEnv:
         self.renderer = None
         self.state: np.ndarray | None = None  # Meta-World's 39-d state vector (the expert's input)
         self.steps = 0
+        self.success = False  # SimEnv.success: Meta-World's info["success"] of the last step
+        self._expert: ScriptedExpert | None = None
         if not render:
             return
         try:
@@ -294,6 +318,18 @@ class MetaWorldEnv:
         # Shadows and reflections cost most of the render time and carry nothing the policy needs.
         self.renderer.scene.flags[self.mujoco.mjtRndFlag.mjRND_SHADOW] = False
         self.renderer.scene.flags[self.mujoco.mjtRndFlag.mjRND_REFLECTION] = False
+
+    # -------------------------------------------------------------- Simulator (class level)
+    @classmethod
+    def create(cls, task: str, embodiment: str | Path | Embodiment, *, seed: int, max_steps: int,
+               render: bool) -> "MetaWorldEnv":
+        """The evaluator's factory (:class:`~.env.Simulator`): ``max_steps`` above Meta-World's 500 is capped."""
+        return cls(task, embodiment, seed=seed, max_steps=min(int(max_steps), MAX_PATH_LENGTH), render=render)
+
+    @staticmethod
+    def check_task(task: str) -> None:
+        """:func:`check_task` (also picks the OpenGL backend): raise unless ``task`` is a Meta-World v3 task."""
+        check_task(task)
 
     # -------------------------------------------------------------- initial states
     def _benchmark(self, block: int):
@@ -316,6 +352,7 @@ class MetaWorldEnv:
         self.env.set_task(self._benchmark(block).train_tasks[index])
         self.state, _ = self.env.reset()
         self.steps = 0
+        self.success = False
         return self.observation()
 
     # -------------------------------------------------------------- observation / step
@@ -326,7 +363,8 @@ class MetaWorldEnv:
         if self.renderer is None:  # render=False
             return images
         (h, w), s = self.image_size, self.supersample
-        for name, (mj_name, turns) in self.cameras.items():
+        for name, mj_name in self.cameras.items():
+            turns = self._turns[name]
             self.renderer.update_scene(self.env.data, camera=mj_name)
             img = self.renderer.render()
             if s > 1:  # box filter: mean of each s x s block, rounded
@@ -341,8 +379,8 @@ class MetaWorldEnv:
         return np.asarray(self.state[:4], dtype=np.float32)
 
     def observation(self) -> dict[str, Any]:
-        """``{"images": {camera: (H, W, 3) uint8}, "proprio": (4,) float32}`` of the current state."""
-        return {"images": self.render(), "proprio": self.proprio()}
+        """``{"images": {camera: (H, W, 3) uint8}, "proprio": (4,) float32, "instruction": str}`` now."""
+        return {"images": self.render(), "proprio": self.proprio(), "instruction": self.instruction}
 
     def step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
         """Apply one action.
@@ -366,12 +404,18 @@ class MetaWorldEnv:
                                     f"(episode finished after {self.steps} steps)")
         self.state, reward, _, _, info = self.env.step(np.clip(action, -1.0, 1.0).astype(np.float32))
         self.steps += 1
-        success = bool(info.get("success", False))
-        return self.observation(), float(reward), success, self.steps >= self.max_steps, info
+        self.success = bool(info.get("success", False))
+        return self.observation(), float(reward), self.success, self.steps >= self.max_steps, info
 
     def expert_policy(self) -> "ScriptedExpert":
         """The task's scripted expert, bound to this environment."""
         return ScriptedExpert(self)
+
+    def expert(self) -> np.ndarray:
+        """The scripted expert's ``(4,)`` float32 action in [-1, 1] for the current state (:class:`~.env.SimEnv`)."""
+        if self._expert is None:
+            self._expert = ScriptedExpert(self)
+        return self._expert()
 
     # -------------------------------------------------------------- cleanup
     def close(self) -> None:

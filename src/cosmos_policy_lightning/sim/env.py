@@ -1,0 +1,129 @@
+"""The simulator protocol: what closed-loop evaluation (:mod:`.evaluate`) and collection need of a simulator.
+
+A simulator is an *adapter class* built from an :class:`~cosmos_policy_lightning.embodiment.Embodiment`.
+Its instances are :class:`SimEnv` (one task, one episode at a time); the class itself is a
+:class:`Simulator` (how to build one, which tasks exist). :data:`SIMULATORS` maps the name the
+command line uses (``cosmos-policy evaluate metaworld``) to the class, so adding a simulator is one
+adapter class and one line there (CONTRIBUTING.md, "Adding a simulator").
+
+Observation (what :meth:`SimEnv.reset` and :meth:`SimEnv.step` return, and what
+:meth:`CosmosPolicy.predict <cosmos_policy_lightning.inference.policy.CosmosPolicy.predict>`, the planner
+and the policy server take)::
+
+    {"images": {camera: (H, W, 3) uint8},   # one per embodiment camera, named as the embodiment names it,
+                                            # at the embodiment's image_size; {} when built with render=False
+     "proprio": (P,) float32,               # the embodiment's proprio in robot units (P = proprio.dim)
+     "instruction": str}                    # the task instruction the model is conditioned on
+
+Actions are ``(A,)`` float arrays in robot units (A = ``action.dim`` of the embodiment, the units the
+demonstrations were recorded in), inside :attr:`SimEnv.action_bounds`.
+
+The env owns everything simulator-specific: the mapping from embodiment camera names to the
+simulator's cameras, initial states, the task instruction, the success test and the expert. The
+evaluator never looks at a data format's key names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import CosmosPolicyError
+
+#: ``{"images": {camera: (H, W, 3) uint8}, "proprio": (P,) float32, "instruction": str}`` (module docstring).
+Observation = dict[str, Any]
+
+#: Simulator name (``cosmos-policy evaluate NAME``) -> ``"module:AdapterClass"`` (imported on first use,
+#: so a simulator's own packages load only when it is chosen).
+SIMULATORS: dict[str, str] = {
+    "metaworld": "cosmos_policy_lightning.sim.metaworld:MetaWorldEnv",
+}
+
+
+@runtime_checkable
+class SimEnv(Protocol):
+    """One task of a simulator, as the evaluator and the collector drive it.
+
+    Attributes:
+        task: the task this env runs (e.g. ``"reach-v3"``); names rollouts and output files.
+        instruction: the task's instruction text (also in every observation).
+        cameras: embodiment camera name -> the simulator's own name for that camera, in the embodiment's
+            order; the keys are the keys of ``observation["images"]``. The env builds this mapping.
+        max_steps: the episode time limit in steps; the step that reaches it returns ``truncated=True``.
+        action_bounds: ``(low, high)``, each ``(A,)`` float32 in robot units: the valid range of every
+            action dimension. The evaluator clips commanded actions into it (what is executed is what is
+            recorded) and the random baseline samples uniformly inside it.
+        success: whether the task is solved in the current state, i.e. the ``success`` of the last
+            :meth:`step` (False right after :meth:`reset`).
+    """
+
+    task: str
+    instruction: str
+    cameras: Mapping[str, str]
+    max_steps: int
+    action_bounds: tuple[np.ndarray, np.ndarray]
+    success: bool
+
+    def reset(self, episode: int) -> Observation:
+        """Start episode ``episode`` (>= 0) from the env's initial state number ``episode``: the same
+        index gives the same initial state for the same construction seed. Returns the first observation."""
+        ...
+
+    def step(self, action: np.ndarray) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
+        """Apply one ``(A,)`` action; returns ``(observation, reward, success, truncated, info)`` (Gymnasium's
+        order with ``success`` in the place of ``terminated``): the simulator's reward, whether the task is
+        solved after the action, whether ``max_steps`` steps were taken, and the simulator's info dict.
+        Raises :class:`CosmosPolicyError` on a malformed action or when stepping a finished episode."""
+        ...
+
+    def expert(self) -> np.ndarray | None:
+        """The expert's ``(A,)`` action for the current state (e.g. a scripted policy reading privileged
+        simulator state), or None where the simulator has no expert."""
+        ...
+
+    def close(self) -> None:
+        """Free the simulator and its renderer (idempotent)."""
+        ...
+
+
+class Simulator(Protocol):
+    """The adapter class itself: how the evaluator builds a :class:`SimEnv` (class-level members).
+
+    Attributes:
+        default_embodiment: embodiment YAML used when neither a checkpoint nor ``--embodiment`` gives one
+            (the ``expert`` and ``random`` baselines).
+        default_task: the task evaluated when ``--tasks`` is not given.
+    """
+
+    default_embodiment: str | Path
+    default_task: str
+
+    def create(self, task: str, embodiment: Any, *, seed: int, max_steps: int, render: bool) -> SimEnv:
+        """A :class:`SimEnv` for ``task`` rendering ``embodiment``'s cameras (``render=False`` may leave
+        ``images`` empty: faster for baselines without videos). ``seed`` selects the initial states;
+        ``max_steps`` above the simulator's own episode limit is capped at that limit."""
+        ...
+
+    def check_task(self, task: str) -> None:
+        """Raise :class:`CosmosPolicyError` (one line, listing the valid tasks) unless ``task`` exists; also
+        fails early when the simulator is not installed or cannot render. Called before any model loads."""
+        ...
+
+
+def simulator(name: str) -> Simulator:
+    """The adapter class registered as ``name`` in :data:`SIMULATORS`.
+
+    Raises:
+        CosmosPolicyError: ``name`` is not registered (the message lists the registered names).
+    """
+    if name not in SIMULATORS:
+        raise CosmosPolicyError(f"unknown simulator {name!r}; expected one of {', '.join(sorted(SIMULATORS))}")
+    module, attr = SIMULATORS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+__all__ = ["Observation", "SIMULATORS", "SimEnv", "Simulator", "simulator"]
