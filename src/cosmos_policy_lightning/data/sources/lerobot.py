@@ -363,8 +363,18 @@ class LeRobotReader(SourceReader):
         DataError: a path is not a LeRobot dataset root.
     """
 
-    format = "lerobot"
-    suffixes = ("meta/info.json",)  # never a file name: only dataset roots (units) are sources
+    summary = "LeRobot dataset v2.0 / v2.1 / v3.0: parquet + mp4 decoded with PyAV; local or a Hub dataset id"
+    suffixes = ("meta/info.json",)  # never a file name: only dataset roots (one source each) are sources
+    directory_is_one_source = True
+    source_markers = (INFO,)
+    reads_hub = True
+    options = ("tolerance_s",)
+
+    @classmethod
+    def locate(cls, source, revision, keys):
+        """Local dataset roots for ``source``: Hub dataset ids are fetched (only the videos of the
+        embodiment's cameras) by :func:`resolve_source`; local paths pass through."""
+        return resolve_source(source, revision, list(keys.cameras.values()))
 
     def __init__(self, paths, embodiment, keys, labeler, tolerance_s: float = TOLERANCE_S):
         super().__init__(paths, embodiment, keys, labeler)

@@ -28,7 +28,7 @@ from .base import EpisodeRef, SourceReader, lookup, natural_key
 class RobomimicReader(SourceReader):
     """Reader of robomimic / LIBERO HDF5 files (``--format robomimic``)."""
 
-    format = "robomimic"
+    summary = "robomimic / LIBERO HDF5, data/demo_N/..."
     suffixes = (".hdf5", ".h5")
 
     def _file(self, path: str) -> h5py.File:

@@ -15,7 +15,6 @@ Keys may be written with or without the ``data/`` prefix. Episode ids are ``epis
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,16 +26,13 @@ from .base import EpisodeRef, SourceReader, lookup
 from .zarr_codecs import register_image_codecs
 
 
-def is_zarr_dir(path: Path) -> bool:
-    """A directory that is itself a Zarr store (v2 ``.zgroup`` or v3 ``zarr.json`` at its root)."""
-    return path.is_dir() and ((path / ".zgroup").exists() or (path / "zarr.json").exists())
-
-
 class ZarrReplayReader(SourceReader):
     """Reader of Diffusion Policy replay buffers (``--format zarr``)."""
 
-    format = "zarr"
+    summary = "Diffusion Policy replay buffer, directory or .zarr.zip, Zarr format 2 or 3"
     suffixes = (".zarr", ".zip")
+    directory_is_one_source = True  # a directory store ...
+    source_markers = (".zgroup", "zarr.json")  # ... has one of these at its root (Zarr format 2 / 3)
 
     def _group(self, path: str) -> Any:
         handle = self._handles.get(path)
