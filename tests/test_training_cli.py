@@ -75,17 +75,42 @@ def _override(tmp: Path, data: Path, max_steps: int, every: int = 3, **model) ->
     return path
 
 
+def _recipe_data(recipe: Path) -> Path:
+    """The data config a recipe names: every recipe has ``data: ../datamodules/<name>.yaml`` (one way)."""
+    data = yaml.safe_load(recipe.read_text()).get("data")
+    assert isinstance(data, str) and data.startswith("../datamodules/"), \
+        f"{recipe.name}: data must name a datamodules/ file (data: ../datamodules/<name>.yaml), got {data!r}"
+    assert f"data: {data}   # relative to this file" in recipe.read_text(), recipe.name
+    path = (recipe.parent / data).resolve()
+    assert path.is_file(), f"{recipe.name}: {data} not found"
+    return path
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_parses_through_the_cli(recipe, capsys):
-    args = ["fit", "--config", str(recipe), "--print_config"]
-    if recipe.stem in TWO_B:
-        args[3:3] = ["--data", str(REPO / "datamodules" / f"{recipe.stem}.yaml")]
+    datamodule = yaml.safe_load(_recipe_data(recipe).read_text())
     with pytest.raises(SystemExit) as info:
-        main(args)
+        main(["fit", "--config", str(recipe), "--print_config"])
     assert info.value.code == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["class_path"].endswith("CosmosPolicyModule")
-    assert cfg["data"]["class_path"].endswith("CosmosDataModule")
+    assert cfg["data"]["class_path"] == datamodule["class_path"]
+    for key, value in datamodule["init_args"].items():  # the recipe's data is its datamodules/ file
+        assert cfg["data"]["init_args"][key] == value, key
+
+
+def test_every_datamodule_is_named_by_a_recipe():
+    assert sorted({_recipe_data(r) for r in RECIPES}) == [p.resolve() for p in DATAMODULES]
+
+
+def test_data_on_the_command_line_overrides_the_recipes(capsys):
+    libero = yaml.safe_load((REPO / "datamodules" / "libero.yaml").read_text())["init_args"]
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(REPO / "recipes" / "aloha.yaml"), "--data",
+              str(REPO / "datamodules" / "libero.yaml"), "--print_config"])
+    assert info.value.code == 0
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    assert (data["data_dir"], data["embodiment"]) == (libero["data_dir"], libero["embodiment"])
 
 
 @pytest.mark.parametrize("datamodule", DATAMODULES, ids=lambda p: p.stem)
@@ -110,8 +135,7 @@ def test_2b_recipe_instantiates_on_meta_device(name, tmp_path):
                   text_encoder=_T5Sized())
     cli = CosmosPolicyCLI(CosmosPolicyModule, CosmosDataModule, subclass_mode_model=True, subclass_mode_data=True,
                           run=False, args=[
-                              "--config", str(REPO / "recipes" / f"{name}.yaml"),
-                              "--data", str(REPO / "datamodules" / f"{name}.yaml"),
+                              "--config", str(REPO / "recipes" / f"{name}.yaml"),  # data: datamodules/<name>.yaml
                               "--data.init_args.data_dir", str(tmp_path / "data"),
                               "--data.init_args.num_workers", "0",
                               # no GPU, no hub here: CPU trainer, random DiT, tiny VAE; the DiT config is the recipe's
