@@ -22,6 +22,7 @@ from cosmos_policy_lightning.errors import DataError
 from cosmos_policy_lightning.layout import SequenceLayout
 from cosmos_policy_lightning.model.vae import VideoVAE
 from cosmos_policy_lightning.model.module import CosmosPolicyModule
+from cosmos_policy_lightning.model.sequence import PixelSequenceEncoder
 
 from .shard_factory import HashTextEncoder, TOY_EMBODIMENT, standard_episodes, toy_embodiment, write_dataset
 
@@ -38,7 +39,8 @@ def toy(tmp_path_factory):
                   samples_per_shard=12)
     torch.manual_seed(0)
     vae = VideoVAE(VAE)
-    cache = build_latent_cache(root / "data", vae, root / "latents", augment=True, augment_views=2, dtype="float32",
+    cache = build_latent_cache(root / "data", PixelSequenceEncoder(vae), root / "latents", augment=True,
+                               augment_views=2, dtype="float32",
                                batch_size=5, progress=False)
     return root, vae, cache
 
@@ -49,7 +51,6 @@ def _module(vae) -> CosmosPolicyModule:
                            image_log_every_n_steps=0)
     m.vae = vae  # the very weights the cache was built with
     m.configure_model()
-    m.stats = None
     return m
 
 
@@ -127,11 +128,12 @@ def test_training_stream_reads_latent_batches(toy):
 def test_a_cache_with_another_fingerprint_is_refused_in_one_line(toy):
     root, vae, cache = toy
     with pytest.raises(DataError) as info:
-        build_latent_cache(root / "data", vae, cache, augment=True, augment_views=1, dtype="float32", progress=False)
+        build_latent_cache(root / "data", PixelSequenceEncoder(vae), cache, augment=True, augment_views=1,
+                           dtype="float32", progress=False)
     msg = str(info.value)
     assert "\n" not in msg and "augment_views (cache 2, expected 1)" in msg and str(cache) in msg
     with pytest.raises(DataError) as info:
-        build_latent_cache(root / "data", VideoVAE(OTHER_VAE), cache, augment=True, augment_views=2,
+        build_latent_cache(root / "data", PixelSequenceEncoder(VideoVAE(OTHER_VAE)), cache, augment=True, augment_views=2,
                            dtype="float32", progress=False)
     assert "vae (cache 'sha256:" in str(info.value) and "\n" not in str(info.value)
 
@@ -163,7 +165,7 @@ def test_an_interrupted_cache_resumes_and_gives_the_same_shards(toy, tmp_path):
     root, vae, cache = toy
     out = tmp_path / "again"
     args = dict(augment=True, augment_views=2, dtype="float32", batch_size=5, progress=False)
-    build_latent_cache(root / "data", vae, out, **args)
+    build_latent_cache(root / "data", PixelSequenceEncoder(vae), out, **args)
     # Simulate a run killed after its first shard: the manifest lists one shard, status incomplete.
     manifest = json.loads((out / S.MANIFEST).read_text())
     first = manifest["shards"][0]["name"]
@@ -172,7 +174,7 @@ def test_an_interrupted_cache_resumes_and_gives_the_same_shards(toy, tmp_path):
     manifest["shards"], manifest["status"] = manifest["shards"][:1], "incomplete"
     (out / S.MANIFEST).write_text(json.dumps(manifest))
     before = (out / first).stat().st_mtime_ns
-    build_latent_cache(root / "data", vae, out, **args)
+    build_latent_cache(root / "data", PixelSequenceEncoder(vae), out, **args)
     assert (out / first).stat().st_mtime_ns == before  # kept, not re-encoded
     for p in cache.glob("*.tar"):  # same batches as the fixture's build: byte-identical shards
         assert (out / p.name).read_bytes() == p.read_bytes()
@@ -181,7 +183,7 @@ def test_an_interrupted_cache_resumes_and_gives_the_same_shards(toy, tmp_path):
 
 def test_float16_cache_is_within_half_precision(toy, tmp_path):
     root, vae, cache = toy
-    half = build_latent_cache(root / "data", vae, tmp_path / "half", augment=True, augment_views=2,
+    half = build_latent_cache(root / "data", PixelSequenceEncoder(vae), tmp_path / "half", augment=True, augment_views=2,
                               dtype="float16", progress=False)
     import webdataset as wds
 

@@ -11,6 +11,7 @@ from cosmos_policy_lightning.model.module import CosmosPolicyModule
 from cosmos_policy_lightning.text import pad_text_tokens, uses_padded_text
 
 from .conftest import REPO
+from .checkpoint_factory import toy_record
 from .test_module import EMBODIMENT, TINY_VAE, make_batch
 
 T5 = "t5:google-t5/t5-11b"
@@ -33,9 +34,8 @@ class TransformerInputs:
 def _module(text_dim, identity, conditioning="auto"):
     torch.manual_seed(0)
     m = CosmosPolicyModule(embodiment=EMBODIMENT, text_dim=text_dim, vae=TINY_VAE, image_log_every_n_steps=0,
-                           text_conditioning=conditioning)
+                           text_conditioning=conditioning, inference_record=toy_record(EMBODIMENT, identity))
     m.configure_model()
-    m.text_encoder_identity = identity
     return m
 
 
@@ -118,8 +118,8 @@ def test_2b_recipe_feeds_512_tokens_on_the_meta_device():
     init = yaml.safe_load((REPO / "recipes" / "libero.yaml").read_text())["model"]["init_args"]
     emb = yaml.safe_load((REPO / "embodiments" / "libero.yaml").read_text())
     module = CosmosPolicyModule(embodiment=emb, text_dim=1024, transformer=init["transformer"], vae=TINY_VAE,
-                                text_conditioning=init.get("text_conditioning", "auto"))
-    module.text_encoder_identity = T5
+                                text_conditioning=init.get("text_conditioning", "auto"),
+                                inference_record=toy_record(emb, T5))
     with torch.device("meta"):
         module.configure_model()
     probe = TransformerInputs(module.dit.transformer)

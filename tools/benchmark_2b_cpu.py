@@ -236,7 +236,9 @@ def run_step(optimizer: str, batch_size: int, transformer: str, image_size: int 
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from benchmark_train import WAN21_SIZED_VAE, make_batches
+    from benchmark_inference import synthetic_stats
     from cosmos_policy_lightning.embodiment import load_embodiment
+    from cosmos_policy_lightning.inference_record import InferenceRecord
     from cosmos_policy_lightning.model.module import CosmosPolicyModule
 
     import yaml
@@ -253,10 +255,6 @@ def run_step(optimizer: str, batch_size: int, transformer: str, image_size: int 
                 return torch.optim.AdamW(params, lr=recipe["learning_rate"], betas=tuple(recipe["betas"]),
                                          eps=recipe["eps"], weight_decay=recipe["weight_decay"])
             return torch.optim.SGD(params, lr=recipe["learning_rate"])
-
-        def on_fit_start(self):
-            # the reference's padded T5 text (recipes use T5-11B, 1024-d)
-            self.text_encoder_identity = "t5:google-t5/t5-11b"
 
     class Measure(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -285,7 +283,9 @@ def run_step(optimizer: str, batch_size: int, transformer: str, image_size: int 
 
     module = Step(embodiment=emb.to_dict(), text_dim=1024, transformer=transformer, pretrained_transformer=None,
                   vae=WAN21_SIZED_VAE, activation_checkpointing=recipe["activation_checkpointing"],
-                  image_log_every_n_steps=0)
+                  image_log_every_n_steps=0,
+                  # the reference's padded T5 text (recipes use T5-11B, 1024-d)
+                  inference_record=InferenceRecord(emb, synthetic_stats(emb), "t5:google-t5/t5-11b"))
     batches = make_batches(emb, 1, batch_size, text_len=20, text_dim=1024)
     batches[0]["objective"][:] = 0                           # the policy objective
     loader = torch.utils.data.DataLoader(batches, batch_size=None)

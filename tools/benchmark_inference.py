@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from cosmos_policy_lightning.embodiment import Embodiment  # noqa: E402
 from cosmos_policy_lightning.inference.planning import Planner  # noqa: E402
+from cosmos_policy_lightning.inference_record import InferenceRecord  # noqa: E402
 from cosmos_policy_lightning.inference.policy import CosmosPolicy  # noqa: E402
 from cosmos_policy_lightning.model.dit import VideoDiT  # noqa: E402
 from cosmos_policy_lightning.model.module import CosmosPolicyModule  # noqa: E402
@@ -95,7 +96,7 @@ def build_policy(setup: str, device: str) -> CosmosPolicy:
     # Build the DiT directly on the device in its dtype: a 2B float32 init on the CPU takes minutes.
     module.dit = VideoDiT(cfg["transformer"], text_embed_dim=cfg["text_dim"], device=device,
                           torch_dtype=None if dtype == torch.float32 else dtype)
-    module.stats = synthetic_stats(emb)
+    module.record = InferenceRecord(emb, synthetic_stats(emb))
     return CosmosPolicy(module, device=device, dtype=dtype,
                         text_encoder=RandomTextEncoder(cfg["text_dim"], cfg["text_tokens"]))
 

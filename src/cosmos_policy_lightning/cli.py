@@ -27,7 +27,7 @@ TOOLS: dict[tuple[str, ...], tuple[str, str, str]] = {
                   "print the latent-frame layout of an embodiment YAML"),
     ("convert",): ("cosmos_policy_lightning.data.convert", "convert",
                    "convert HDF5 / Zarr / LeRobot demonstrations into WebDataset shards + statistics"),
-    ("cache-latents",): ("cosmos_policy_lightning.data.latent_cache", "cache_latents",
+    ("cache-latents",): ("cosmos_policy_lightning.training.prepare", "cache_latents",
                          "encode a converted dataset once with the frozen VAE (fast training from latents)"),
     ("verify",): ("cosmos_policy_lightning.data.integrity", "verify_dataset",
                   "check a converted dataset's shards (size, sample count, SHA-256) against its manifest"),

@@ -96,6 +96,12 @@ _LOSS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 
 
+def value_objectives() -> tuple[str, ...]:
+    """The objectives that train the value function alone (the value is their only loss target): the
+    conditionings a planner may judge candidate actions with (docs/method.md §2, §7)."""
+    return tuple(o for o in OBJECTIVES if _LOSS[o] == (frozenset({"V"}), frozenset()))
+
+
 @dataclass(frozen=True)
 class SequenceLayout:
     """The latent-frame layout derived from an :class:`~cosmos_policy_lightning.embodiment.Embodiment`.

@@ -22,15 +22,18 @@ An encoder returns the last hidden state of the real tokens only (no padding, no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
 from .atomic import write_bytes_atomic
-from .errors import CosmosPolicyError
+from .dtypes import dtype_from_name
+from .errors import CosmosPolicyError, DataError
 
 INDEX_FILE = "index.json"
 MINILM_IDENTITY = "minilm:all-MiniLM-L6-v2"
@@ -145,7 +148,7 @@ def build_text_encoder(spec: str, dtype: str | None = None) -> TextEncoder:
     if not isinstance(spec, str) or not spec.strip():
         raise CosmosPolicyError(f"text encoder: expected 'minilm', 't5:<hub id or path>' or 'none', got {spec!r}")
     spec = spec.strip()
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = dtype_from_name(dtype, "text encoder: dtype")
     if spec == "none":
         return NullTextEncoder()
     if spec in ("minilm", MINILM_IDENTITY):  # a recorded identity rebuilds its encoder (inference)
@@ -153,17 +156,6 @@ def build_text_encoder(spec: str, dtype: str | None = None) -> TextEncoder:
     if spec.startswith("t5:") and spec[3:].strip():
         return _build_t5(spec[3:].strip(), torch_dtype)
     raise CosmosPolicyError(f"text encoder: unknown spec {spec!r} (expected 'minilm', 't5:<hub id or path>' or 'none')")
-
-
-def _torch_dtype(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.float32
-    dt = getattr(torch, str(name), None)
-    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise CosmosPolicyError(f"text encoder: dtype must be a torch floating dtype name, got {name!r}")
-    return dt
 
 
 def _build_minilm(torch_dtype) -> HFTextEncoder:
@@ -373,3 +365,123 @@ class TextEmbeddingCache:
             raise CosmosPolicyError(f"{path}: embedding of instruction {instruction!r} has shape {emb.shape}, "
                                     f"expected ({entry['tokens']}, {self._index['dim']})")
         return emb.astype(np.float32)
+
+
+def pad_text_batch(embeddings: Sequence) -> tuple:
+    """Per-instruction embeddings of one batch -> the batch's ``text`` and ``text_mask``.
+
+    The one padding rule of training batches (``data/stages.py`` ``collate``) and deployment
+    (``processor.py``): zero-padded to the longest instruction of the batch, mask True on real tokens.
+
+    Args:
+        embeddings: B float tensors ``(L_i, D)`` (``(0, 0)`` each for a text-free model).
+
+    Returns:
+        ``text`` float32 ``(B, max L_i, D)`` and ``text_mask`` bool ``(B, max L_i)``.
+    """
+    import torch
+
+    dim = embeddings[0].shape[1] if embeddings[0].ndim == 2 else 0
+    length = max(e.shape[0] for e in embeddings)
+    text = torch.zeros(len(embeddings), length, dim, dtype=torch.float32)
+    mask = torch.zeros(len(embeddings), length, dtype=torch.bool)
+    for i, e in enumerate(embeddings):
+        text[i, : e.shape[0]] = e
+        mask[i, : e.shape[0]] = True
+    return text, mask
+
+
+@functools.lru_cache(maxsize=4)
+def shared_text_encoder(identity: str) -> TextEncoder:
+    """The text encoder of ``identity``, built once per process: two policies of the same encoder
+    (planning's dual deployment) share one copy of its weights."""
+    return build_text_encoder(identity)
+
+
+class InstructionEmbeddings:
+    """Instruction -> float32 per-token embedding ``(L, D)``, looked up once per distinct instruction
+    and kept in memory, cut to ``max_tokens``: the one lookup of training batches and deployment.
+
+    Sources, in this order: ``precomputed`` embeddings, the dataset's :class:`TextEmbeddingCache`
+    (``directory``), the encoder (``encoder``, else built from ``identity`` on first use; loading a
+    text model is slow). Every embedding is rounded through float16 like the cache stores it, so a
+    deployed policy sees the numbers training saw. A text-free source (identity ``none``, or a
+    dataset converted without text) gives ``(0, 0)`` for every instruction.
+
+    Args:
+        max_tokens: token limit (the data module's ``max_text_tokens``, recorded in the checkpoint).
+        directory: a dataset's ``text_embeddings/`` directory (training), or None.
+        identity: the encoder identity recorded in the checkpoint (``minilm:...``, ``t5:...``, ``none``).
+        encoder: an already built encoder (``identity``, ``dim``, ``encode``), e.g. to share one.
+        precomputed: instruction -> ``(L, D)`` embedding by the same encoder (an imported checkpoint's T5
+            embeddings, a Hub policy's ``text_embeddings``); these never load the encoder.
+
+    Raises (from :meth:`get`):
+        CosmosPolicyError: an instruction that is not a string, or no encoder recorded.
+        DataError: an instruction missing from the dataset's cache (``where`` names the sample).
+    """
+
+    def __init__(self, max_tokens: int, directory: str | Path | None = None, identity: str | None = None,
+                 encoder: TextEncoder | None = None, precomputed: Mapping | None = None):
+        self.max_tokens = int(max_tokens)
+        self.directory = None if directory is None else str(directory)
+        self.identity = encoder.identity if encoder is not None else identity
+        self._encoder = encoder
+        self._precomputed = dict(precomputed or {})
+        self._cache: TextEmbeddingCache | None = None
+        self._memo: dict = {}
+
+    def __getstate__(self):
+        # Data-loader workers rebuild their own in-memory copies (and never pickle a text model).
+        state = dict(self.__dict__)
+        state.update(_cache=None, _memo={}, _encoder=None)
+        return state
+
+    @property
+    def encoder(self) -> TextEncoder:
+        """The encoder, built on first use from the recorded identity."""
+        if self._encoder is None:
+            if not self.identity:
+                raise CosmosPolicyError("policy: the checkpoint records no text encoder; pass text_encoder=... "
+                                        "(e.g. build_text_encoder('minilm'))")
+            self._encoder = shared_text_encoder(self.identity)
+        return self._encoder
+
+    def _dataset_cache(self) -> TextEmbeddingCache | None:
+        if self.directory is not None and self._cache is None:
+            self._cache = TextEmbeddingCache(self.directory)
+        return self._cache
+
+    def get(self, instruction: str, where: str = "policy"):
+        """float32 tensor ``(L, D)``, ``L <= max_tokens`` (``(0, 0)`` for a text-free source)."""
+        import torch
+
+        emb = self._memo.get(instruction)
+        if emb is not None:
+            return emb
+        if not isinstance(instruction, str):
+            raise CosmosPolicyError(f"{where}: instruction must be a string, got {type(instruction).__name__}")
+        cache = self._dataset_cache()
+        if instruction in self._precomputed:
+            arr = self._precomputed[instruction]
+            arr = arr.float().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr, dtype=np.float32)
+        elif cache is not None and (cache.identity is not None or self.identity is None):
+            if cache.identity is None:  # a dataset converted with --text_encoder none
+                arr = np.zeros((0, 0), dtype=np.float32)
+            else:
+                try:
+                    arr = cache.get(instruction)
+                except CosmosPolicyError as err:
+                    raise DataError(f"{where}: {err}") from None
+        elif self.identity == NullTextEncoder.identity:
+            arr = np.zeros((0, 0), dtype=np.float32)
+        else:
+            arr = np.asarray(self.encoder.encode([instruction])[0])
+        arr = arr[: self.max_tokens].astype(np.float16).astype(np.float32)
+        emb = torch.from_numpy(np.ascontiguousarray(arr))
+        self._memo[instruction] = emb
+        return emb
+
+    def batch(self, instructions: Sequence[str], where: str = "policy") -> tuple:
+        """``text (B, L, D)`` and ``text_mask (B, L)`` of B instructions (:func:`pad_text_batch`)."""
+        return pad_text_batch([self.get(t, where) for t in instructions])

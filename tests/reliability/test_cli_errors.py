@@ -226,15 +226,15 @@ def test_evaluate_into_a_read_only_folder_is_refused_before_the_episodes(tmp_pat
 
 
 def test_non_numeric_proprio_at_inference_is_one_line():
-    from cosmos_policy_lightning.inference.preprocess import Observation, prepare_proprio
+    from cosmos_policy_lightning.processor import normalize_proprio
     from cosmos_policy_lightning.normalization import Normalizer, Stats
 
     norm = Normalizer(Stats.compute(np.random.default_rng(0).normal(size=(50, 3))))
     with pytest.raises(CosmosPolicyError, match=r"observation 0: proprio must be numbers .*'abc'"):
-        prepare_proprio([Observation({}, "abc")], norm, 3)
+        normalize_proprio(["abc"], norm, 3)
     with pytest.raises(CosmosPolicyError, match="observation 0: proprio must be numbers"):
-        prepare_proprio([Observation({}, [1.0, None, object()])], norm, 3)
-    assert prepare_proprio([Observation({}, [0.1, 0.2, 0.3])], norm, 3).shape == (1, 3)
+        normalize_proprio([[1.0, None, object()]], norm, 3)
+    assert normalize_proprio([[0.1, 0.2, 0.3]], norm, 3).shape == (1, 3)
 
 
 def test_non_numeric_proprio_through_the_policy(checkpoints):

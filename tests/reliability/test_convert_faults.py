@@ -149,9 +149,10 @@ def test_data_modules_of_two_ranks_convert_once(slow, tmp_path):
     src, emb = slow
     out = tmp_path / "shards"
     code = ("from cosmos_policy_lightning.data.datamodule import CosmosDataModule; "
+            "from cosmos_policy_lightning.training.prepare import prepare_dataset; "
             f"dm = CosmosDataModule({str(out)!r}, embodiment={str(emb)!r}, num_workers=0, "
             f"convert_from={{'source': {str(src)!r}, 'text_encoder': 'none', 'progress': False}}); "
-            "assert dm.info.splits['train'].total_samples > 0")
+            "prepare_dataset(dm); assert dm.info.splits['train'].total_samples > 0")
     codes, errs = _race([[sys.executable, "-c", code]] * 2, out, tmp_path)
     assert codes == [0, 0], [e[-2000:] for e in errs]
     assert sum("nothing to do" in e for e in errs) == 1, errs

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cosmos_policy_lightning.data.convert import convert
-from cosmos_policy_lightning.inference.preprocess import Observation, prepare_proprio
+from cosmos_policy_lightning.processor import normalize_proprio
 from cosmos_policy_lightning.normalization import Normalizer, Stats, near_constant, outlier_dimensions
 
 from ..factories import EpisodeSpec, episode_arrays, write_embodiment, write_robomimic
@@ -43,13 +43,13 @@ def test_inference_inputs_far_outside_the_training_range_are_warned_once_per_dim
         warnings.simplefilter("ignore")
         norm = Normalizer(_proprio_stats(), name="proprio")
     with pytest.warns(UserWarning) as record:
-        prepare_proprio([Observation({}, [5.0, 0.04, 0.0]), Observation({}, [0.0, 0.5, 0.0])], norm, 3)
+        normalize_proprio([[5.0, 0.04, 0.0], [0.0, 0.5, 0.0]], norm, 3)
     messages = [str(w.message) for w in record]
     assert any("proprio dimension joint: 5 is far outside the training range [-0.99" in m for m in messages)
     assert any("proprio dimension gripper: 0.5 is far outside the training range" in m for m in messages)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same dimensions again: no second warning, and in range: none
-        prepare_proprio([Observation({}, [6.0, 0.5, 0.0]), Observation({}, [0.2, 0.04, 0.0])], norm, 3)
+        normalize_proprio([[6.0, 0.5, 0.0], [0.2, 0.04, 0.0]], norm, 3)
 
 
 def test_outlier_dominated_range_is_warned():

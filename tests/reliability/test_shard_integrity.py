@@ -170,11 +170,17 @@ def test_shard_factory_datasets_without_sizes_still_load(tmp_path):
 def test_latent_cache_records_and_checks_its_shards(tmp_path):
     """The latent cache gets the same guarantees: sizes and checksums recorded, a truncated latent shard
     refused at set-up with the same one line."""
+    from cosmos_policy_lightning.model.vae import VideoVAE
+    from cosmos_policy_lightning.training.prepare import prepare_latent_cache
+
     from ..checkpoint_factory import tiny_vae_dir
 
     write_dataset(tmp_path / "d", standard_episodes(2, 1, 1, 1, length=5))
     vae = str(tiny_vae_dir(tmp_path))
     dm = _module(tmp_path / "d", latent_cache=True, vae=vae)
+    with pytest.raises(DataError, match="no finished latent cache"):  # the data module only reads caches
+        dm.setup("fit")
+    prepare_latent_cache(dm, VideoVAE(vae))
     dm.setup("fit")
     cache = json.loads((tmp_path / "d" / "latents" / "manifest.json").read_text())
     assert cache["status"] == "complete"

@@ -1,6 +1,6 @@
 """Policies on the Hugging Face Hub: ``cosmos-policy push-to-hub`` and ``CosmosPolicy.from_pretrained``.
 
-A policy folder (what is uploaded, and what :func:`load_pretrained` reads back)::
+A policy folder (what is uploaded, and what :func:`load_policy_folder` reads back)::
 
     README.md                       model card: base_model, pipeline_tag: robotics, licence, training data
     config.json                     embodiment, latent layout, normalisation, text encoder, VAE, DiT
@@ -28,6 +28,7 @@ import torch
 
 from ..atomic import write_bytes_atomic, write_json_atomic, write_path_atomic
 from ..errors import CosmosPolicyError
+from ..inference_record import InferenceRecord
 
 FORMAT = "cosmos-policy-lightning"
 FORMAT_VERSION = 1
@@ -48,7 +49,7 @@ NVIDIA_OPEN_MODEL_LICENSE = {
 
 
 def _read_checkpoint(path: Path) -> dict:
-    from ..inference.policy import read_checkpoint_file
+    from .checkpoint_file import read_checkpoint_file
 
     raw = read_checkpoint_file(path)
     if "hyper_parameters" not in raw:
@@ -174,10 +175,12 @@ def export_folder(checkpoint: str | Path, folder: str | Path, repo_id: str = "lo
     path, folder = Path(checkpoint), Path(folder)
     raw = _read_checkpoint(path)
     hp, extra = raw["hyper_parameters"], raw[CHECKPOINT_KEY]
-    dm = raw.get("datamodule_hyper_parameters") or {}
     if not extra.get("stats"):
         raise CosmosPolicyError(f"{path}: the checkpoint has no normalisation statistics; a shared policy needs "
                                 f"them (import with --stats, or train with a data module)")
+    record = InferenceRecord.from_dict(extra, str(path))
+    # Where the training data was (the card, and its text embeddings by default): not part of the record.
+    data_dir = (raw.get("datamodule_hyper_parameters") or {}).get("data_dir")
     prefix = "dit.transformer."
     state = {k[len(prefix):]: v for k, v in raw["state_dict"].items() if k.startswith(prefix)}
     dit = build_transformer(hp.get("transformer", "tiny"), text_embed_dim=hp.get("text_dim") or None, device="meta")
@@ -186,16 +189,15 @@ def export_folder(checkpoint: str | Path, folder: str | Path, repo_id: str = "lo
     dit.save_pretrained(str(folder / TRANSFORMER_DIR), safe_serialization=True)
 
     identity, texts = _text_embeddings(raw, Path(text_embeddings) if text_embeddings is not None else None)
+    # The inference record (statistics in their own file), then what rebuilds the network.
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "embodiment": extra["embodiment"], "layout": extra["layout"],
-        "normalization": extra["embodiment"].get("normalization", {}),
-        "text_encoder": extra.get("text_encoder") or identity, "text_dim": int(hp.get("text_dim", 0)),
-        "text_conditioning": hp.get("text_conditioning", "auto"),
-        "max_text_tokens": int(dm.get("max_text_tokens", 512)),
+        **{k: v for k, v in record.to_dict().items() if k != "stats"},
+        "text_encoder": record.text_encoder if record.text_encoder != "none" else (identity or "none"),
+        "normalization": record.embodiment.normalization,
+        "text_dim": int(hp.get("text_dim", 0)), "text_conditioning": hp.get("text_conditioning", "auto"),
         "vae": hp.get("vae"), "transformer": hp.get("transformer", "tiny"),
-        "center_crop": bool(extra.get("center_crop", False)), "test_num_steps": int(hp.get("test_num_steps", 5)),
-        "objective_mix": dm.get("objective_mix"),
+        "test_num_steps": int(hp.get("test_num_steps", 5)),
         "source_checkpoint": {"file": path.name, "global_step": raw.get("global_step"),
                               "imported_from": extra.get("imported_from")},
     }
@@ -223,12 +225,11 @@ def export_folder(checkpoint: str | Path, folder: str | Path, repo_id: str = "lo
         card_meta["base_model"] = base_model
     if datasets:
         card_meta["datasets"] = list(datasets)
-    data_dir = dm.get("data_dir")
     training = []
     if datasets:
         training.append("Hub datasets: " + ", ".join(f"`{d}`" for d in datasets) + ".")
     if data_dir:
-        mix = dm.get("objective_mix")
+        mix = record.objective_mix
         training.append(f"Converted dataset `{Path(str(data_dir)).name}`" + (f", objective mix {json.dumps(mix)}"
                                                                               if mix else "") + ".")
     if extra.get("imported_from"):
@@ -328,25 +329,23 @@ def read_text_embeddings(path: str | Path) -> tuple[str | None, dict[str, torch.
     return meta.get("encoder"), table
 
 
-def load_pretrained(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    **policy_kwargs):
-    """A :class:`~cosmos_policy_lightning.inference.policy.CosmosPolicy` from a policy folder or Hub id.
+def load_policy_folder(source: str | Path):
+    """The model of a policy folder or Hub id, for
+    :meth:`~cosmos_policy_lightning.inference.policy.CosmosPolicy.from_pretrained`.
 
     Args:
         source: a folder written by ``push-to-hub --local_dir`` / :func:`export_folder`, or a Hub
             repository id ``org/name``.
-        device, dtype: as for ``CosmosPolicy``.
-        policy_kwargs: further ``CosmosPolicy`` arguments (they override the folder's settings).
+
+    Returns:
+        ``(module, text_embeddings)``: the :class:`~cosmos_policy_lightning.model.module.CosmosPolicyModule`
+        with its inference record, and the folder's instruction embeddings (None without them).
 
     Raises:
         CosmosPolicyError: not a policy folder, a missing file, or a layout that the embodiment does not
             give (a folder edited by hand).
     """
-    from ..embodiment import Embodiment
-    from ..inference.policy import CosmosPolicy
-    from ..layout import SequenceLayout
     from ..model.module import CosmosPolicyModule
-    from ..normalization import DatasetStats
 
     folder = resolve_folder(source)
     try:
@@ -358,22 +357,21 @@ def load_pretrained(source: str | Path, device: str | torch.device = "cpu", dtyp
     for name in (STATS_FILE, TRANSFORMER_DIR):
         if not (folder / name).exists():
             raise CosmosPolicyError(f"{folder}: {name} is missing")
-    emb = Embodiment.from_dict(config["embodiment"], source=str(folder / CONFIG_FILE))
-    if SequenceLayout.from_embodiment(emb).to_dict() != config["layout"]:
-        raise CosmosPolicyError(f"{folder / CONFIG_FILE}: the layout does not match the embodiment's")
-    module = CosmosPolicyModule(embodiment=emb.to_dict(), text_dim=int(config["text_dim"]),
+    try:
+        stats = json.loads((folder / STATS_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CosmosPolicyError(f"{folder / STATS_FILE}: not readable ({type(err).__name__})") from None
+    # Checks the stored layout against the one the embodiment gives (a folder edited by hand).
+    record = InferenceRecord.from_dict({**config, "stats": stats}, str(folder / CONFIG_FILE))
+    module = CosmosPolicyModule(embodiment=record.embodiment.to_dict(), text_dim=int(config["text_dim"]),
                                 transformer=config["transformer"], pretrained_transformer=str(folder / TRANSFORMER_DIR),
                                 vae=config["vae"], test_num_steps=int(config.get("test_num_steps", 5)),
-                                text_conditioning=config.get("text_conditioning", "auto"), image_log_every_n_steps=0)
-    module.stats = DatasetStats.load(folder / STATS_FILE)
-    module.text_encoder_identity = config.get("text_encoder")
-    module.center_crop = bool(config.get("center_crop", False))
+                                text_conditioning=config.get("text_conditioning", "auto"), image_log_every_n_steps=0,
+                                inference_record=record)
     texts = None
     if (folder / TEXT_FILE).is_file():
         identity, texts = read_text_embeddings(folder / TEXT_FILE)
-        if identity and module.text_encoder_identity and identity != module.text_encoder_identity:
+        if identity and record.text_encoder != "none" and identity != record.text_encoder:
             raise CosmosPolicyError(f"{folder / TEXT_FILE}: embeddings of {identity!r}, but the policy uses "
-                                    f"{module.text_encoder_identity!r}")
-    kwargs = {"max_text_tokens": int(config.get("max_text_tokens", 512)),
-              "objective_mix": config.get("objective_mix"), "text_embeddings": texts, **policy_kwargs}
-    return CosmosPolicy(module, device=device, dtype=dtype, **kwargs)
+                                    f"{record.text_encoder!r}")
+    return module, texts

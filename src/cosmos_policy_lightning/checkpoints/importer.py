@@ -23,8 +23,10 @@ from typing import Any
 import torch
 
 from ..atomic import write_bytes_atomic
+from ..dtypes import dtype_from_name
 from ..embodiment import load_embodiment
 from ..errors import CosmosPolicyError
+from ..inference_record import InferenceRecord
 from ..layout import SequenceLayout
 from ..model.vae import WAN21_VAE
 from ..model.reference_weights import fetch_file, load_reference_transformer
@@ -105,11 +107,7 @@ def import_checkpoint(
     layout = SequenceLayout.from_embodiment(emb)
     if test_num_steps is None:
         test_num_steps = _recipe_test_steps(emb.name)
-    torch_dtype = None
-    if dtype is not None:
-        torch_dtype = getattr(torch, str(dtype), None)
-        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-            raise CosmosPolicyError(f"import-checkpoint: --dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    torch_dtype = None if dtype is None else dtype_from_name(dtype, "import-checkpoint: --dtype")
     print(f"reading {source} ...", flush=True)
     dit = load_reference_transformer(source, transformer, ema=ema, torch_dtype=torch_dtype, trust_pickle=trust_pickle)
     text_dim = int(dit.config.text_embed_dim)
@@ -138,16 +136,14 @@ def import_checkpoint(
     checkpoint = {
         "state_dict": {f"dit.transformer.{k}": v for k, v in dit.state_dict().items()},
         "hyper_parameters": hyper_parameters,
-        "datamodule_hyper_parameters": {"max_text_tokens": T5_MAX_TOKENS},
         "epoch": 0,
         "global_step": 0,
         "pytorch-lightning_version": lightning.__version__,
         CHECKPOINT_KEY: {
-            "embodiment": emb.to_dict(),
-            "layout": layout.to_dict(),
-            "stats": dataset_stats.to_dict() if dataset_stats is not None else None,
-            "text_encoder": text_encoder,
-            "center_crop": bool(center_crop),
+            # Without --stats the checkpoint holds weights only (a record needs statistics).
+            **(InferenceRecord(emb, dataset_stats, text_encoder, T5_MAX_TOKENS,
+                               test_transform="center_crop" if center_crop else "none").to_dict()
+               if dataset_stats is not None else {"embodiment": emb.to_dict(), "layout": layout.to_dict()}),
             TEXT_EMBEDDINGS_KEY: embeddings,
             "imported_from": {"source": os.fspath(source), "ema": bool(ema),
                               "stats": None if stats is None else os.fspath(stats),

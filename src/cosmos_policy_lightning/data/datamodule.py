@@ -42,7 +42,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +54,14 @@ from torch.utils.data import DataLoader
 from ..embodiment import Embodiment
 from ..errors import CosmosPolicyError, DataError
 from ..layout import OBJECTIVES, SequenceLayout
+from ..inference_record import InferenceRecord
 from ..normalization import DatasetStats, Normalizer
-from ..text import INDEX_FILE, TextEmbeddingCache
 from . import schema as S
+from .dataset_info import DatasetInfo, SplitInfo, load_json, read_dataset_info
 from .integrity import CheckedTarSamples, check_shard_sizes
 from .latent_cache import (
     LATENTS,
     PASSTHROUGH,
-    build_latent_cache,
     cache_fingerprint,
     read_cache_manifest,
     refuse_other_fingerprint,
@@ -82,217 +81,6 @@ from .stages import (
 #: The pre-training mix of docs/method.md §2; the planning fine-tune uses ``{"policy": 0.1, "world_model": 0.45,
 #: "value": 0.45}``.
 DEFAULT_OBJECTIVE_MIX: dict[str, float] = {"policy": 0.5, "world_model": 0.25, "value": 0.25}
-
-
-# ============================================================================ dataset metadata
-@dataclass(frozen=True)
-class SplitInfo:
-    """One split of a converted dataset.
-
-    Attributes:
-        shards: absolute shard paths, in manifest order.
-        samples: samples per shard (None where the manifest does not say).
-        success_samples, failure_samples: sample counts by episode outcome (None = unknown).
-        bytes, sha256: per shard, the size and checksum the manifest records (None where it does not;
-            ``data/integrity.py``).
-    """
-
-    shards: tuple[str, ...]
-    samples: tuple[int | None, ...]
-    success_samples: int | None = None
-    failure_samples: int | None = None
-    bytes: tuple[int | None, ...] = ()
-    sha256: tuple[str | None, ...] = ()
-
-    @property
-    def total_samples(self) -> int | None:
-        """Sum of :attr:`samples`, or None when any shard's count is unknown."""
-        return None if any(n is None for n in self.samples) else sum(self.samples)  # type: ignore[arg-type]
-
-    @property
-    def has_success(self) -> bool | None:
-        return None if self.success_samples is None else self.success_samples > 0
-
-    @property
-    def has_failure(self) -> bool | None:
-        return None if self.failure_samples is None else self.failure_samples > 0
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Everything about a converted dataset that is known without reading a shard.
-
-    Attributes:
-        data_dir: the dataset directory.
-        embodiment: the robot (the given one, checked against the manifest's; else the manifest's).
-        stats: normalisation statistics (``stats.json``), fingerprint checked against the manifest.
-        manifest: ``manifest.json`` as a dict.
-        text_encoder: identity of the encoder of ``text_embeddings/`` (e.g. ``minilm:all-MiniLM-L6-v2``);
-            ``"none"`` for a dataset converted without text (then ``text`` is ``(B, 0, 0)``).
-        text_dim: its embedding width D (0 without text).
-        splits: ``{"train": SplitInfo, "validation": SplitInfo}``.
-    """
-
-    data_dir: Path
-    embodiment: Embodiment
-    stats: DatasetStats
-    manifest: dict
-    text_encoder: str
-    text_dim: int
-    splits: dict[str, SplitInfo] = field(default_factory=dict)
-
-    def normalizers(self) -> dict[str, Normalizer]:
-        """``{"action": Normalizer, "proprio": Normalizer}`` with the embodiment's modes (docs/method.md §4)."""
-        return {m: self.stats.normalizer(m, self.embodiment.normalization[m]) for m in ("action", "proprio")}
-
-
-def _load_json(path: Path) -> Any:
-    import json
-
-    if not path.is_file():
-        raise DataError(f"{path}: not found (convert the dataset first: cosmos-policy convert ...)")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-
-
-def _check_same_robot(given: Embodiment, stored: Embodiment, manifest_path: Path) -> None:
-    """Refuse shards written for another robot: everything baked into the shards must agree (camera
-    set, image size, dims, chunk size, discount of the stored values). Camera *order* may differ:
-    images are stored by camera name and batched in the given embodiment's order."""
-    checks = [
-        ("cameras", sorted(given.camera_names), sorted(stored.camera_names)),
-        ("image_size", list(given.image_size), list(stored.image_size)),
-        ("proprio.dim", given.proprio.dim, stored.proprio.dim),
-        ("action.dim", given.action.dim, stored.action.dim),
-        ("action.chunk_size", given.action.chunk_size, stored.action.chunk_size),
-        ("value.gamma", given.value.gamma, stored.value.gamma),
-    ]
-    for name, mine, theirs in checks:
-        if mine != theirs:
-            raise DataError(f"{manifest_path}: shards were written for embodiment {stored.name!r} with {name} = "
-                            f"{theirs}, but embodiment {given.source} has {name} = {mine}")
-
-
-def _listed_shards(manifest: dict, split: str) -> list | None:
-    """The manifest's shard entries of ``split``: the converter writes one flat list whose entries carry
-    ``split``; a mapping ``{split: [entries]}`` is accepted too. None when the manifest lists none."""
-    shards = manifest.get("shards")
-    if isinstance(shards, dict):
-        return shards.get(split)
-    if isinstance(shards, list):
-        return [e for e in shards if isinstance(e, dict) and e.get("split", split) == split]
-    return None
-
-
-def _outcome(counts: dict, *keys: str) -> int | None:
-    for key in keys:
-        if isinstance(counts.get(key), (int, float)) and not isinstance(counts.get(key), bool):
-            return int(counts[key])
-    return None
-
-
-def _split_info(manifest: dict, split: str, data_dir: Path, manifest_path: Path) -> SplitInfo:
-    listed = _listed_shards(manifest, split)
-    if listed is None:
-        # No shard list: fall back to the ShardWriter naming of sample.py (counts unknown).
-        paths = sorted(data_dir.glob(f"{split}-*.tar"))
-        return SplitInfo(tuple(str(p) for p in paths), tuple(None for _ in paths),
-                         bytes=tuple(None for _ in paths), sha256=tuple(None for _ in paths))
-    shards, samples, sizes, digests = [], [], [], []
-    for i, entry in enumerate(listed):
-        name = entry.get("name") if isinstance(entry, dict) else entry
-        if not isinstance(name, str):
-            raise DataError(f"{manifest_path}: shard entry {i} of split {split} has no file name")
-        path = data_dir / name
-        if not path.is_file():
-            raise DataError(f"{manifest_path}: lists shard {name}, which is missing from {data_dir}")
-        shards.append(str(path))
-        samples.append(int(entry["samples"]) if isinstance(entry, dict) and entry.get("samples") is not None else None)
-        sizes.append(int(entry["bytes"]) if isinstance(entry, dict) and entry.get("bytes") is not None else None)
-        digests.append(entry.get("sha256") if isinstance(entry, dict) else None)
-    counts = (manifest.get("counts") or {}).get(split) or {}
-    # Presence of successes / failures is what the mixer needs: sample counts or episode counts.
-    return SplitInfo(tuple(shards), tuple(samples), _outcome(counts, "success_samples", "successes"),
-                     _outcome(counts, "failure_samples", "failures"), tuple(sizes), tuple(digests))
-
-
-def read_dataset_info(data_dir: str | Path, embodiment: str | Path | None = None) -> DatasetInfo:
-    """Read and cross-check a converted dataset's metadata without opening a shard (cheap: a few
-    small JSON files). This is what the CLI links into the model (embodiment, text width).
-
-    Args:
-        data_dir: the converted dataset directory.
-        embodiment: embodiment YAML path to use instead of the manifest's; it must describe the same
-            robot (cameras, image size, dims, chunk size, gamma) -- its normalisation modes may differ.
-
-    Returns:
-        the :class:`DatasetInfo`.
-
-    Raises:
-        DataError: a file is missing or malformed, the statistics' fingerprint differs from the
-            manifest's ``stats_fingerprint``, or the embodiment does not match the shards.
-        EmbodimentError: the embodiment YAML (or the manifest's copy) is invalid.
-    """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: dataset directory not found")
-    manifest_path, stats_path = data_dir / S.MANIFEST, data_dir / S.STATS
-    manifest = _load_json(manifest_path)
-    if not isinstance(manifest, dict):
-        raise DataError(f"{manifest_path}: expected a JSON object")
-    status = manifest.get("status", "complete")
-    if status != "complete":
-        raise DataError(f"{manifest_path}: conversion not finished (status {status!r}); run the same "
-                        f"cosmos-policy convert command again to complete it")
-    if not isinstance(manifest.get("embodiment"), dict):
-        raise DataError(f"{manifest_path}: missing the 'embodiment' mapping")
-    stored = Embodiment.from_dict(manifest["embodiment"], source=f"{manifest_path}:embodiment")
-    if embodiment is not None:
-        robot = Embodiment.from_yaml(embodiment)
-        _check_same_robot(robot, stored, manifest_path)
-    else:
-        robot = stored
-
-    if not stats_path.is_file():
-        raise DataError(f"{stats_path}: statistics file not found")
-    try:
-        stats = DatasetStats.load(stats_path)
-    except (ValueError, FileNotFoundError) as err:
-        raise DataError(str(err)) from None
-    expected = manifest.get("stats_fingerprint")
-    if not isinstance(expected, str):
-        raise DataError(f"{manifest_path}: missing 'stats_fingerprint'")
-    if stats.fingerprint != expected:
-        raise DataError(f"{stats_path}: fingerprint {stats.fingerprint} does not match stats_fingerprint {expected} "
-                        f"of {manifest_path}; the statistics are stale -- re-run the conversion")
-    for modality, dim in (("action", robot.action.dim), ("proprio", robot.proprio.dim)):
-        have = (stats.successful.get(modality) or stats.all.get(modality))
-        if have is None or have.dim != dim:
-            raise DataError(f"{stats_path}: {modality} statistics have dim {None if have is None else have.dim}, "
-                            f"expected {dim} ({robot.source})")
-
-    text_dir = data_dir / S.TEXT_DIR
-    try:
-        cache = TextEmbeddingCache(text_dir)
-    except CosmosPolicyError as err:
-        raise DataError(str(err)) from None
-    if cache.identity is None:
-        # A conversion with --text_encoder none writes no cache: no text conditioning, D = 0.
-        if "text_encoder" in manifest and manifest["text_encoder"] in (None, "none"):
-            identity, dim = "none", 0
-        else:
-            raise DataError(f"{text_dir / INDEX_FILE}: text-embedding index not found (convert the dataset first)")
-    else:
-        identity, dim = cache.identity, int(cache.dim)
-        declared = manifest.get("text_encoder")
-        if declared not in (None, identity):
-            raise DataError(f"{text_dir / INDEX_FILE}: embeddings of encoder {identity!r}, but {manifest_path} "
-                            f"names text_encoder {declared!r}")
-
-    splits = {split: _split_info(manifest, split, data_dir, manifest_path) for split in S.SPLITS}
-    return DatasetInfo(data_dir, robot, stats, manifest, identity, dim, splits)
 
 
 # ============================================================================ the data module
@@ -372,12 +160,14 @@ class CosmosDataModule(L.LightningDataModule):
         val_batch_size: batch size of validation / test / predict; default ``batch_size``.
         convert_from: keyword arguments of :func:`cosmos_policy_lightning.data.convert.convert` (at least
             ``source``; ``format``, ``val_fraction``, ...). When ``data_dir`` holds no finished
-            conversion, the shards are made from them first (``output`` = ``data_dir``, ``embodiment`` =
-            this module's), so a recipe runs on a fresh checkout. An unfinished conversion resumes.
+            conversion, the preparation stage (``training/prepare.py``, run by the CLI before anything
+            reads the dataset; from Python ``prepare_dataset(dm)``) makes the shards from them first
+            (``output`` = ``data_dir``, ``embodiment`` = this module's), so a recipe runs on a fresh
+            checkout. An unfinished conversion resumes. The data module itself only reads shards.
         latent_cache: train, validate and test from VAE latents encoded once (``data/latent_cache.py``)
-            instead of encoding images at every step; the cache is built on first use (resumable).
-        vae: the VAE of the cache -- the CLI links it from ``model.init_args.vae``; the model refuses a
-            cache made with another VAE.
+            instead of encoding images at every step. The preparation stage builds the cache with the
+            model's VAE on first use (resumable) and refuses one made with another VAE.
+        vae: the VAE of the cache (the CLI links it from ``model.init_args.vae``).
         latent_views: random augmented views stored per training sample besides the test-time view
             (with ``augment``); one is drawn per sample and step.
         latent_dir: cache directory; default ``<data_dir>/latents``.
@@ -461,11 +251,25 @@ class CosmosDataModule(L.LightningDataModule):
     @property
     def info(self) -> DatasetInfo:
         """The dataset's :class:`DatasetInfo`, read on first access (so CLI links work right after
-        construction, before :meth:`setup`)."""
+        construction, before :meth:`setup`).
+
+        Raises:
+            DataError: the dataset is missing or unfinished (with ``convert_from``: the hint to run the
+                preparation stage), or inconsistent.
+        """
         if self._info is None:
-            self._convert_if_missing()
+            if self.convert_from is not None and not self.converted:
+                raise DataError(f"{self.data_dir}: not converted yet; data.convert_from is run by the preparation "
+                                f"stage: cosmos-policy fit/test do it, from Python call "
+                                f"cosmos_policy_lightning.training.prepare.prepare_dataset(datamodule)")
             self._info = read_dataset_info(self.data_dir, self.embodiment_path)
         return self._info
+
+    @property
+    def converted(self) -> bool:
+        """Whether ``data_dir`` holds a finished conversion (its manifest says ``complete``)."""
+        manifest = Path(self.data_dir) / S.MANIFEST
+        return manifest.is_file() and load_json(manifest).get("status") == "complete"
 
     @property
     def embodiment(self) -> Embodiment:
@@ -507,26 +311,37 @@ class CosmosDataModule(L.LightningDataModule):
 
     @property
     def cache_manifest(self) -> dict | None:
-        """The latent cache's manifest (built first if missing or unfinished); None without ``latent_cache``."""
+        """The latent cache's manifest; None without ``latent_cache``. Everything but the VAE is checked
+        here without loading it (the preparation stage checks the VAE against the model's).
+
+        Raises:
+            DataError: the cache is missing or unfinished (build it with ``cosmos-policy cache-latents`` or
+                let ``cosmos-policy fit`` build it), or was made for other settings.
+        """
         if not self.latent_cache:
             return None
         if self._cache_manifest is None:
             manifest = read_cache_manifest(self.cache_dir)
             if manifest is None or manifest.get("status") != "complete":
-                build_latent_cache(self.info.data_dir, self.vae, self.cache_dir, augment=self.augment,
-                                   augment_views=self.latent_views, seed=self.seed, dtype=self.latent_dtype,
-                                   embodiment=self.embodiment_path)
-                manifest = read_cache_manifest(self.cache_dir)
-            else:
-                # A finished cache: everything but the VAE is checked here without loading it; the model
-                # checks the VAE against its own (check_cache_matches_model).
-                info = self.info
-                want = cache_fingerprint(SequenceLayout.from_embodiment(info.embodiment), info.embodiment.image_size,
-                                         "", self.augment, self.latent_views, self.seed, self.latent_dtype,
-                                         info.stats.fingerprint)
-                refuse_other_fingerprint(manifest, want, self.cache_dir, ignore=("vae",))
+                raise DataError(f"{self.cache_dir}: no finished latent cache; cosmos-policy fit/test build it with "
+                                f"the model's VAE (from Python: training.prepare.prepare_latent_cache(datamodule, "
+                                f"model.vae)), or run cosmos-policy cache-latents {self.data_dir}")
+            info = self.info
+            want = cache_fingerprint(SequenceLayout.from_embodiment(info.embodiment), info.embodiment.image_size,
+                                     "", self.augment, self.latent_views, self.seed, self.latent_dtype,
+                                     info.stats.fingerprint)
+            refuse_other_fingerprint(manifest, want, self.cache_dir, ignore=("vae",))
             self._cache_manifest = manifest
         return self._cache_manifest
+
+    def inference_record(self) -> InferenceRecord:
+        """What a model trained on this data needs at inference (``inference_record.py``): the embodiment,
+        statistics, text encoder, token limit, objective mix and test-time transform. The CLI links it
+        into ``model.init_args.inference_record``; the model stores it in every checkpoint."""
+        info = self.info
+        return InferenceRecord(embodiment=info.embodiment, stats=info.stats, text_encoder=info.text_encoder,
+                               max_text_tokens=self.max_text_tokens, objective_mix=self.objective_mix,
+                               test_transform="center_crop" if self.center_crop else "none")
 
     def _shards(self, split: str) -> list[str]:
         """Shard paths of ``split``: the pixel shards, or their latent-cache counterparts."""
@@ -575,17 +390,6 @@ class CosmosDataModule(L.LightningDataModule):
     def objective_mix(self) -> dict[str, float]:
         """The normalised mix, ``{objective: weight}`` over the objectives with nonzero weight."""
         return {o: w for o, w in zip(OBJECTIVES, self.objective_weights) if w > 0}
-
-    def _convert_if_missing(self) -> None:
-        """Run the configured conversion when ``data_dir`` has no finished one (see ``convert_from``)."""
-        if self.convert_from is None:
-            return
-        manifest = Path(self.data_dir) / S.MANIFEST
-        if manifest.is_file() and _load_json(manifest).get("status") == "complete":
-            return
-        from .convert import convert
-
-        convert(**{**self.convert_from, "output": self.data_dir, "embodiment": self.embodiment_path})
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:

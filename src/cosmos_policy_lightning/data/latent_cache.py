@@ -25,8 +25,12 @@ pixel sample's ``proprio.npy``, ``future_proprio.npy``, ``actions.npy`` and ``me
 
 The fingerprint records the VAE (a hash of its weights and configuration), the layout, the image
 size, the augmentation settings and the pixel dataset's statistics fingerprint; the data module
-refuses a cache whose fingerprint differs from what it is asked for, and the model refuses one made
-with another VAE (:func:`check_cache_matches_model`).
+refuses a cache whose fingerprint differs from what it is asked for, and the preparation stage
+(``training/prepare.py``) refuses one made with another VAE than the model's
+(:func:`check_cache_matches_model`).
+
+This module only reads and writes caches: the encoder comes in as an argument (the model's
+``model/sequence.py`` ``PixelSequenceEncoder``), so the data package never imports the model.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from ..layout import SequenceLayout
 from ..locking import folder_lock
 from . import schema as S
 from .augment import REFERENCE_AUGMENT, apply_uint8, center_crop_params, sample_params
+from .dataset_info import read_dataset_info
 from .integrity import CheckedTarSamples, check_shard_sizes
 from .shards import BLOCK, RECORD, sample_record
 from .stages import decode_images
@@ -141,13 +146,10 @@ def check_cache_matches_model(cache_manifest: dict, cache_dir: str | Path, vae_h
 class _ViewEncoder:
     """Decode pixel samples, make their views and encode them with the VAE in batches."""
 
-    def __init__(self, embodiment: Embodiment, layout: SequenceLayout, vae, augment: bool, views: int, seed: int):
-        # Imported here: the data package does not depend on the model package at import time.
-        from ..model.sequence import encode_pixel_sequence
-
-        self.encode_sequence = encode_pixel_sequence
+    def __init__(self, embodiment: Embodiment, layout: SequenceLayout, encoder, augment: bool, views: int,
+                 seed: int):
         self.cameras, self.size = embodiment.camera_names, tuple(embodiment.image_size)
-        self.layout, self.vae = layout, vae
+        self.layout, self.encoder = layout, encoder
         self.augment, self.views, self.seed = augment, views, seed
         self.frames = torch.tensor(kept_frames(layout))
 
@@ -168,7 +170,7 @@ class _ViewEncoder:
         """Encode ``M`` views (each ``(2N, H, W, 3)`` uint8) in one VAE call -> float32 ``(M, 16, F, h, w)``."""
         stack = torch.stack(pixel_views)                    # (M, 2N, H, W, 3)
         n = len(self.cameras)
-        latents = self.encode_sequence(self.layout, self.vae, stack[:, :n], stack[:, n:])
+        latents = self.encoder(self.layout, stack[:, :n], stack[:, n:])
         return latents[:, :, self.frames].numpy()
 
 
@@ -197,7 +199,7 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = None, augment: bool = True,
+def build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None = None, augment: bool = True,
                        augment_views: int = 4, seed: int = 0, dtype: str = "float16", batch_size: int = 16,
                        embodiment: str | Path | None = None, progress: bool = True,
                        threads: int | None = None) -> Path:
@@ -211,8 +213,9 @@ def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = No
 
     Args:
         data_dir: converted (pixel) dataset directory.
-        vae: the model's VAE: local directory or hub id (e.g. ``assets/tiny_wan_vae``), a config dict, or
-            a loaded :class:`~cosmos_policy_lightning.model.vae.VideoVAE`.
+        encoder: ``encoder(layout, images, future_images) -> (B, 16, T, h, w)`` latents of uint8
+            ``(B, N, H, W, 3)`` images, with a ``fingerprint`` attribute naming its VAE (the model's
+            ``model/sequence.py`` ``PixelSequenceEncoder(vae)``).
         output: cache directory; default ``<data_dir>/latents``.
         augment: whether the data module augments (view 0 is then the test-time centre crop).
         augment_views: random augmented views per training sample (0 = only the test-time view).
@@ -239,21 +242,17 @@ def build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = No
     torch.set_num_threads(int(threads or os.cpu_count() or 1))
     try:
         with folder_lock(out, "latent cache"):
-            return _build_latent_cache(data_dir, vae, out, augment, augment_views, seed, dtype, batch_size,
+            return _build_latent_cache(data_dir, encoder, out, augment, augment_views, seed, dtype, batch_size,
                                        embodiment, progress)
     finally:
         torch.set_num_threads(previous)
 
 
-def _build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = None, augment: bool = True,
+def _build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None = None, augment: bool = True,
                        augment_views: int = 4, seed: int = 0, dtype: str = "float16", batch_size: int = 16,
                        embodiment: str | Path | None = None, progress: bool = True) -> Path:
     """:func:`build_latent_cache` with the folder lock held."""
     from tqdm.auto import tqdm
-
-    from ..model.vae import VideoVAE
-    from ..model.module import resolve_path
-    from .datamodule import read_dataset_info
 
     if dtype not in DTYPES:
         raise DataError(f"cache-latents: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -262,8 +261,7 @@ def _build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = N
     info = read_dataset_info(data_dir, embodiment)
     layout = SequenceLayout.from_embodiment(info.embodiment)
     out = Path(output) if output is not None else info.data_dir / "latents"
-    model_vae = vae if isinstance(vae, VideoVAE) else VideoVAE(resolve_path(vae))
-    want = cache_fingerprint(layout, info.embodiment.image_size, model_vae.weights_fingerprint(), augment,
+    want = cache_fingerprint(layout, info.embodiment.image_size, encoder.fingerprint, augment,
                              augment_views, seed, dtype, info.stats.fingerprint)
     manifest = read_cache_manifest(out)
     if manifest is not None:
@@ -278,7 +276,7 @@ def _build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = N
                                                                     info.splits[split].bytes)],
                       info.data_dir / S.MANIFEST)
     total = sum(n or 0 for split in S.SPLITS for n in info.splits[split].samples)
-    encoder = _ViewEncoder(info.embodiment, layout, model_vae, augment, augment_views, seed)
+    views = _ViewEncoder(info.embodiment, layout, encoder, augment, augment_views, seed)
     np_dtype = DTYPES[dtype]
 
     def save(status: str) -> None:
@@ -300,8 +298,8 @@ def _build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = N
         records, pending = [], []
 
         def flush() -> None:
-            views = [v for _, _, vs in pending for v in vs]
-            latents = encoder.encode(views) if views else np.zeros(0)
+            pixel_views = [v for _, _, vs in pending for v in vs]
+            latents = views.encode(pixel_views) if pixel_views else np.zeros(0)
             i = 0
             for key, sample, vs in pending:
                 members = {m: sample[m] for m in PASSTHROUGH}
@@ -316,7 +314,7 @@ def _build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = N
             missing = [m for m in PASSTHROUGH if m not in sample]
             if missing:
                 raise DataError(f"{shard}: sample {key} lacks member(s) {', '.join(missing)}")
-            pending.append((key, sample, encoder.pixels(sample, key, split == "train")))
+            pending.append((key, sample, views.pixels(sample, key, split == "train")))
             if len(pending) >= batch_size:
                 flush()
         flush()
@@ -329,30 +327,5 @@ def _build_latent_cache(data_dir: str | Path, vae, output: str | Path | None = N
     return out
 
 
-def cache_latents(data_dir: Path, vae: str = "assets/tiny_wan_vae", output: Path | None = None,
-                  augment: bool = True, augment_views: int = 4, seed: int = 0, dtype: str = "float16",
-                  batch_size: int = 16, embodiment: Path | None = None, threads: int | None = None) -> None:
-    """Encode a converted dataset's pixel sequences once with the frozen VAE, for fast training.
-
-    Training then reads ``latents.npy`` instead of JPEGs and skips the VAE (set ``data.latent_cache:
-    true`` in a recipe, which also runs this stage on first use). See ``docs/datamodule.md``.
-
-    Args:
-        data_dir: converted dataset directory (``cosmos-policy convert`` output).
-        vae: the model's VAE: local directory or hub id (must be the recipe's ``model.vae``).
-        output: cache directory (default ``DATA_DIR/latents``).
-        augment: the data module augments images (paper §IV-A); view 0 is then the test-time centre crop.
-        augment_views: random augmented views stored per training sample (plus view 0).
-        seed: seed of the augmentation parameters.
-        dtype: storage dtype, ``float16`` or ``float32``.
-        batch_size: samples per VAE call.
-        embodiment: embodiment YAML (default: the dataset manifest's).
-        threads: torch threads for encoding (default: all cores).
-    """
-    out = build_latent_cache(data_dir, vae, output, augment, augment_views, seed, dtype, batch_size, embodiment,
-                             threads=threads)
-    print(f"latent cache: {out}")
-
-
-__all__ = ["build_latent_cache", "cache_latents", "cache_fingerprint", "check_cache_matches_model", "kept_frames",
+__all__ = ["build_latent_cache", "cache_fingerprint", "check_cache_matches_model", "kept_frames",
            "read_cache_manifest", "fingerprint_difference", "LATENTS"]

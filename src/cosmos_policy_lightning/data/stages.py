@@ -31,10 +31,10 @@ from PIL import Image
 from webdataset.filters import PipelineStage, shuffle
 
 from ..embodiment import Embodiment
-from ..errors import CosmosPolicyError, DataError
+from ..errors import DataError
 from ..layout import OBJECTIVES
 from ..normalization import Normalizer
-from ..text import TextEmbeddingCache
+from ..text import InstructionEmbeddings, pad_text_batch
 from . import schema as S
 from .augment import REFERENCE_AUGMENT, apply_uint8, center_crop_params, sample_params
 
@@ -284,44 +284,6 @@ class RoundRobinObjectives(PipelineStage):
 
 
 # ---------------------------------------------------------------------------------------- decoding
-class TextLookup:
-    """Per-instruction text embeddings from ``text_embeddings/`` (text.py's cache), kept in memory
-    per worker (a dataset has few instructions), truncated to ``max_tokens``. Without a cache (dataset
-    converted with ``--text_encoder none``) every instruction gives a ``(0, 0)`` embedding."""
-
-    def __init__(self, directory: str, max_tokens: int):
-        self.directory, self.max_tokens = str(directory), int(max_tokens)
-        self._cache = None
-        self._memo: dict[str, torch.Tensor] = {}
-
-    def __getstate__(self):
-        # Workers rebuild their own in-memory copies.
-        return {"directory": self.directory, "max_tokens": self.max_tokens, "_cache": None, "_memo": {}}
-
-    def get(self, instruction: str, where: str) -> torch.Tensor:
-        """Float32 ``(L, D)`` embedding, ``L <= max_tokens``.
-
-        Raises:
-            DataError: instruction missing from the cache (names the sample).
-        """
-        emb = self._memo.get(instruction)
-        if emb is None:
-            if self._cache is None:
-                self._cache = TextEmbeddingCache(self.directory)
-            if self._cache.identity is None:
-                # Dataset converted without text conditioning: zero tokens of width 0.
-                emb = torch.zeros(0, 0)
-                self._memo[instruction] = emb
-                return emb
-            try:
-                arr = self._cache.get(instruction)
-            except CosmosPolicyError as err:
-                raise DataError(f"{where}: {err}") from None
-            emb = torch.from_numpy(np.ascontiguousarray(arr[: self.max_tokens], dtype=np.float32))
-            self._memo[instruction] = emb
-        return emb
-
-
 def _decode_jpeg(data: bytes, where: str, member: str, size: tuple[int, int]) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -402,7 +364,7 @@ class SampleDecoder(PipelineStage):
         self.proprio_shape = (embodiment.proprio.dim,)
         self.action_shape = (embodiment.action.chunk_size, embodiment.action.dim)
         self.normalizers = normalizers
-        self.text = TextLookup(text_dir, max_text_tokens)
+        self.text = InstructionEmbeddings(max_text_tokens, directory=text_dir)
         self.mode, self.seed, self.rank = mode, seed, rank
         self.position = position
         self.epoch = -1
@@ -495,15 +457,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     Returns:
         the batch dict documented in :mod:`cosmos_policy_lightning.data.datamodule`.
     """
-    b = len(samples)
-    texts = [s["text"] for s in samples]
-    dim = texts[0].shape[1] if texts[0].ndim == 2 else 0
-    length = max(t.shape[0] for t in texts)
-    text = torch.zeros(b, length, dim, dtype=torch.float32)
-    mask = torch.zeros(b, length, dtype=torch.bool)
-    for i, t in enumerate(texts):
-        text[i, : t.shape[0]] = t
-        mask[i, : t.shape[0]] = True
+    text, mask = pad_text_batch([s["text"] for s in samples])
     # Pixel batches carry images; latent-cache batches carry their stored latents instead.
     pictures = ("latents",) if "latents" in samples[0] else ("images", "future_images")
     return {

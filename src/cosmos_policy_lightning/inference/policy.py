@@ -2,8 +2,11 @@
 (docs/method.md §1, §3).
 
 :class:`CosmosPolicy` wraps a :class:`~cosmos_policy_lightning.model.module.CosmosPolicyModule`. The
-checkpoint carries everything inference needs: the embodiment (cameras, dims, chunk size), the
-normalisation statistics, the text encoder's identity and whether images were centre-cropped.
+checkpoint's :class:`~cosmos_policy_lightning.inference_record.InferenceRecord` carries everything
+inference needs (embodiment, statistics, text encoder, token limit, objective mix, test-time
+transform); numbers go in and out through the same
+:class:`~cosmos_policy_lightning.processor.PolicyProcessor` and ``model/sequence.py`` functions as the
+model's ``test_step`` / ``predict_step``.
 
 Two decodings (docs/method.md §3):
 
@@ -15,8 +18,9 @@ Two decodings (docs/method.md §3):
   every stage sees exactly the representation it was trained on.
 
 Only the clean conditioning frames of a sequence are ever read by the sampler, and the VAE is causal,
-so :meth:`CosmosPolicy.encode` VAE-encodes the pixel prefix up to the last current camera only (exactly
-the same latents as encoding the whole clip; the future slots are unknown placeholders anyway).
+so :meth:`CosmosPolicy.encode` VAE-encodes the pixel prefix up to the last current camera only
+(``encode_pixel_sequence(..., through="current")``: exactly the same latents as encoding the whole
+clip; the future slots are unknown placeholders anyway).
 
 Batching: B observations, or ``num_samples`` samples of each, go through the network in one forward
 pass per denoising step (optionally split into micro-batches of ``max_batch``).
@@ -34,12 +38,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..dtypes import dtype_from_name
 from ..errors import CosmosPolicyError
-from ..injection import inject
-from ..layout import OBJECTIVES
-from ..model.sequence import build_pixel_sequence, read_vectors, value_to_unit
+from ..layout import OBJECTIVES, value_objectives
+from ..model.sequence import encode_pixel_sequence, write_slot
+from ..processor import PolicyProcessor, value_to_unit
+from ..checkpoints.checkpoint_file import read_checkpoint_file
 from .ensemble import EnsembleSteps, group_members, member_seeds, member_steps
-from .preprocess import InstructionCache, Observation, prepare_images, prepare_proprio
+from .preprocess import Observation, prepare_images
 
 Decoding = Literal["parallel", "autoregressive"]
 
@@ -121,60 +127,35 @@ class EncodedObservations:
 
 
 
-def read_checkpoint_file(path: str | Path) -> dict:
-    """Load a ``cosmos-policy fit`` checkpoint's dict (memory-mapped: the weights are not read twice).
-
-    Raises:
-        CosmosPolicyError: a sharded (FSDP) directory, a missing or unreadable file, or a file without the
-            ``cosmos_policy`` entry (one line each).
-    """
-    from ..model.module import CHECKPOINT_KEY
-
-    path = Path(path)
-    if path.is_dir():
-        raise CosmosPolicyError(f"{path}: a sharded (FSDP) checkpoint directory; consolidate it into one file "
-                                f"first: python -m lightning.fabric.utilities.consolidate_checkpoint {path}")
-    if not path.is_file():
-        raise CosmosPolicyError(f"{path}: checkpoint not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # pickle / zip errors of a corrupt file
-        raise CosmosPolicyError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(raw, dict) or CHECKPOINT_KEY not in raw:
-        raise CosmosPolicyError(f"{path}: not a Cosmos Policy checkpoint (no {CHECKPOINT_KEY!r} entry)")
-    return raw
-
 class CosmosPolicy:
     """Observation -> action chunk, future proprio / images and value, from a trained model.
 
     Args:
-        module: a :class:`~cosmos_policy_lightning.model.module.CosmosPolicyModule` with statistics
-            (as loaded from a checkpoint). It is moved to ``device`` and put in eval mode.
+        module: a :class:`~cosmos_policy_lightning.model.module.CosmosPolicyModule` with an inference
+            record (as loaded from a checkpoint). It is moved to ``device`` and put in eval mode.
         device: torch device (``"cpu"``, ``"cuda"``, ...).
         dtype: parameter dtype of the DiT and VAE (``torch.bfloat16`` on GPU halves memory); the
             diffusion arithmetic stays float32.
         text_encoder: an encoder object to use instead of rebuilding the recorded one.
-        max_text_tokens: instruction embeddings are cut to this many tokens (as in training).
         jpeg_quality: camera frames go through JPEG at this quality like the converted shards (None: no).
         value_objective: conditioning of the value stage: ``value`` (blank, s, a, s'), ``value_future_state``
-            (blank, s' -- a model fine-tuned with V(s') masks, docs/method.md §2), ``q_value``; ``auto`` picks
-            ``value_future_state`` when the training mix used it and not ``value``.
-        objective_mix: the training objective mix (for ``auto``; read from the checkpoint).
+            (blank, s' -- a model fine-tuned with V(s') masks, docs/method.md §2), ``q_value`` (any of
+            ``layout.value_objectives()``); ``auto`` picks from the recorded training mix (see
+            :meth:`_resolve_value_objective`).
         max_batch: largest batch per network call (None: everything in one call).
         text_embeddings: instruction -> ``(L, D)`` embeddings by the recorded text encoder, used instead of
             running it (an imported checkpoint's T5 embeddings, a Hub policy's ``text_embeddings``).
 
     Raises:
-        CosmosPolicyError: the module has no normalisation statistics, or bad arguments.
+        CosmosPolicyError: the module has no inference record, or bad arguments.
     """
 
     def __init__(self, module, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 text_encoder=None, max_text_tokens: int = 512, jpeg_quality: int | None = 95,
-                 value_objective: str = "auto", objective_mix: Mapping[str, float] | None = None,
+                 text_encoder=None, jpeg_quality: int | None = 95, value_objective: str = "auto",
                  max_batch: int | None = None, text_embeddings: Mapping[str, Any] | None = None):
-        if module.stats is None:
-            raise CosmosPolicyError("policy: the model has no normalisation statistics (load a checkpoint saved "
-                                    "by training with a data module)")
+        if module.record is None:
+            raise CosmosPolicyError("policy: the model has no inference record (normalisation statistics); load a "
+                                    "checkpoint saved by training with a data module")
         module.configure_model()
         self.device = torch.device(device)
         self.dtype = dtype
@@ -183,22 +164,19 @@ class CosmosPolicy:
             if next(part.parameters()).dtype != dtype:  # (diffusers warns on any .to(dtype))
                 part.to(dtype)
         self.module = module.eval()
+        self.record = module.record
         self.embodiment = module.embodiment
         self.layout = module.layout
-        self.center_crop = bool(module.center_crop)
+        self.center_crop = self.record.center_crop
         self.jpeg_quality = jpeg_quality
-        self.action_normalizer = module.normalizer("action")
-        self.proprio_normalizer = module.normalizer("proprio")
-        self.text = InstructionCache(module.text_encoder_identity, text_encoder, max_text_tokens, text_embeddings)
-        self.objective_mix = dict(objective_mix or {})
+        self.processor = PolicyProcessor(self.record, text_encoder, text_embeddings)
+        self.action_normalizer = self.processor.action_normalizer
+        self.proprio_normalizer = self.processor.proprio_normalizer
+        self.text = self.processor.instructions
         self.value_objective = self._resolve_value_objective(value_objective)
         if max_batch is not None and max_batch < 1:
             raise CosmosPolicyError(f"policy: max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
-        last_current = max(self.layout.indices("image", "current"))
-        # Causal VAE: pixel frames 0 .. 4 * last_current give latent frames 0 .. last_current exactly.
-        self._prefix_latents = last_current + 1
-        self._prefix_pixels = self.layout.slots[last_current].pixel_frames[1] + 1
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -206,8 +184,8 @@ class CosmosPolicy:
                         dtype: torch.dtype = torch.float32, **kwargs) -> "CosmosPolicy":
         """Load a Lightning checkpoint written by ``cosmos-policy fit``.
 
-        The VAE is reloaded from the path recorded in the checkpoint; the data module's recorded
-        ``max_text_tokens`` and objective mix are used unless given in ``kwargs``.
+        The VAE is reloaded from the path recorded in the checkpoint; the inference record comes from
+        the checkpoint (``checkpoint["cosmos_policy"]``).
 
         Raises:
             CosmosPolicyError: the file is missing or not a Cosmos Policy checkpoint.
@@ -216,9 +194,6 @@ class CosmosPolicy:
 
         path = Path(path)
         raw = read_checkpoint_file(path)
-        dm = raw.get("datamodule_hyper_parameters") or {}
-        kwargs.setdefault("max_text_tokens", int(dm.get("max_text_tokens", 512)))
-        kwargs.setdefault("objective_mix", dm.get("objective_mix"))
         # an imported checkpoint carries the reference's instruction embeddings (checkpoints/importer.py)
         kwargs.setdefault("text_embeddings", raw[CHECKPOINT_KEY].get("text_embeddings") or None)
         del raw
@@ -239,19 +214,21 @@ class CosmosPolicy:
         Raises:
             CosmosPolicyError: not a policy folder / reachable Hub repository, or a missing file.
         """
-        from ..checkpoints.hub import load_pretrained
+        from ..checkpoints.hub import load_policy_folder
 
-        return load_pretrained(source, device=device, dtype=dtype, **kwargs)
+        module, text_embeddings = load_policy_folder(source)
+        kwargs.setdefault("text_embeddings", text_embeddings)
+        return cls(module, device=device, dtype=dtype, **kwargs)
 
     def _resolve_value_objective(self, name: str) -> str:
+        """``auto``: ``value`` when the recorded training mix has it, else the first value objective it has
+        (``value_future_state`` for the planning fine-tune of docs/method.md §7), else ``value``."""
+        names = value_objectives()
         if name == "auto":
-            mix = self.objective_mix
-            if mix.get("value_future_state", 0) > 0 and not mix.get("value", 0) > 0:
-                return "value_future_state"
-            return "value"
-        if name not in ("value", "value_future_state", "q_value"):
-            raise CosmosPolicyError(f"policy: value_objective must be auto, value, value_future_state or q_value, "
-                                    f"got {name!r}")
+            trained = [o for o in names if self.record.objective_mix.get(o, 0) > 0]
+            return "value" if "value" in trained or not trained else trained[0]
+        if name not in names:
+            raise CosmosPolicyError(f"policy: value_objective must be auto or one of {', '.join(names)}, got {name!r}")
         return name
 
     # ------------------------------------------------------------------ sizes
@@ -284,8 +261,8 @@ class CosmosPolicy:
         if not obs:
             raise CosmosPolicyError("policy: no observation given")
         images = prepare_images(obs, self.embodiment, self.center_crop, self.jpeg_quality)
-        proprio = prepare_proprio(obs, self.proprio_normalizer, self.proprio_dim)
-        text, mask = self.text.batch([o.instruction for o in obs])
+        proprio = self.processor.normalize_proprio([o.proprio for o in obs])
+        text, mask = self.processor.text([o.instruction for o in obs])
         dev = self.device
         return PreparedBatch(images.to(dev), proprio.to(dev), text.to(dev), mask.to(dev))
 
@@ -293,14 +270,8 @@ class CosmosPolicy:
     def encode(self, batch: PreparedBatch) -> torch.Tensor:
         """Clean latents ``(B, 16, T, h, w)``: blank, current proprio and cameras encoded / injected;
         every later frame (action, future state, value) is zero, to be generated."""
-        layout, m = self.layout, self.module
-        pixels = build_pixel_sequence(layout, batch.images, batch.images)[:, :, : self._prefix_pixels]
-        prefix = m.vae.encode(pixels).float()
-        b, c, _, h, w = prefix.shape
-        latents = torch.zeros(b, c, layout.num_latent_frames, h, w, device=prefix.device)
-        latents[:, :, : self._prefix_latents] = prefix
-        latents[:, :, layout.index("proprio")] = inject(batch.proprio.float(), (c, h, w))
-        return latents
+        latents = encode_pixel_sequence(self.layout, self.module.vae, batch.images, None, through="current")
+        return write_slot(latents, self.layout, "proprio", batch.proprio.float())
 
     def encode_observations(self, observation: Any, instruction: str | None = None) -> EncodedObservations:
         """:meth:`prepare` + :meth:`encode` of one observation or a list; the result can be passed to
@@ -347,19 +318,14 @@ class CosmosPolicy:
     def read(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """Generated latents -> ``actions (B, K, A)`` (clamped to [-1, 1]), ``future_proprio (B, P)``,
         normalised, and ``value (B,)`` in [0, 1]."""
-        emb = self.embodiment
-        vec = read_vectors(latents, self.layout, emb.proprio.dim, emb.action.chunk_size, emb.action.dim)
-        return {"actions": vec["actions"].clamp(-1, 1), "future_proprio": vec["future_proprio"],
+        vec = self.module.read(latents)
+        return {"actions": self.processor.clamp_actions(vec["actions"]), "future_proprio": vec["future_proprio"],
                 "value": value_to_unit(vec["value"])}
 
     def write(self, latents: torch.Tensor, slot: str, vector: torch.Tensor) -> torch.Tensor:
         """Inject a normalised vector into ``slot`` (``action`` ``(B, K, A)``, ``future_proprio``
-        ``(B, P)``) of a copy of ``latents`` (docs/method.md §1)."""
-        out = latents.clone()
-        shape = (out.shape[1], out.shape[3], out.shape[4])
-        ndim = 2 if slot == "action" else 1
-        out[:, :, self.layout.index(slot)] = inject(vector.to(out.dtype), shape, vector_ndim=ndim)
-        return out
+        ``(B, P)``) of a copy of ``latents`` (``model/sequence.py`` ``write_slot``)."""
+        return write_slot(latents.clone(), self.layout, slot, vector)
 
     def generator(self, seed: int | Sequence[int] | None) -> torch.Generator | list[torch.Generator] | None:
         """A generator on the policy's device seeded with ``seed`` (None: torch's global RNG), or one
@@ -437,11 +403,10 @@ class CosmosPolicy:
         def shape(x: torch.Tensor) -> np.ndarray:
             return x.float().cpu().numpy().reshape((*lead, *x.shape[1:]))
 
-        actions = self.action_normalizer.unnormalize(out["actions"].double())
-        future_proprio = self.proprio_normalizer.unnormalize(out["future_proprio"].double())
+        robot = self.processor.to_robot({"actions": out["actions"], "future_proprio": out["future_proprio"]})
         result = PolicyOutput(
-            actions=shape(actions).astype(np.float32),
-            future_proprio=shape(future_proprio).astype(np.float32),
+            actions=shape(robot["actions"]).astype(np.float32),
+            future_proprio=shape(robot["future_proprio"]).astype(np.float32),
             value=shape(out["value"]).astype(np.float32),
             future_images=None if images is None else {
                 cam: images[:, n].cpu().numpy().reshape((*lead, *images.shape[2:]))
@@ -486,22 +451,16 @@ class CosmosPolicy:
         Raises:
             CosmosPolicyError: wrong action shape, ensemble sizes or step mode.
         """
-        acts = torch.as_tensor(np.asarray(actions, dtype=np.float64) if not isinstance(actions, torch.Tensor)
-                               else actions.double())
-        k, a = self.chunk_size, self.action_dim
-        if acts.dim() != 3 or tuple(acts.shape[1:]) != (k, a) or not torch.isfinite(acts).all():
-            raise CosmosPolicyError(f"policy: expected finite candidate actions of shape (N, {k}, {a}), got "
-                                    f"{tuple(acts.shape)}")
+        normed = self.processor.normalize_actions(actions).to(self.device)
         if num_futures < 1 or num_values < 1:
             raise CosmosPolicyError(f"policy: num_futures and num_values must be >= 1, got {num_futures}, {num_values}")
-        n, f, v = acts.shape[0], num_futures, num_values
+        n, f, v = normed.shape[0], num_futures, num_values
         future_steps = member_steps(world_model_steps, f, ensemble_steps)
         value_member_steps = member_steps(value_steps, v, ensemble_steps)
         enc = self.encode_observations(observation, instruction)
         if enc.batch.size != 1:
             raise CosmosPolicyError(f"policy: evaluate_actions takes one observation, got {enc.batch.size}")
         batch, clean = enc.batch, enc.clean
-        normed = self.action_normalizer.normalize(acts).float().to(self.device)
         wm_in = self.write(clean.expand(n * f, -1, -1, -1, -1), "action", normed.repeat_interleave(f, 0))
         futures = self._sample_members(wm_in, "world_model", batch, future_steps, seed)      # rows n * F + f
         future_proprio = self.read(futures)["future_proprio"]
@@ -509,9 +468,8 @@ class CosmosPolicy:
         val_in = futures.repeat_interleave(v, 0)                                              # rows (n F + f) V + v
         values = self.read(self._sample_members(val_in, self.value_objective, batch, value_member_steps,
                                                 seed))["value"]
-        fp = self.proprio_normalizer.unnormalize(future_proprio.double()).float()
-        return ActionEvaluation(values=values.view(n, f, v).cpu().numpy(),
-                                future_proprio=fp.view(n, f, -1).cpu().numpy())
+        fp = self.processor.to_robot({"future_proprio": future_proprio})["future_proprio"]
+        return ActionEvaluation(values=values.view(n, f, v).cpu().numpy(), future_proprio=fp.view(n, f, -1).numpy())
 
     def _sample_members(self, latents: torch.Tensor, objective: str, batch: PreparedBatch, steps: list[int],
                         seed: int | None) -> torch.Tensor:
@@ -539,20 +497,6 @@ class CosmosPolicy:
                     clean[sl], self.condition_mask(objective, n), batch.text.expand(n, -1, -1),
                     batch.text_mask.expand(n, -1), num_steps=count, noise=noise[sl])
         return out
-
-
-def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
-    """``"bfloat16"`` / ``"float32"`` / ``"float16"`` -> torch dtype.
-
-    Raises:
-        CosmosPolicyError: not a floating dtype name.
-    """
-    if isinstance(name, torch.dtype):
-        return name
-    dt = getattr(torch, str(name), None)
-    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise CosmosPolicyError(f"dtype must be float32, bfloat16 or float16, got {name!r}")
-    return dt
 
 
 __all__ = ["CosmosPolicy", "PolicyOutput", "ActionEvaluation", "PreparedBatch", "EncodedObservations", "Observation",

@@ -3,14 +3,12 @@
 Training images went through the converter (resized to the embodiment's ``image_size`` with PIL's
 bilinear filter, stored as JPEG quality 95) and, for a model trained with augmentation, the test-time
 centre crop of 90% area. :func:`prepare_images` repeats exactly those steps on a live camera frame, so a
-policy sees the same pixels in deployment as in validation. Proprio is normalised with the checkpoint's
-statistics; instructions are encoded once by the checkpoint's text encoder and kept in memory
-(:class:`InstructionCache`).
+policy sees the same pixels in deployment as in validation. Proprio, actions and instructions go
+through ``processor.py``, shared with training.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,8 +22,6 @@ from ..data.augment import test_transform
 from ..data.images import encode_jpeg, to_pil
 from ..embodiment import Embodiment
 from ..errors import CosmosPolicyError
-from ..normalization import Normalizer
-from ..text import TextEncoder, build_text_encoder
 
 
 @dataclass
@@ -109,102 +105,4 @@ def prepare_images(observations: Sequence[Observation], embodiment: Embodiment, 
     return images
 
 
-def prepare_proprio(observations: Sequence[Observation], normalizer: Normalizer, dim: int) -> torch.Tensor:
-    """Proprio of B observations in robot units -> float32 ``(B, P)`` normalised (docs/method.md §4).
-
-    Warns (once per dimension and normalizer) when a value lies far outside the training range
-    (:meth:`~cosmos_policy_lightning.normalization.Normalizer.warn_out_of_range`).
-
-    Raises:
-        CosmosPolicyError: not numbers, wrong length or non-finite values.
-    """
-    rows = []
-    for b, obs in enumerate(observations):
-        try:
-            p = np.asarray(obs.proprio, dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError):
-            raise CosmosPolicyError(f"observation {b}: proprio must be numbers (robot units), got "
-                                    f"{str(obs.proprio)[:60]!r}") from None
-        if p.shape != (dim,) or not np.isfinite(p).all():
-            raise CosmosPolicyError(f"observation {b}: expected finite proprio of shape ({dim},), got "
-                                    f"{np.asarray(obs.proprio).shape} {p[:8].tolist()}")
-        rows.append(p)
-    batch = np.stack(rows)
-    normalizer.warn_out_of_range(batch, "proprio")
-    return torch.as_tensor(np.asarray(normalizer.normalize(batch)), dtype=torch.float32)
-
-
-@functools.lru_cache(maxsize=4)
-def shared_text_encoder(identity: str) -> TextEncoder:
-    """The text encoder of ``identity``, built once per process: two policies of the same encoder
-    (planning's dual deployment) share one copy of its weights."""
-    return build_text_encoder(identity)
-
-
-class InstructionCache:
-    """Instruction -> per-token embedding, encoded once per distinct instruction and kept in memory.
-
-    Embeddings are rounded through float16 and cut to ``max_tokens`` exactly like the dataset's
-    ``text_embeddings/`` cache that the model was trained on.
-
-    Args:
-        identity: the text encoder identity recorded in the checkpoint (``minilm:...``, ``t5:...``,
-            ``none``); ignored when ``encoder`` is given.
-        encoder: an already built encoder (``identity``, ``dim``, ``encode``), e.g. to share one.
-        max_tokens: token limit (the data module's ``max_text_tokens``).
-        precomputed: instruction -> ``(L, D)`` embedding computed beforehand by the same encoder (e.g. the
-            reference's T5 embeddings inside an imported checkpoint, or those shipped with a Hub policy);
-            these instructions never load the encoder.
-
-    Raises:
-        CosmosPolicyError: neither an identity nor an encoder (at the first :meth:`batch`).
-    """
-
-    def __init__(self, identity: str | None, encoder: TextEncoder | None = None, max_tokens: int = 512,
-                 precomputed: Mapping[str, Any] | None = None):
-        self.identity = encoder.identity if encoder is not None else identity
-        self._encoder = encoder
-        self.max_tokens = int(max_tokens)
-        self._cache: dict[str, torch.Tensor] = {}
-        self._precomputed = dict(precomputed or {})
-
-    @property
-    def encoder(self) -> TextEncoder:
-        """The encoder, built on first use from the recorded identity (loading a text model is slow)."""
-        if self._encoder is None:
-            if not self.identity:
-                raise CosmosPolicyError("policy: the checkpoint records no text encoder; pass text_encoder=... "
-                                        "(e.g. build_text_encoder('minilm'))")
-            self._encoder = shared_text_encoder(self.identity)
-        return self._encoder
-
-    def get(self, instruction: str) -> torch.Tensor:
-        """``(L, D)`` float32 embedding of ``instruction`` (``(0, 0)`` for a text-free model)."""
-        if instruction not in self._cache:
-            if not isinstance(instruction, str):
-                raise CosmosPolicyError(f"policy: instruction must be a string, got {type(instruction).__name__}")
-            if instruction in self._precomputed:
-                emb = self._precomputed[instruction]
-                emb = emb.float().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb, dtype=np.float32)
-            else:
-                emb = np.asarray(self.encoder.encode([instruction])[0])
-            emb = emb[: self.max_tokens].astype(np.float16).astype(np.float32)
-            self._cache[instruction] = torch.from_numpy(np.ascontiguousarray(emb))
-        return self._cache[instruction]
-
-    def batch(self, instructions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings of B instructions, zero-padded like the data module's collate.
-
-        Returns:
-            ``text`` float32 ``(B, L, D)`` and ``text_mask`` bool ``(B, L)`` (True on real tokens);
-            ``(B, 0, 0)`` / ``(B, 0)`` for a text-free model.
-        """
-        embs = [self.get(t) for t in instructions]
-        dim = embs[0].shape[1] if embs[0].ndim == 2 else 0
-        length = max(e.shape[0] for e in embs)
-        text = torch.zeros(len(embs), length, dim)
-        mask = torch.zeros(len(embs), length, dtype=torch.bool)
-        for i, e in enumerate(embs):
-            text[i, : e.shape[0]] = e
-            mask[i, : e.shape[0]] = True
-        return text, mask
+__all__ = ["Observation", "prepare_image", "prepare_images"]

@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from websockets.asyncio.server import ServerConnection, serve as ws_serve
 from websockets.exceptions import ConnectionClosed
@@ -382,7 +382,8 @@ def serve(
     Raises:
         CosmosPolicyError: bad arguments, unreadable checkpoint, or the port cannot be bound.
     """
-    from .policy import CosmosPolicy, dtype_from_name
+    from ..dtypes import dtype_from_name
+    from .policy import CosmosPolicy
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

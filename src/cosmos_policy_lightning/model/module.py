@@ -9,8 +9,10 @@ One ``training_step`` serves every objective. Per sample:
    run the DiT with per-frame time 0 on them, replace their outputs with the clean latents;
 5. weighted x0 loss on the objective's loss frames.
 
-The checkpoint carries the embodiment, the layout, the normalisation statistics and the text
-encoder's identity (``checkpoint["cosmos_policy"]``), so inference needs nothing else.
+The checkpoint carries the data module's :class:`~cosmos_policy_lightning.inference_record.InferenceRecord`
+(embodiment, layout, statistics, text encoder, token limit, objective mix, test-time transform) under
+``checkpoint["cosmos_policy"]``, so inference needs nothing else. The model never reaches into the data
+module: the record arrives as the typed ``inference_record`` argument (linked by the CLI).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from torchmetrics.classification import BinaryAUROC
 from ..embodiment import Embodiment, load_embodiment
 from ..errors import CosmosPolicyError
 from ..layout import OBJECTIVES, SequenceLayout
+from ..inference_record import InferenceRecord
 from ..normalization import DatasetStats, Normalizer
+from ..processor import PolicyProcessor, value_to_unit
 from ..shipped import CHECKOUT_ROOT, shipped_path
 from ..text import T5_MAX_TOKENS, pad_text_tokens, uses_padded_text
 from . import diffusion
@@ -38,7 +42,7 @@ from .vae import VideoVAE
 from .predict import predict_batch
 from .schedule import lr_multiplier
 from .skill import ErrorTable, skill_metrics
-from .sequence import encode_pixel_sequence, inject_vectors, read_vectors, unit_range_to_images, value_to_unit
+from .sequence import encode_pixel_sequence, inject_vectors, read_vectors, unit_range_to_images
 from .rng import rank_generator, run_seed
 from .warm_start import load_dit_weights
 
@@ -118,6 +122,13 @@ class CosmosPolicyModule(L.LightningModule):
         text_conditioning: ``auto`` (default: T5 text zero-padded to 512 tokens without attention mask,
             as the pretrained and released weights were trained; other encoders masked), ``padded`` or
             ``masked`` (``text.py``).
+        inference_record: the data module's ``inference_record().to_dict()`` (linked by the CLI):
+            statistics, text encoder, token limit, objective mix and test-time transform, stored in every
+            checkpoint. Needed for ``test`` / ``predict`` and inference, not for training; a loaded
+            checkpoint's own record replaces it.
+
+    Raises:
+        CosmosPolicyError: an inference record of another robot than ``embodiment``.
     """
 
     def __init__(
@@ -142,18 +153,23 @@ class CosmosPolicyModule(L.LightningModule):
         test_num_steps: int = 5,
         init_from_checkpoint: str | None = None,
         text_conditioning: str = "auto",
+        inference_record: dict | None = None,
     ):
         super().__init__()
         if embodiment is None:
             raise ValueError("model.embodiment is required (the CLI links it from data.embodiment)")
         self.embodiment: Embodiment = load_embodiment(embodiment)
-        self.save_hyperparameters()
+        # The record lives once in a checkpoint: in checkpoint["cosmos_policy"], not in the hyperparameters.
+        self.save_hyperparameters(ignore=["inference_record"])
         self.hparams["embodiment"] = self.embodiment.to_dict()  # self-contained checkpoints
         self.layout = SequenceLayout.from_embodiment(self.embodiment)
-        self.stats: DatasetStats | None = None
-        self.text_encoder_identity: str | None = None
-        # Whether held-out images got the docs/method.md §4 test-time centre crop (inference must do the same).
-        self.center_crop: bool = False
+        self._record: InferenceRecord | None = None
+        self._processor: PolicyProcessor | None = None
+        if inference_record is not None:
+            record = inference_record if isinstance(inference_record, InferenceRecord) else \
+                InferenceRecord.from_dict(inference_record, "model.inference_record")
+            refuse_other_robot(record.embodiment.to_dict(), self.embodiment, "model.inference_record")
+            self.record = record
         self.vae = VideoVAE(resolve_path(vae))
         self.dit: VideoDiT | None = None  # built in configure_model (meta-device friendly for FSDP2)
         # The frozen VAE is reloaded from its source and stays out of checkpoints (VideoVAE.state_dict),
@@ -205,49 +221,68 @@ class CosmosPolicyModule(L.LightningModule):
                 fully_shard(block, mesh=mesh, mp_policy=mp)
             fully_shard(self.dit, mesh=mesh, mp_policy=mp)
 
-    # ------------------------------------------------------------------ data-side state
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and getattr(dm, "stats", None) is None and hasattr(dm, "setup"):
-            dm.setup(stage)
-        if dm is not None and getattr(dm, "stats", None) is not None:
-            if self.stats is not None and self.stats.fingerprint != dm.stats.fingerprint:
-                warnings.warn(f"statistics of the checkpoint ({self.stats.fingerprint}) differ from the data "
-                              f"module's ({dm.stats.fingerprint}); using the checkpoint's to keep the model's scale")
-            else:
-                self.stats = dm.stats
-            self.text_encoder_identity = self.text_encoder_identity or getattr(dm, "text_encoder_identity", None)
-            self.center_crop = bool(getattr(dm, "center_crop", self.center_crop))
-        cache = getattr(dm, "cache_manifest", None) if dm is not None else None
-        if cache is not None:
-            from ..data.latent_cache import check_cache_matches_model
+    # ------------------------------------------------------------------ the inference record
+    @property
+    def record(self) -> InferenceRecord | None:
+        """The :class:`~cosmos_policy_lightning.inference_record.InferenceRecord` (None before one is given)."""
+        return self._record
 
-            check_cache_matches_model(cache, dm.cache_dir, self.vae.weights_fingerprint(), self.layout)
+    @record.setter
+    def record(self, record: InferenceRecord | None) -> None:
+        self._record, self._processor = record, None
+
+    @property
+    def stats(self) -> DatasetStats | None:
+        """Normalisation statistics of the record (None without one)."""
+        return None if self._record is None else self._record.stats
+
+    @property
+    def text_encoder_identity(self) -> str | None:
+        """The text encoder's identity from the record (None without one)."""
+        return None if self._record is None else self._record.text_encoder
+
+    @property
+    def center_crop(self) -> bool:
+        """Whether held-out images got the docs/method.md §4 test-time centre crop (inference must too)."""
+        return self._record is not None and self._record.center_crop
+
+    @property
+    def processor(self) -> PolicyProcessor:
+        """The :class:`~cosmos_policy_lightning.processor.PolicyProcessor` of the record.
+
+        Raises:
+            CosmosPolicyError: no record (a model built without ``inference_record`` and not loaded
+                from a checkpoint).
+        """
+        if self._record is None:
+            raise CosmosPolicyError("model: no inference record (statistics); construct the model with "
+                                    "inference_record=datamodule.inference_record().to_dict() (the CLI links it) "
+                                    "or load a checkpoint saved by training with a data module")
+        if self._processor is None:
+            self._processor = PolicyProcessor(self._record)
+        return self._processor
 
     def normalizer(self, modality: str) -> Normalizer:
-        """Normaliser of ``action`` / ``proprio`` from the checkpoint's statistics."""
-        if self.stats is None:
-            raise RuntimeError("no normalisation statistics: train with a data module or load a checkpoint")
-        return self.stats.normalizer(modality, self.embodiment.normalization[modality])
+        """Normaliser of ``action`` / ``proprio`` from the record's statistics."""
+        return self.processor.action_normalizer if modality == "action" else self.processor.proprio_normalizer
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "embodiment": self.embodiment.to_dict(),
-            "layout": self.layout.to_dict(),
-            "stats": self.stats.to_dict() if self.stats is not None else None,
-            "text_encoder": self.text_encoder_identity,
-            "center_crop": self.center_crop,
-        }
+        checkpoint[CHECKPOINT_KEY] = self._record.to_dict() if self._record is not None else {
+            "embodiment": self.embodiment.to_dict(), "layout": self.layout.to_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get(CHECKPOINT_KEY) or {}
+        where = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         if extra.get("embodiment"):  # before any weight is loaded or any batch runs
-            trainer = self._trainer
-            refuse_other_robot(extra["embodiment"], self.embodiment, getattr(trainer, "ckpt_path", None))
-        if extra.get("stats"):
-            self.stats = DatasetStats.from_dict(extra["stats"])
-        self.text_encoder_identity = extra.get("text_encoder")
-        self.center_crop = bool(extra.get("center_crop", False))
+            refuse_other_robot(extra["embodiment"], self.embodiment, where)
+        if not extra.get("stats"):
+            return
+        stored = InferenceRecord.from_dict(extra, str(where or "checkpoint"))
+        if self._record is not None and self._record.stats.fingerprint != stored.stats.fingerprint:
+            warnings.warn(f"statistics of the checkpoint ({stored.stats.fingerprint}) differ from the data "
+                          f"module's ({self._record.stats.fingerprint}); using the checkpoint's to keep the "
+                          f"model's scale")
+        self.record = stored
 
     # ------------------------------------------------------------------ the shared forward pieces
     @torch.no_grad()
@@ -260,6 +295,13 @@ class CosmosPolicyModule(L.LightningModule):
             latents = encode_pixel_sequence(self.layout, self.vae, batch["images"], batch["future_images"])
         return inject_vectors(latents, self.layout, batch["proprio"], batch["future_proprio"],
                               batch["actions"], batch["value"])
+
+    def read(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalised vectors of generated latents ``(B, C, T, h, w)`` (``model/sequence.py read_vectors``):
+        ``actions (B, K, A)``, ``future_proprio`` / ``proprio (B, P)``, ``value (B,)``, all in [-1, 1] space
+        (robot units through :attr:`processor`)."""
+        emb = self.embodiment
+        return read_vectors(latents, self.layout, emb.proprio.dim, emb.action.chunk_size, emb.action.dim)
 
     def denoise(self, x_sigma: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, clean: torch.Tensor,
                 text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
@@ -375,7 +417,6 @@ class CosmosPolicyModule(L.LightningModule):
         b = x0.shape[0]
         text, text_mask = batch["text"], batch.get("text_mask")
         steps = self.hparams.test_num_steps
-        emb = self.embodiment
         pred = predict_batch(self, batch, steps, x0=x0)  # the direct policy, robot units and normalised
         success = batch["success"].bool()
         if success.any():
@@ -396,8 +437,7 @@ class CosmosPolicyModule(L.LightningModule):
             self.test_future_proprio_errors.update(units.replace("model", "baseline"),
                                                    (pred[f"proprio{name}"] - true).to(x0.device))
         val = self.cond_table[OBJECTIVES.index("value")].expand(b, -1)
-        value = read_vectors(self.generate(x0, val, text, text_mask, steps), self.layout, emb.proprio.dim,
-                             emb.action.chunk_size, emb.action.dim)["value"]
+        value = self.read(self.generate(x0, val, text, text_mask, steps))["value"]
         self.test_value_mae.update((value - batch["value"].float()).abs())
         self.test_value_auroc.update(value_to_unit(value), success.long())
         self.test_count.update(torch.tensor(float(b), device=value.device))

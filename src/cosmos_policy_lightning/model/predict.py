@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..layout import OBJECTIVES
-from .sequence import read_vectors, value_to_unit
+
 
 
 @torch.no_grad()
@@ -22,10 +22,12 @@ def predict_batch(module, batch: dict[str, Any], num_steps: int, x0: torch.Tenso
 
     The true future images and vectors are in ``batch`` (the data contract) but never reach the
     sampler: every non-conditioning frame starts from noise, and the causal VAE keeps the current
-    frames' latents independent of later pixel frames.
+    frames' latents independent of later pixel frames. Outputs go to robot units through the model's
+    :class:`~cosmos_policy_lightning.processor.PolicyProcessor`, the same path a deployed policy takes.
 
     Args:
-        module: a configured :class:`~cosmos_policy_lightning.model.module.CosmosPolicyModule` with statistics.
+        module: a configured :class:`~cosmos_policy_lightning.model.module.CosmosPolicyModule` with an
+            inference record.
         batch: a batch of the data module (``data/datamodule.py``).
         num_steps: denoising steps (docs/method.md §3: 5).
         x0: the batch's clean latents if already encoded (``module.encode_batch``); only the
@@ -38,19 +40,16 @@ def predict_batch(module, batch: dict[str, Any], num_steps: int, x0: torch.Tenso
         copy baseline of the future proprio), ``value`` / ``true_value`` (B,) in [0, 1]; and the same
         vectors in the normalised [-1, 1] space of training under ``<name>_normalized``.
     """
-    emb, layout = module.embodiment, module.layout
     x0 = module.encode_batch(batch) if x0 is None else x0
     b = x0.shape[0]
     cond = module.cond_table[OBJECTIVES.index("policy")].expand(b, -1)
-    gen = read_vectors(module.generate(x0, cond, batch["text"], batch.get("text_mask"), num_steps), layout,
-                       emb.proprio.dim, emb.action.chunk_size, emb.action.dim)
-    act, prop = module.normalizer("action"), module.normalizer("proprio")
-
-    def robot(normalizer, x: torch.Tensor) -> torch.Tensor:
-        return normalizer.unnormalize(x.double()).float().cpu()
-
+    gen = module.read(module.generate(x0, cond, batch["text"], batch.get("text_mask"), num_steps))
+    processor = module.processor
+    predicted = processor.to_robot({k: gen[k] for k in ("actions", "future_proprio", "value")})
+    truth = processor.to_robot({"actions": batch["actions"], "future_proprio": batch["future_proprio"],
+                                "proprio": batch["proprio"], "value": batch["value"]}, clamp=False)
     normalized = {
-        "actions": gen["actions"].clamp(-1, 1).float().cpu(),
+        "actions": processor.clamp_actions(gen["actions"]).float().cpu(),
         "true_actions": batch["actions"].float().cpu(),
         "future_proprio": gen["future_proprio"].float().cpu(),
         "true_future_proprio": batch["future_proprio"].float().cpu(),
@@ -60,9 +59,9 @@ def predict_batch(module, batch: dict[str, Any], num_steps: int, x0: torch.Tenso
         "episode": list(batch["episode"]),
         "step": batch["step"].cpu(),
         "success": batch["success"].cpu(),
-        **{name: robot(act if "actions" in name else prop, x) for name, x in normalized.items()},
-        "value": value_to_unit(gen["value"]).cpu(),
-        "true_value": value_to_unit(batch["value"].float()).cpu(),
+        **predicted,
+        **{f"true_{k}": truth[k] for k in ("actions", "future_proprio", "value")},
+        "proprio": truth["proprio"],
     }
     out.update({f"{name}_normalized": x for name, x in normalized.items()})
     return out

@@ -8,6 +8,9 @@ The steps between a collated batch (see ``data/datamodule.py``) and the diffusio
    by frame), up to the last camera slot.
 3. :func:`inject_vectors`: overwrite the placeholder latents of proprio / action / value slots.
 4. :func:`read_vectors`: the inverse of 3 on generated latents (average over tiled copies).
+
+Training, the latent cache (through :class:`PixelSequenceEncoder`) and deployment
+(``inference/policy.py``) all call these functions; none of them builds or reads a sequence its own way.
 """
 
 from __future__ import annotations
@@ -59,25 +62,33 @@ def last_image_latent(layout: SequenceLayout) -> int:
 
 
 @torch.no_grad()
-def encode_pixel_sequence(layout: SequenceLayout, vae, images: torch.Tensor,
-                          future_images: torch.Tensor) -> torch.Tensor:
+def encode_pixel_sequence(layout: SequenceLayout, vae, images: torch.Tensor, future_images: torch.Tensor | None,
+                          through: str = "all") -> torch.Tensor:
     """VAE latents of the layout's pixel sequence (steps 1-2 of the module docstring).
 
     The Wan VAE is causal (latent frame i depends only on pixel frames up to 4i), so only the pixel
-    prefix up to the last camera slot is encoded; the latent frames after it (the value slot, and any
-    other vector slot there) are zeros -- :func:`inject_vectors` overwrites them anyway. The result
-    equals encoding the whole sequence in one call on every frame that survives injection, at 8/9 of
-    the cost for one- to three-camera layouts.
+    prefix up to the last camera slot that is needed is encoded; the latent frames after it are zeros
+    (:func:`inject_vectors` overwrites the vector slots anyway). The result equals encoding the whole
+    sequence in one call on every frame it keeps, at 8/9 of the cost for one- to three-camera layouts.
 
     Args:
         layout: the sequence layout.
         vae: a :class:`~cosmos_policy_lightning.model.vae.VideoVAE`.
         images, future_images: uint8 ``(B, N, H, W, 3)``, cameras in layout order.
+        through: ``all`` (training, the latent cache: current and future camera slots) or ``current``
+            (deployment: the future is unknown, so only up to the last *current* camera slot;
+            ``future_images`` is ignored and may be None).
 
     Returns:
         float32 ``(B, 16, T, H / 8, W / 8)`` normalised latents.
     """
-    last = last_image_latent(layout)
+    if through == "current":
+        last = max(layout.indices("image", "current"))
+        future_images = images  # never encoded: the prefix ends before the first future slot
+    elif through == "all":
+        last = last_image_latent(layout)
+    else:
+        raise ValueError(f"encode_pixel_sequence: through must be 'all' or 'current', got {through!r}")
     pixels = build_pixel_sequence(layout, images, future_images)[:, :, : layout.slots[last].pixel_frames[1] + 1]
     prefix = vae.encode(pixels).float()
     if last + 1 == layout.num_latent_frames:
@@ -88,22 +99,54 @@ def encode_pixel_sequence(layout: SequenceLayout, vae, images: torch.Tensor,
     return latents
 
 
+class PixelSequenceEncoder:
+    """:func:`encode_pixel_sequence` bound to one VAE, with that VAE's identity: what the latent cache
+    (``data/latent_cache.py``) needs from the model, without the data package importing it.
+
+    Attributes:
+        fingerprint: the VAE's :meth:`~cosmos_policy_lightning.model.vae.VideoVAE.weights_fingerprint`.
+    """
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.fingerprint: str = vae.weights_fingerprint()
+
+    def __call__(self, layout: SequenceLayout, images: torch.Tensor, future_images: torch.Tensor) -> torch.Tensor:
+        """``(B, 16, T, h, w)`` latents of B samples (uint8 ``(B, N, H, W, 3)`` images each)."""
+        return encode_pixel_sequence(layout, self.vae, images, future_images)
+
+
+def write_slot(latents: torch.Tensor, layout: SequenceLayout, slot: str, vector: torch.Tensor) -> torch.Tensor:
+    """Write one normalised vector into its slot's latent frame (tiled, docs/method.md §1), in place.
+
+    Args:
+        latents: ``(B, C, T, h, w)``.
+        slot: ``proprio`` / ``future_proprio`` (``(B, P)``), ``action`` (``(B, K, A)``, flattened row-major,
+            time-major) or ``value`` (``(B,)``); values in [-1, 1].
+
+    Returns:
+        ``latents``.
+    """
+    ndim = {"action": 2, "value": 0}.get(slot, 1)
+    shape = latents.shape[1:2] + latents.shape[3:]
+    latents[:, :, layout.index(slot)] = inject(vector.to(latents.dtype), shape, vector_ndim=ndim)
+    return latents
+
+
 def inject_vectors(latents: torch.Tensor, layout: SequenceLayout, proprio: torch.Tensor,
                    future_proprio: torch.Tensor, actions: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Write normalised vectors into their slots (docs/method.md §1), in place, and return ``latents``.
+    """Write all four normalised vectors of a training sample into their slots (:func:`write_slot`), in
+    place, and return ``latents``.
 
     Args:
         latents: ``(B, C, T, h, w)`` VAE latents of the pixel sequence.
         proprio, future_proprio: ``(B, P)`` in [-1, 1].
-        actions: ``(B, K, A)`` in [-1, 1] (flattened row-major, time-major).
+        actions: ``(B, K, A)`` in [-1, 1].
         value: ``(B,)`` in [-1, 1].
     """
-    shape = latents.shape[1:2] + latents.shape[3:]
-    dt = latents.dtype
-    latents[:, :, layout.index("proprio")] = inject(proprio.to(dt), shape)
-    latents[:, :, layout.index("future_proprio")] = inject(future_proprio.to(dt), shape)
-    latents[:, :, layout.index("action")] = inject(actions.to(dt), shape, vector_ndim=2)
-    latents[:, :, layout.index("value")] = inject(value.to(dt), shape, vector_ndim=0)
+    for slot, vector in (("proprio", proprio), ("future_proprio", future_proprio), ("action", actions),
+                         ("value", value)):
+        write_slot(latents, layout, slot, vector)
     return latents
 
 
@@ -122,8 +165,3 @@ def read_vectors(latents: torch.Tensor, layout: SequenceLayout, proprio_dim: int
         "proprio": extract(frame("proprio"), proprio_dim),
         "value": extract(frame("value"), 1).squeeze(-1),
     }
-
-
-def value_to_unit(value: torch.Tensor) -> torch.Tensor:
-    """Map a value in [-1, 1] to [0, 1] by ``(v + 1) / 2`` and clamp (docs/method.md §1)."""
-    return ((value + 1) / 2).clamp(0, 1)

@@ -1,9 +1,11 @@
 """``cosmos-policy fit | validate | test | predict``: LightningCLI over the module and data module.
 
 Recipes are ``class_path`` / ``init_args`` YAML (``recipes/*.yaml``). Sizes that depend on the
-embodiment and the data never appear twice in a recipe: the model's embodiment and text-embedding
-width are read from the instantiated data module (``apply_on="instantiate"``), which takes them from
-the dataset's manifest (or the embodiment YAML it was given).
+embodiment and the data never appear twice in a recipe: the model's embodiment, text-embedding width
+and inference record (statistics, text encoder, ...) are read from the instantiated data module
+(``apply_on="instantiate"``), which takes them from the dataset's manifest (or the embodiment YAML it
+was given). The preparation stage (``training/prepare.py``) runs first: the conversion of
+``data.convert_from`` before the classes are instantiated, the latent cache before the subcommand.
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ import os
 from lightning.pytorch.cli import LightningCLI
 
 from ..data.datamodule import CosmosDataModule
-from ..errors import CosmosPolicyError
+from ..checkpoints.checkpoint_file import check_checkpoint_file
 from ..model.module import CosmosPolicyModule
+from .prepare import convert_if_missing, prepare_latent_cache
 
 
 class CosmosPolicyCLI(LightningCLI):
-    """LightningCLI with the embodiment / text-width links."""
+    """LightningCLI with the data -> model links and the preparation stage."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data", "model.init_args.embodiment", compute_fn=_embodiment_dict,
                               apply_on="instantiate")
         parser.link_arguments("data", "model.init_args.text_dim", compute_fn=lambda dm: dm.text_dim,
                               apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.inference_record",
+                              compute_fn=lambda dm: dm.inference_record().to_dict(), apply_on="instantiate")
         # The latent cache is encoded by the model's VAE: one setting, never written twice.
         parser.link_arguments("model.init_args.vae", "data.init_args.vae", apply_on="parse")
 
@@ -38,17 +43,30 @@ class CosmosPolicyCLI(LightningCLI):
         if ckpt and os.path.isfile(ckpt):
             check_checkpoint_file(ckpt)
 
+    def before_instantiate_classes(self) -> None:
+        # The links read the dataset's manifest while the classes are instantiated: convert first.
+        subcommand = self.config.get("subcommand")
+        data = (self.config[subcommand] if subcommand else self.config).get("data")
+        args = data.get("init_args") if data is not None and hasattr(data, "get") else None
+        if args is not None and args.get("convert_from"):
+            convert_if_missing(args.get("data_dir"), args.get("embodiment"), dict(args.get("convert_from")))
+
+    def _prepare(self, subcommand: str) -> None:
+        self._check_ckpt_path(subcommand)
+        if hasattr(self.datamodule, "latent_cache"):
+            prepare_latent_cache(self.datamodule, self.model.vae)
+
     def before_fit(self) -> None:
-        self._check_ckpt_path("fit")
+        self._prepare("fit")
 
     def before_validate(self) -> None:
-        self._check_ckpt_path("validate")
+        self._prepare("validate")
 
     def before_test(self) -> None:
-        self._check_ckpt_path("test")
+        self._prepare("test")
 
     def before_predict(self) -> None:
-        self._check_ckpt_path("predict")
+        self._prepare("predict")
 
     def _check_ckpt_path(self, subcommand: str) -> None:
         ckpt = getattr(self.config.get(subcommand), "ckpt_path", None)
@@ -72,35 +90,6 @@ def _last_checkpoint(trainer) -> str | None:
                 return None
     existing = [c for c in candidates if os.path.exists(c)]
     return max(existing, key=os.path.getmtime) if existing else None
-
-
-def check_checkpoint_file(path: str | os.PathLike) -> None:
-    """Refuse a checkpoint file that cannot be a whole ``torch.save`` archive, cheaply: a truncated
-    ``.ckpt`` (a full disk, a copy or a job killed while saving) lacks the zip central directory at its
-    end, or has members that reach past its end. Reads only the archive's directory; a distributed
-    (sharded) checkpoint folder is left to its loader.
-
-    Raises:
-        CosmosPolicyError: one line naming the file and what is wrong.
-    """
-    import zipfile
-    from pathlib import Path
-
-    path = Path(path)
-    if path.is_dir() or not path.exists():
-        return  # sharded checkpoint folder, or missing: Lightning names a missing file itself
-    size = path.stat().st_size
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.header_offset + info.compress_size > size:
-                    raise zipfile.BadZipFile(f"member {info.filename} reaches past the end of the file")
-    except zipfile.BadZipFile as err:
-        with open(path, "rb") as f:
-            if f.read(1) == b"\x80" and str(err) == "File is not a zip file":
-                return  # a legacy (pre-zip) torch.save file: nothing cheap to check
-        raise CosmosPolicyError(f"{path}: not a readable checkpoint ({err}; {size} bytes): truncated or corrupt "
-                                f"-- use another checkpoint (e.g. an earlier one) or start without --ckpt_path") from None
 
 
 def _embodiment_dict(dm) -> dict:
