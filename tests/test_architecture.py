@@ -1,0 +1,87 @@
+"""The package's layering, read from the import statements of every module (no module is imported).
+
+Data flows one way (CONTRIBUTING.md): the top-level modules (embodiment, layout, normalization, text,
+inference record, processor, ...) -> ``data/`` -> ``model/`` -> ``inference/``, with ``training/``,
+``checkpoints/``, ``sim/`` and the CLI above. A module may import from its own layer or below, never
+from above.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cosmos_policy_lightning"
+NAME = "cosmos_policy_lightning"
+
+#: Layers, lowest first. Top-level modules (and the package root) are layer 0.
+LAYERS = {"data": 1, "model": 2, "checkpoints": 3, "inference": 4, "training": 4, "sim": 5}
+#: Top-level modules above everything (the command line).
+ENTRY_POINTS = {"cli"}
+
+
+def _module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, package_root: Path = PACKAGE) -> set[str]:
+    """Fully qualified names of the package's modules that ``path`` imports (at any depth, lazy
+    imports inside functions included)."""
+    tree = ast.parse(path.read_text())
+    module = _module_name(path, package_root).split(".")
+    package = module if path.name == "__init__.py" else module[:-1]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                target = ".".join(package[: len(package) - (node.level - 1)] + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            # ``from . import schema`` names a module; ``from .x import f`` names x.
+            names = [f"{target}.{a.name}" for a in node.names] if node.module is None else [target]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n.startswith(NAME + ".")}
+    return found
+
+
+def _layer(qualified: str) -> int:
+    parts = qualified.split(".")[1:]
+    if parts and parts[0] in ENTRY_POINTS:
+        return 9
+    return LAYERS.get(parts[0], 0) if parts else 0
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_imports_from_a_layer_above_its_own(path):
+    own = _layer(_module_name(path))
+    above = sorted(i for i in _imports(path) if _layer(i) > own)
+    assert not above, f"{path.relative_to(PACKAGE)} (layer {own}) imports from above its layer: {above}"
+
+
+def test_no_module_under_data_imports_the_model():
+    offenders = {str(p.relative_to(PACKAGE)): sorted(i for i in _imports(p) if i.startswith(f"{NAME}.model"))
+                 for p in (PACKAGE / "data").rglob("*.py")}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_the_shard_reader_does_not_import_the_converter():
+    for name in ("datamodule.py", "dataset_info.py", "stages.py", "latent_cache.py", "integrity.py"):
+        imported = _imports(PACKAGE / "data" / name)
+        assert not any(i.startswith(f"{NAME}.data.convert") for i in imported), (name, imported)
+
+
+def test_the_layering_check_sees_a_violation(tmp_path):
+    """The check itself can fail: a (lazy) import of the model inside a data module is found."""
+    fake = tmp_path / NAME / "data" / "probe.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("def f():\n    from ..model.module import CosmosPolicyModule\n")
+    name = _module_name(fake, tmp_path / NAME)
+    assert name == f"{NAME}.data.probe" and _layer(name) == 1
+    assert [i for i in _imports(fake, tmp_path / NAME) if _layer(i) > 1] == [f"{NAME}.model.module"]
