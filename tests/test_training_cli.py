@@ -99,10 +99,6 @@ def test_every_recipe_parses_through_the_cli(recipe, capsys):
         assert cfg["data"]["init_args"][key] == value, key
 
 
-def test_every_datamodule_is_named_by_a_recipe():
-    assert sorted({_recipe_data(r) for r in RECIPES}) == [p.resolve() for p in DATAMODULES]
-
-
 def test_data_on_the_command_line_overrides_the_recipes(capsys):
     libero = yaml.safe_load((REPO / "datamodules" / "libero.yaml").read_text())["init_args"]
     with pytest.raises(SystemExit) as info:
