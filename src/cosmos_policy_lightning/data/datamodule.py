@@ -219,10 +219,7 @@ class CosmosDataModule(L.LightningDataModule):
         self.augment = bool(augment)
         self.max_text_tokens = _positive_int(max_text_tokens, "max_text_tokens")
         self.seed = int(seed)
-        if convert_from is not None and "source" not in convert_from:
-            raise CosmosPolicyError("data: convert_from needs a 'source' (file, directory or glob of demonstrations)")
-        if convert_from is not None and embodiment is None:
-            raise CosmosPolicyError("data: convert_from needs data.embodiment (the YAML the shards are made for)")
+        check_convert_from(convert_from, embodiment)
         self.convert_from = dict(convert_from) if convert_from else None
         self.latent_cache = bool(latent_cache)
         if self.latent_cache and not vae:
@@ -503,6 +500,18 @@ class CosmosDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader | list:
         """Same pass as :meth:`val_dataloader`."""
         return self._held_out_loader()
+
+
+def check_convert_from(convert_from: dict[str, Any] | None, embodiment: str | None) -> None:
+    """Refuse a ``convert_from`` that cannot run (see :class:`CosmosDataModule`).
+
+    Raises:
+        CosmosPolicyError: no ``source``, or no embodiment to make the shards for.
+    """
+    if convert_from is not None and "source" not in convert_from:
+        raise CosmosPolicyError("data: convert_from needs a 'source' (file, directory or glob of demonstrations)")
+    if convert_from is not None and embodiment is None:
+        raise CosmosPolicyError("data: convert_from needs data.embodiment (the YAML the shards are made for)")
 
 
 def normalize_objective_mix(mix: dict[str, float]) -> list[float]:

@@ -99,6 +99,8 @@ def read_meta(sample: dict) -> dict:
         meta = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
         raise DataError(f"{_where(sample)}: {S.META} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{_where(sample)}: {S.META} must be a JSON object, got {type(meta).__name__}")
     missing = [k for k in S.META_FIELDS if k not in meta]
     if missing:
         raise DataError(f"{_where(sample)}: {S.META} lacks field(s) {', '.join(missing)}")
@@ -154,7 +156,7 @@ class Shuffle(PipelineStage):
         self.epoch += 1
         rng = random.Random(int(stream_rng(self.seed, self.rank, self.epoch, 0, _start(self.position))
                                 .integers(2**63)))
-        return shuffle(self.bufsize, self.bufsize, rng=rng)(src)
+        return shuffle(self.bufsize, self.bufsize, rng=rng)(iter(src))  # webdataset's shuffle calls next()
 
 
 # ---------------------------------------------------------------------------------------- objectives
@@ -329,6 +331,8 @@ def _load_npy(sample: dict, member: str, shape: tuple[int, ...], where: str) -> 
     arr = _read_npy(sample, member, where)
     if arr.shape != shape:
         raise DataError(f"{where}: {member} has shape {arr.shape}, expected {shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise DataError(f"{where}: {member} has dtype {arr.dtype}, expected real numbers")
     if not np.isfinite(arr).all():
         raise DataError(f"{where}: {member} contains NaN or inf")
     return arr.astype(np.float32, copy=False)

@@ -185,7 +185,7 @@ class Planner:
         """Propose, imagine, judge, choose.
 
         Args:
-            observation: the current observation (``Observation`` or the dict of ``MetaWorldEnv``).
+            observation: the current observation (``Observation`` or a simulator's observation dict, ``sim/env.py``).
             seed: seeds both models' sampling (None: torch's global RNG).
             instruction: overrides the observation's instruction.
 

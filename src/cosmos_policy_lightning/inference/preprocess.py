@@ -42,7 +42,7 @@ class Observation:
     @classmethod
     def coerce(cls, obs: "Observation | Mapping[str, Any]", instruction: str | None = None) -> "Observation":
         """Accept an :class:`Observation` or a dict with ``images``, ``proprio`` and optionally
-        ``instruction`` (the shape :class:`~cosmos_policy_lightning.sim.metaworld.MetaWorldEnv` returns).
+        ``instruction`` (the observation of a simulator environment, ``sim/env.py``).
 
         Raises:
             CosmosPolicyError: a required key is missing.

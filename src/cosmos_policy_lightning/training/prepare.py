@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ..data import schema as S
+from ..data.datamodule import check_convert_from
 from ..data.dataset_info import load_json
 from ..data.latent_cache import build_latent_cache, check_cache_matches_model, read_cache_manifest
-from ..errors import CosmosPolicyError
 from ..layout import SequenceLayout
 from ..model.module import resolve_path
 from ..model.sequence import PixelSequenceEncoder
@@ -50,8 +50,7 @@ def convert_if_missing(data_dir: str | Path, embodiment: str | None, convert_fro
     manifest = Path(data_dir) / S.MANIFEST
     if manifest.is_file() and load_json(manifest).get("status") == "complete":
         return False
-    if "source" not in convert_from or embodiment is None:
-        raise CosmosPolicyError("data: convert_from needs a 'source' and data.embodiment")
+    check_convert_from(convert_from, embodiment)
     from ..data.convert import convert
 
     convert(**{**convert_from, "output": str(data_dir), "embodiment": str(embodiment)})
