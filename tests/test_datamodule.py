@@ -15,7 +15,8 @@ import yaml
 
 from cosmos_policy_lightning.data import schema as S
 from cosmos_policy_lightning.data.augment import test_transform as centre_crop
-from cosmos_policy_lightning.data.datamodule import CosmosDataModule, read_dataset_info
+from cosmos_policy_lightning.data.datamodule import CosmosDataModule
+from cosmos_policy_lightning.data.dataset_info import read_dataset_info
 from cosmos_policy_lightning.errors import CosmosPolicyError, DataError
 from cosmos_policy_lightning.layout import OBJECTIVES
 

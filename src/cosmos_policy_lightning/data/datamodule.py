@@ -57,7 +57,7 @@ from ..layout import OBJECTIVES, SequenceLayout
 from ..inference_record import InferenceRecord
 from ..normalization import DatasetStats, Normalizer
 from . import schema as S
-from .dataset_info import DatasetInfo, SplitInfo, load_json, read_dataset_info
+from .dataset_info import DatasetInfo, load_json, read_dataset_info
 from .integrity import CheckedTarSamples, check_shard_sizes
 from .latent_cache import (
     LATENTS,
@@ -542,5 +542,4 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
-__all__ = ["CosmosDataModule", "DatasetInfo", "SplitInfo", "read_dataset_info", "normalize_objective_mix",
-           "DEFAULT_OBJECTIVE_MIX"]
+__all__ = ["CosmosDataModule", "check_convert_from", "normalize_objective_mix", "DEFAULT_OBJECTIVE_MIX"]
