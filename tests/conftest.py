@@ -77,7 +77,7 @@ def metaworld_checkpoint(tmp_path_factory) -> Path:
     require_rendering()
     from cosmos_policy_lightning.embodiment import Embodiment
 
-    from .checkpoint_factory import make_checkpoint
+    from .fixtures.checkpoint_factory import make_checkpoint
 
     emb = Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml")
     return make_checkpoint(tmp_path_factory.mktemp("metaworld_checkpoint"), embodiment=emb)

@@ -15,8 +15,8 @@ from cosmos_policy_lightning.inference_record import InferenceRecord
 from cosmos_policy_lightning.processor import PolicyProcessor
 from cosmos_policy_lightning.text import pad_text_batch
 
-from .checkpoint_factory import make_checkpoint
-from .shard_factory import HashTextEncoder, standard_episodes, write_dataset
+from .fixtures.checkpoint_factory import make_checkpoint
+from .fixtures.shard_factory import HashTextEncoder, standard_episodes, write_dataset
 
 MIX = {"policy": 0.1, "world_model": 0.45, "value_future_state": 0.45}
 

@@ -117,7 +117,7 @@ def test_one_step_fit_from_the_installed_package(installed):
     (``assets/tiny_wan_vae``) comes from the wheel, a converted toy dataset from this test."""
     import yaml
 
-    from .shard_factory import TOY_EMBODIMENT, HashTextEncoder, standard_episodes, write_dataset
+    from .fixtures.shard_factory import TOY_EMBODIMENT, HashTextEncoder, standard_episodes, write_dataset
 
     python, elsewhere = installed
     run = elsewhere / "fit"

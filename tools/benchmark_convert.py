@@ -18,7 +18,7 @@ image size (224x224) so neither side resizes. Python start-up and imports are ou
 region (torch, which the statistics module imports, costs seconds on a loaded machine); the
 start-up of the worker pool, statistics and the manifest are inside it.
 
-``--case lerobot`` writes the same kind of frames as a LeRobot v3.0 dataset (``tests/lerobot_factory.py``:
+``--case lerobot`` writes the same kind of frames as a LeRobot v3.0 dataset (``tests/fixtures/lerobot_factory.py``:
 every episode in one parquet file and one AV1 mp4 per camera, SVT-AV1 at LeRobot's defaults, CRF 30 and
 a keyframe every 2 frames) and measures, each in its own subprocess:
 
@@ -246,7 +246,7 @@ BARE_DECODE = textwrap.dedent("""
 
 def write_lerobot_dataset(root: Path, episodes: int, steps: int, size: int, seed: int = 0) -> int:
     """A LeRobot v3.0 dataset of the same kind of frames as :func:`write_dataset` (proprio 9, actions
-    7), written by ``tests/lerobot_factory.py``. Returns raw image bytes of one episode."""
+    7), written by ``tests/fixtures/lerobot_factory.py``. Returns raw image bytes of one episode."""
     sys.path.insert(0, str(REPO))
     from tests.lerobot_factory import LeRobotEpisode, write_lerobot
 

@@ -17,9 +17,9 @@ import yaml
 from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.errors import CosmosPolicyError
 
-from ..checkpoint_factory import make_checkpoint
-from ..factories import write_embodiment
-from ..shard_factory import TOY_EMBODIMENT, HashTextEncoder, standard_episodes, toy_embodiment, write_dataset
+from ..fixtures.checkpoint_factory import make_checkpoint
+from ..fixtures.factories import write_embodiment
+from ..fixtures.shard_factory import TOY_EMBODIMENT, HashTextEncoder, standard_episodes, toy_embodiment, write_dataset
 from .faults import REPO, cli_command, one_line_error, run_with_faults
 
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"

@@ -21,7 +21,7 @@ from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.data.convert import convert
 from cosmos_policy_lightning.errors import DataError
 
-from ..factories import EpisodeSpec, write_embodiment, write_robomimic, write_zarr
+from ..fixtures.factories import EpisodeSpec, write_embodiment, write_robomimic, write_zarr
 from .faults import REPO, cli_command, one_line_error, run_with_faults
 
 QUIET = ["--text_encoder", "none", "--progress", "false"]

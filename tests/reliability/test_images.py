@@ -13,7 +13,7 @@ from cosmos_policy_lightning.data.convert import convert
 from cosmos_policy_lightning.errors import CosmosPolicyError, DataError
 from cosmos_policy_lightning.inference.preprocess import prepare_image
 
-from ..factories import EpisodeSpec, episode_arrays, read_split, write_embodiment, write_robomimic
+from ..fixtures.factories import EpisodeSpec, episode_arrays, read_split, write_embodiment, write_robomimic
 from .faults import one_line_error
 
 

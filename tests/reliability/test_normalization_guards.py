@@ -13,7 +13,7 @@ from cosmos_policy_lightning.data.convert import convert
 from cosmos_policy_lightning.processor import normalize_proprio
 from cosmos_policy_lightning.normalization import Normalizer, Stats, near_constant, outlier_dimensions
 
-from ..factories import EpisodeSpec, episode_arrays, write_embodiment, write_robomimic
+from ..fixtures.factories import EpisodeSpec, episode_arrays, write_embodiment, write_robomimic
 
 
 def _proprio_stats() -> Stats:

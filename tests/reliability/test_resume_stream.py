@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cosmos_policy_lightning.data.datamodule import CosmosDataModule
 
-from ..shard_factory import standard_episodes, write_dataset
+from ..fixtures.shard_factory import standard_episodes, write_dataset
 
 HALF = 12  # steps before the stop; an epoch here is 21 batches, so the stop is mid-epoch
 BATCH = 4

@@ -17,8 +17,8 @@ from cosmos_policy_lightning.data.datamodule import CosmosDataModule
 from cosmos_policy_lightning.data.integrity import check_shard_sizes, verify_checksums
 from cosmos_policy_lightning.errors import DataError
 
-from ..factories import EpisodeSpec, write_embodiment, write_robomimic
-from ..shard_factory import standard_episodes, write_dataset
+from ..fixtures.factories import EpisodeSpec, write_embodiment, write_robomimic
+from ..fixtures.shard_factory import standard_episodes, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_latent_cache_records_and_checks_its_shards(tmp_path):
     from cosmos_policy_lightning.model.vae import VideoVAE
     from cosmos_policy_lightning.training.prepare import prepare_latent_cache
 
-    from ..checkpoint_factory import tiny_vae_dir
+    from ..fixtures.checkpoint_factory import tiny_vae_dir
 
     write_dataset(tmp_path / "d", standard_episodes(2, 1, 1, 1, length=5))
     vae = str(tiny_vae_dir(tmp_path))

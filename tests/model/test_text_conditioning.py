@@ -10,8 +10,8 @@ from cosmos_policy_lightning.errors import CosmosPolicyError
 from cosmos_policy_lightning.model.module import CosmosPolicyModule
 from cosmos_policy_lightning.text import pad_text_tokens, uses_padded_text
 
-from .conftest import REPO
-from .checkpoint_factory import toy_record
+from ..conftest import REPO
+from ..fixtures.checkpoint_factory import toy_record
 from .test_module import EMBODIMENT, TINY_VAE, make_batch
 
 T5 = "t5:google-t5/t5-11b"

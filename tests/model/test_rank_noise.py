@@ -19,9 +19,9 @@ from lightning.pytorch.callbacks import Callback
 from cosmos_policy_lightning.model import diffusion
 from cosmos_policy_lightning.model.rng import rank_generator, rank_seed
 
-from .checkpoint_factory import tiny_vae_dir
-from .conftest import REPO
-from .test_training_cli import _override, toy_data  # noqa: F401  (fixture)
+from ..fixtures.checkpoint_factory import tiny_vae_dir
+from ..conftest import REPO
+from ..training.test_training_cli import _override, toy_data  # noqa: F401  (fixture)
 
 
 class SigmaRecorder(Callback):
@@ -67,7 +67,7 @@ def _fit_two_ranks(tmp: Path, data: Path, out: Path) -> dict[int, list[dict]]:
     cfg["trainer"]["strategy"] = {"class_path": "lightning.pytorch.strategies.DDPStrategy",
                                   "init_args": {"process_group_backend": "gloo"}}
     # toy robot: 9 latent frames of 16 x 4 x 4 (32 x 32 images)
-    cfg["trainer"]["callbacks"].append({"class_path": "tests.test_rank_noise.SigmaRecorder",
+    cfg["trainer"]["callbacks"].append({"class_path": "tests.model.test_rank_noise.SigmaRecorder",
                                         "init_args": {"directory": str(out), "latent_shape": [16, 9, 4, 4]}})
     over.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "cosmos_policy_lightning.cli", "fit", "--config",

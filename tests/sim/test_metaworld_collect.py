@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from .conftest import require_rendering, sim_unavailable
+from ..conftest import require_rendering, sim_unavailable
 
 # find_spec, not import: importing metaworld imports MuJoCo, which binds its GL backend (require_rendering)
 if importlib.util.find_spec("metaworld") is None:

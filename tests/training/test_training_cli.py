@@ -21,8 +21,8 @@ from cosmos_policy_lightning.model.vae import VideoVAE
 from cosmos_policy_lightning.model.module import CHECKPOINT_KEY, CosmosPolicyModule
 from cosmos_policy_lightning.training.cli import CosmosPolicyCLI
 
-from .conftest import REPO
-from .shard_factory import HashTextEncoder, TOY_EMBODIMENT, standard_episodes, write_dataset
+from ..conftest import REPO
+from ..fixtures.shard_factory import HashTextEncoder, TOY_EMBODIMENT, standard_episodes, write_dataset
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 DATAMODULES = sorted((REPO / "datamodules").glob("*.yaml"))

@@ -10,7 +10,7 @@ import pytest
 
 from cosmos_policy_lightning.data.shards import interleave_order, member_header, write_samples, write_shard
 
-from .factories import read_split
+from ..fixtures.factories import read_split
 
 
 @pytest.mark.parametrize("name,size", [("demo_0_000000.image.wrist.jpg", 0), ("e_000001.meta.json", 511),

@@ -9,8 +9,8 @@ import pytest
 from cosmos_policy_lightning.data.convert import convert
 from cosmos_policy_lightning.errors import DataError
 
-from .convert_checks import check_conversion
-from .factories import (GAMMA, K, EpisodeSpec, decode_sample, read_split, write_embodiment, write_episode_dir,
+from ..fixtures.convert_checks import check_conversion
+from ..fixtures.factories import (GAMMA, K, EpisodeSpec, decode_sample, read_split, write_embodiment, write_episode_dir,
                         write_episode_hdf5)
 
 

@@ -24,7 +24,7 @@ from cosmos_policy_lightning.model.vae import VideoVAE
 from cosmos_policy_lightning.model.module import CosmosPolicyModule
 from cosmos_policy_lightning.model.sequence import PixelSequenceEncoder
 
-from .shard_factory import HashTextEncoder, TOY_EMBODIMENT, standard_episodes, toy_embodiment, write_dataset
+from ..fixtures.shard_factory import HashTextEncoder, TOY_EMBODIMENT, standard_episodes, toy_embodiment, write_dataset
 
 # A small random AutoencoderKLWan: the cache must reproduce whatever VAE it is given.
 VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,

@@ -18,14 +18,14 @@ from cosmos_policy_lightning.data.sources import READERS, LabelOptions, open_sou
 from cosmos_policy_lightning.data.sources.base import EpisodeRef, SourceReader
 from cosmos_policy_lightning.embodiment import Embodiment
 
-from .convert_checks import check_conversion
-from .factories import (CAMERAS, GAMMA, K, EpisodeSpec, episode_arrays, proprio_of, write_embodiment,
+from ..fixtures.convert_checks import check_conversion
+from ..fixtures.factories import (CAMERAS, GAMMA, K, EpisodeSpec, episode_arrays, proprio_of, write_embodiment,
                         write_episode_dir, write_robomimic, write_zarr)
-from .lerobot_factory import write_lerobot_specs
+from ..fixtures.lerobot_factory import write_lerobot_specs
 
 SPECS = [EpisodeSpec(4, 1), EpisodeSpec(3, 2, success=False)]
 
-#: A small real source per registered format (tests/factories.py, tests/lerobot_factory.py). A format
+#: A small real source per registered format (tests/fixtures/factories.py, tests/fixtures/lerobot_factory.py). A format
 #: registered without an entry here fails test_every_registered_format_has_a_test_writer.
 WRITERS = {
     "robomimic": lambda d: write_robomimic(d / "demos.hdf5", SPECS),

@@ -18,7 +18,7 @@ from cosmos_policy_lightning.inference.policy import CosmosPolicy
 from cosmos_policy_lightning.model.sequence import read_vectors
 from cosmos_policy_lightning.text import build_text_encoder
 
-from .checkpoint_factory import make_checkpoint
+from ..fixtures.checkpoint_factory import make_checkpoint
 
 K, A, P = 4, 2, 3
 

@@ -12,8 +12,8 @@ from cosmos_policy_lightning.data import schema as S
 from cosmos_policy_lightning.data.convert import convert
 from cosmos_policy_lightning.normalization import DatasetStats, fingerprint
 
-from .convert_checks import check_conversion
-from .factories import (ACTION_DIM, GAMMA, K, PROPRIO_DIM, EpisodeSpec, episode_arrays, proprio_of, read_split,
+from ..fixtures.convert_checks import check_conversion
+from ..fixtures.factories import (ACTION_DIM, GAMMA, K, PROPRIO_DIM, EpisodeSpec, episode_arrays, proprio_of, read_split,
                         write_embodiment, write_robomimic)
 
 SPECS = [EpisodeSpec(7, 1), EpisodeSpec(5, 2, success=False), EpisodeSpec(9, 3), EpisodeSpec(2, 4),

@@ -1,5 +1,5 @@
 """``cosmos-policy import-checkpoint``: tiny whole-model ``.pt`` files written in the reference's naming
-(``tests/reference_factory.py``) are imported, and the imported DiT computes exactly what diffusers
+(``tests/fixtures/reference_factory.py``) are imported, and the imported DiT computes exactly what diffusers
 computes with the same weights loaded directly. The output works with ``CosmosPolicy.from_checkpoint``
 (statistics and T5 embeddings of the reference files), a ``fit`` started with ``init_from_checkpoint``,
 a Hub source read from a pre-filled Hub cache offline, and the 2B recipes' ``pretrained_transformer``."""
@@ -29,10 +29,10 @@ from cosmos_policy_lightning.model.module import CHECKPOINT_KEY, CosmosPolicyMod
 from cosmos_policy_lightning.model.reference_weights import is_reference_checkpoint
 from cosmos_policy_lightning.text import TextEmbeddingCache
 
-from .checkpoint_factory import tiny_vae_dir
-from .conftest import EMBODIMENTS, REPO, require_rendering
-from .reference_factory import write_reference_checkpoint, write_reference_stats, write_t5_pickle
-from .shard_factory import TOY_EMBODIMENT, HashTextEncoder, standard_episodes, write_dataset
+from ..fixtures.checkpoint_factory import tiny_vae_dir
+from ..conftest import EMBODIMENTS, REPO, require_rendering
+from ..fixtures.reference_factory import write_reference_checkpoint, write_reference_stats, write_t5_pickle
+from ..fixtures.shard_factory import TOY_EMBODIMENT, HashTextEncoder, standard_episodes, write_dataset
 
 TINY = {"base": "tiny", "text_embed_dim": 64}
 T5_DIM = 64

@@ -6,8 +6,8 @@ import pytest
 from cosmos_policy_lightning.data.convert import convert
 from cosmos_policy_lightning.errors import DataError
 
-from .convert_checks import check_conversion
-from .factories import GAMMA, K, EpisodeSpec, write_embodiment, write_zarr
+from ..fixtures.convert_checks import check_conversion
+from ..fixtures.factories import GAMMA, K, EpisodeSpec, write_embodiment, write_zarr
 
 SPECS = [EpisodeSpec(5, 1), EpisodeSpec(3, 2, success=False), EpisodeSpec(7, 3, success=False, score=0.4)]
 
@@ -114,8 +114,8 @@ def test_shipped_pusht_embodiment_reads_the_pusht_replay_buffer(tmp_path, capsys
     from cosmos_policy_lightning.cli import main
     from cosmos_policy_lightning.data import schema as S
 
-    from .conftest import EMBODIMENTS
-    from .factories import decode_sample, read_split
+    from ..conftest import EMBODIMENTS
+    from ..fixtures.factories import decode_sample, read_split
 
     src = tmp_path / "pusht_cchi_v7_replay.zarr"
     arrays = _write_pusht_zarr(src, [6, 4])

@@ -29,7 +29,7 @@ from cosmos_policy_lightning.inference.server import PolicyServer
 from cosmos_policy_lightning.inference.service import PolicyService
 from cosmos_policy_lightning.text import build_text_encoder
 
-from .checkpoint_factory import make_checkpoint
+from ..fixtures.checkpoint_factory import make_checkpoint
 
 pytestmark = pytest.mark.timeout(120)  # every server test stops by itself
 

@@ -8,7 +8,7 @@ import pytest
 from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.data.convert import convert
 
-from .factories import EpisodeSpec, write_embodiment, write_robomimic
+from ..fixtures.factories import EpisodeSpec, write_embodiment, write_robomimic
 
 
 def test_help_documents_every_option(capsys):

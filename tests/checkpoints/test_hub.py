@@ -23,10 +23,10 @@ from cosmos_policy_lightning.errors import CosmosPolicyError
 from cosmos_policy_lightning.inference.policy import CosmosPolicy
 from cosmos_policy_lightning.model.dit import build_transformer
 
-from .checkpoint_factory import make_checkpoint, tiny_vae_dir
-from .conftest import REPO
-from .reference_factory import write_reference_checkpoint, write_reference_stats, write_t5_pickle
-from .shard_factory import TOY_EMBODIMENT, HashTextEncoder
+from ..fixtures.checkpoint_factory import make_checkpoint, tiny_vae_dir
+from ..conftest import REPO
+from ..fixtures.reference_factory import write_reference_checkpoint, write_reference_stats, write_t5_pickle
+from ..fixtures.shard_factory import TOY_EMBODIMENT, HashTextEncoder
 from .test_import_checkpoint import _prefill_hub_cache
 
 INSTRUCTIONS = ["push the block", "open the top drawer slowly"]
@@ -94,7 +94,7 @@ def test_round_trip_by_hub_id_from_a_prefilled_cache_offline(trained, folder, tm
                                                       if p.is_file()})
     script = ("import json, sys, numpy as np\n"
               "from cosmos_policy_lightning.inference.policy import CosmosPolicy\n"
-              "from tests.test_hub import _predict\n"
+              "from tests.checkpoints.test_hub import _predict\n"
               "policy = CosmosPolicy.from_pretrained('someone/toy-policy')\n"
               "print(json.dumps(_predict(policy, 'open the top drawer slowly').tolist()))\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}

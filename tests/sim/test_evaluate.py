@@ -15,7 +15,7 @@ from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.errors import CosmosPolicyError
 from cosmos_policy_lightning.sim.evaluate import latency_summary, wilson_interval
 
-from .conftest import EMBODIMENTS
+from ..conftest import EMBODIMENTS
 
 pytestmark = pytest.mark.sim
 

@@ -8,7 +8,7 @@ from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.data.convert import convert
 from cosmos_policy_lightning.errors import DataError
 
-from .factories import EpisodeSpec, episode_arrays, write_embodiment, write_episode_hdf5, write_robomimic
+from ..fixtures.factories import EpisodeSpec, episode_arrays, write_embodiment, write_episode_hdf5, write_robomimic
 
 
 def _arrays(T=5, seed=2):

@@ -1,5 +1,5 @@
 """`cosmos-policy convert --format lerobot`: LeRobot datasets v2.1 and v3.0 (real parquet files and
-real AV1 / H.264 / HEVC mp4 files written by tests/lerobot_factory.py), labels, the same episodes as
+real AV1 / H.264 / HEVC mp4 files written by tests/fixtures/lerobot_factory.py), labels, the same episodes as
 robomimic HDF5, bad input, and a Hub dataset id read offline from a Hugging Face cache."""
 
 import json
@@ -19,10 +19,10 @@ from cosmos_policy_lightning.data.sources.lerobot import hub_patterns
 from cosmos_policy_lightning.embodiment import Embodiment
 from cosmos_policy_lightning.errors import DataError
 
-from .convert_checks import check_conversion
-from .factories import (CAMERAS, GAMMA, K, EpisodeSpec, decode_sample, episode_arrays, read_split, write_embodiment,
+from ..fixtures.convert_checks import check_conversion
+from ..fixtures.factories import (CAMERAS, GAMMA, K, EpisodeSpec, decode_sample, episode_arrays, read_split, write_embodiment,
                         write_robomimic)
-from .lerobot_factory import DEFAULT_TASK, episode_id, write_hub_cache, write_lerobot_specs
+from ..fixtures.lerobot_factory import DEFAULT_TASK, episode_id, write_hub_cache, write_lerobot_specs
 
 SPECS = [EpisodeSpec(7, 1, instruction="stack the cups"), EpisodeSpec(5, 2, success=False),
          EpisodeSpec(9, 3, instruction="stack the cups"), EpisodeSpec(4, 4), EpisodeSpec(6, 5, success=False)]

@@ -16,8 +16,8 @@ from cosmos_policy_lightning.data import schema as S
 from cosmos_policy_lightning.data.convert import convert
 from cosmos_policy_lightning.errors import DataError
 
-from .convert_checks import check_conversion
-from .factories import GAMMA, K, EpisodeSpec, write_embodiment, write_episode_dir
+from ..fixtures.convert_checks import check_conversion
+from ..fixtures.factories import GAMMA, K, EpisodeSpec, write_embodiment, write_episode_dir
 
 SPECS = [EpisodeSpec(4 + (i % 4), i, success=i % 3 != 0) for i in range(14)]
 

@@ -20,7 +20,7 @@ from cosmos_policy_lightning.data.dataset_info import read_dataset_info
 from cosmos_policy_lightning.errors import CosmosPolicyError, DataError
 from cosmos_policy_lightning.layout import OBJECTIVES
 
-from .shard_factory import EpisodeSpec, HashTextEncoder, standard_episodes, toy_embodiment, write_dataset
+from ..fixtures.shard_factory import EpisodeSpec, HashTextEncoder, standard_episodes, toy_embodiment, write_dataset
 
 POLICY = OBJECTIVES.index("policy")
 
@@ -284,7 +284,7 @@ def test_loads_a_real_conversion_of_robomimic_hdf5(tmp_path):
     """cosmos-policy convert (robomimic HDF5, failures included, no text encoder) -> the data module."""
     from cosmos_policy_lightning.data.convert import convert
 
-    from . import factories as F
+    from ..fixtures import factories as F
 
     specs = [F.EpisodeSpec(7, 1), F.EpisodeSpec(6, 2, success=False), F.EpisodeSpec(9, 3), F.EpisodeSpec(5, 4),
              F.EpisodeSpec(6, 5, success=False), F.EpisodeSpec(8, 6)]

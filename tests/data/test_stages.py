@@ -1,7 +1,7 @@
-"""The webdataset stages of data/stages.py, one by one, on real tar shards (tests/shard_factory.py) read
+"""The webdataset stages of data/stages.py, one by one, on real tar shards (tests/fixtures/shard_factory.py) read
 with webdataset, and on hand-built sample dicts for the edge cases.
 
-tests/test_datamodule.py checks the assembled pipeline through CosmosDataModule; here each stage is fed
+tests/data/test_datamodule.py checks the assembled pipeline through CosmosDataModule; here each stage is fed
 directly, so a failure names the stage: the rank x worker partition, the per-worker share of an epoch,
 the seeded shuffle, the objective mix (frequencies, outcome balance, absent classes), the round-robin
 labels of held-out samples, the resume position, JPEG / npy decoding with its one-line errors, the
@@ -47,7 +47,7 @@ from cosmos_policy_lightning.data.stages import (
 from cosmos_policy_lightning.errors import DataError
 from cosmos_policy_lightning.layout import OBJECTIVES, SequenceLayout
 
-from .shard_factory import HashTextEncoder, standard_episodes, write_dataset
+from ..fixtures.shard_factory import HashTextEncoder, standard_episodes, write_dataset
 
 POLICY, WORLD_MODEL, VALUE, VALUE_FUTURE = (OBJECTIVES.index(o) for o in
                                             ("policy", "world_model", "value", "value_future_state"))

@@ -18,7 +18,7 @@ from cosmos_policy_lightning.sim import env as sim_env
 from cosmos_policy_lightning.sim.env import SimEnv, simulator
 from cosmos_policy_lightning.sim.evaluate import evaluate, policy_controller, run_rollout
 
-from .conftest import EMBODIMENTS
+from ..conftest import EMBODIMENTS
 
 
 # ----------------------------------------------------------------------------- a simulator without MuJoCo
