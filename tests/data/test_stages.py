@@ -45,6 +45,7 @@ from cosmos_policy_lightning.data.stages import (
     worker_position,
 )
 from cosmos_policy_lightning.errors import DataError
+from cosmos_policy_lightning.inference_record import InferenceRecord
 from cosmos_policy_lightning.layout import OBJECTIVES, SequenceLayout
 
 from ..fixtures.shard_factory import HashTextEncoder, standard_episodes, write_dataset
@@ -80,7 +81,9 @@ def fresh(samples) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def normalizers(toy):
-    return read_dataset_info(toy.root).normalizers()
+    info = read_dataset_info(toy.root)
+    record = InferenceRecord(info.embodiment, info.stats)
+    return {m: record.normalizer(m) for m in ("action", "proprio")}
 
 
 def decoder(toy, normalizers, mode="none", cls=SampleDecoder, max_text_tokens=512, **kw):

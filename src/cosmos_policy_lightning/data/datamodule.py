@@ -292,7 +292,8 @@ class CosmosDataModule(L.LightningDataModule):
     def normalizers(self) -> dict[str, Normalizer]:
         """``{"action": Normalizer, "proprio": Normalizer}`` from ``stats.json`` with the embodiment's modes."""
         if self._normalizers is None:
-            self._normalizers = self.info.normalizers()
+            record = self.inference_record()  # the normalisers inference will use, by construction
+            self._normalizers = {m: record.normalizer(m) for m in ("action", "proprio")}
         return self._normalizers
 
     @property

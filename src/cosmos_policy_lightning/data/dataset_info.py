@@ -16,7 +16,7 @@ from typing import Any
 
 from ..embodiment import Embodiment
 from ..errors import CosmosPolicyError, DataError
-from ..normalization import DatasetStats, Normalizer
+from ..normalization import DatasetStats
 from ..text import INDEX_FILE, TextEmbeddingCache
 from . import schema as S
 
@@ -77,9 +77,6 @@ class DatasetInfo:
     text_dim: int
     splits: dict[str, SplitInfo] = field(default_factory=dict)
 
-    def normalizers(self) -> dict[str, Normalizer]:
-        """``{"action": Normalizer, "proprio": Normalizer}`` with the embodiment's modes (docs/method.md §4)."""
-        return {m: self.stats.normalizer(m, self.embodiment.normalization[m]) for m in ("action", "proprio")}
 
 
 def load_json(path: Path) -> Any:

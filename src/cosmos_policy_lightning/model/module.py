@@ -122,9 +122,10 @@ class CosmosPolicyModule(L.LightningModule):
         text_conditioning: ``auto`` (default: T5 text zero-padded to 512 tokens without attention mask,
             as the pretrained and released weights were trained; other encoders masked), ``padded`` or
             ``masked`` (``text.py``).
-        inference_record: the data module's ``inference_record().to_dict()`` (linked by the CLI):
-            statistics, text encoder, token limit, objective mix and test-time transform, stored in every
-            checkpoint. Needed for ``test`` / ``predict`` and inference, not for training; a loaded
+        inference_record: the data module's ``inference_record().to_dict()`` (linked by the CLI; from
+            Python the :class:`~cosmos_policy_lightning.inference_record.InferenceRecord` itself is
+            accepted): statistics, text encoder, token limit, objective mix and test-time transform, stored
+            in every checkpoint. Needed for ``test`` / ``predict`` and inference, not for training; a loaded
             checkpoint's own record replaces it.
 
     Raises:
