@@ -81,3 +81,11 @@ def metaworld_checkpoint(tmp_path_factory) -> Path:
 
     emb = Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml")
     return make_checkpoint(tmp_path_factory.mktemp("metaworld_checkpoint"), embodiment=emb)
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    """The toy robot's converted dataset and embodiment YAML for short CLI runs (``fixtures/cli_config.py``)."""
+    from .fixtures.cli_config import write_toy_data
+
+    return write_toy_data(tmp_path_factory.mktemp("toy"))

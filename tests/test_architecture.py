@@ -85,3 +85,18 @@ def test_the_layering_check_sees_a_violation(tmp_path):
     name = _module_name(fake, tmp_path / NAME)
     assert name == f"{NAME}.data.probe" and _layer(name) == 1
     assert [i for i in _imports(fake, tmp_path / NAME) if _layer(i) > 1] == [f"{NAME}.model.module"]
+
+
+def test_tests_mirror_the_packages_and_share_only_fixtures():
+    """Every subpackage has its test folder; a test file imports helpers from ``tests/fixtures`` (or the
+    conftest), never from another test file."""
+    tests = Path(__file__).resolve().parent
+    for package in LAYERS:
+        assert (tests / package / "__init__.py").is_file(), f"tests/{package}/ missing"
+    offenders = []
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level and node.module and \
+                    node.module.split(".")[-1].startswith("test_"):
+                offenders.append(f"{path.relative_to(tests)} imports {node.module}")
+    assert not offenders, offenders

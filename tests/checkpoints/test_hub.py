@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ from ..fixtures.checkpoint_factory import make_checkpoint, tiny_vae_dir
 from ..conftest import REPO
 from ..fixtures.reference_factory import write_reference_checkpoint, write_reference_stats, write_t5_pickle
 from ..fixtures.shard_factory import TOY_EMBODIMENT, HashTextEncoder
-from .test_import_checkpoint import _prefill_hub_cache
+from ..fixtures.hub_cache import write_hub_cache
 
 INSTRUCTIONS = ["push the block", "open the top drawer slowly"]
 
@@ -90,7 +89,7 @@ def test_round_trip_through_the_folder_predicts_what_the_checkpoint_predicts(tra
 
 def test_round_trip_by_hub_id_from_a_prefilled_cache_offline(trained, folder, tmp_path):
     cache = tmp_path / "hub"
-    _prefill_hub_cache(cache, "someone/toy-policy", {str(p.relative_to(folder)): p for p in folder.rglob("*")
+    write_hub_cache(cache, "someone/toy-policy", {str(p.relative_to(folder)): p for p in folder.rglob("*")
                                                       if p.is_file()})
     script = ("import json, sys, numpy as np\n"
               "from cosmos_policy_lightning.inference.policy import CosmosPolicy\n"

@@ -29,8 +29,9 @@ from cosmos_policy_lightning.model.module import CHECKPOINT_KEY, CosmosPolicyMod
 from cosmos_policy_lightning.model.reference_weights import is_reference_checkpoint
 from cosmos_policy_lightning.text import TextEmbeddingCache
 
-from ..fixtures.checkpoint_factory import tiny_vae_dir
 from ..conftest import EMBODIMENTS, REPO, require_rendering
+from ..fixtures.checkpoint_factory import tiny_vae_dir
+from ..fixtures.hub_cache import write_hub_cache
 from ..fixtures.reference_factory import write_reference_checkpoint, write_reference_stats, write_t5_pickle
 from ..fixtures.shard_factory import TOY_EMBODIMENT, HashTextEncoder, standard_episodes, write_dataset
 
@@ -201,22 +202,10 @@ def test_cli_prints_one_line_errors(reference, tmp_path, capsys):
     assert rc == 2 and err.startswith("error: ") and "\n" not in err and "nope.pt" in err
 
 
-def _prefill_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
-    """The Hub cache layout huggingface_hub reads offline: refs/main -> commit -> snapshots/<commit>/<file>."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    for name, src in files.items():
-        target = repo / "snapshots" / commit / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(src.read_bytes())
-
-
 def test_hub_source_from_a_prefilled_cache_offline(reference, imported, tmp_path):
     cache = tmp_path / "hub"
     root = reference["root"]
-    _prefill_hub_cache(cache, "nvidia/Cosmos-Policy-Toy", {"Cosmos-Policy-Toy.pt": reference["pt"],
+    write_hub_cache(cache, "nvidia/Cosmos-Policy-Toy", {"Cosmos-Policy-Toy.pt": reference["pt"],
                                                           "toy_dataset_statistics.json": root / "dataset_statistics.json",
                                                           "toy_t5_embeddings.pkl": root / "t5_embeddings.pkl"})
     source = "nvidia/Cosmos-Policy-Toy/Cosmos-Policy-Toy.pt"

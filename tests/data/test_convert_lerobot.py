@@ -22,7 +22,7 @@ from cosmos_policy_lightning.errors import DataError
 from ..fixtures.convert_checks import check_conversion
 from ..fixtures.factories import (CAMERAS, GAMMA, K, EpisodeSpec, decode_sample, episode_arrays, read_split, write_embodiment,
                         write_robomimic)
-from ..fixtures.lerobot_factory import DEFAULT_TASK, episode_id, write_hub_cache, write_lerobot_specs
+from ..fixtures.lerobot_factory import DEFAULT_TASK, episode_id, write_dataset_hub_cache, write_lerobot_specs
 
 SPECS = [EpisodeSpec(7, 1, instruction="stack the cups"), EpisodeSpec(5, 2, success=False),
          EpisodeSpec(9, 3, instruction="stack the cups"), EpisodeSpec(4, 4), EpisodeSpec(6, 5, success=False)]
@@ -240,7 +240,7 @@ def test_hub_dataset_id_offline_from_a_filled_cache(tmp_path):
     specs = [EpisodeSpec(4, 1), EpisodeSpec(5, 2, success=False), EpisodeSpec(4, 3)]
     ds = write_lerobot_specs(tmp_path / "ds", specs, version="v3.0", codec="libx264", episodes_per_file=2)
     commit = "a" * 40
-    snap = write_hub_cache(tmp_path / "hf", "toy-org/toy_dataset", ds, commit=commit)
+    snap = write_dataset_hub_cache(tmp_path / "hf", "toy-org/toy_dataset", ds, commit=commit)
     assert (snap / "meta/info.json").is_symlink()
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     code = ("import sys; from cosmos_policy_lightning.cli import main; "

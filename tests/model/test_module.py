@@ -8,36 +8,9 @@ from cosmos_policy_lightning.model.module import CosmosPolicyModule
 from cosmos_policy_lightning.model.sequence import build_pixel_sequence, read_vectors
 from cosmos_policy_lightning.model.schedule import lr_multiplier
 
-TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                temperal_downsample=[False, True, True],
-                latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
-
-EMBODIMENT = {
-    "name": "toy", "control_hz": 10, "image_size": [32, 32],
-    "cameras": [{"name": "wrist", "role": "wrist"}, {"name": "front", "role": "primary"}],
-    "proprio": {"dim": 3}, "action": {"dim": 2, "chunk_size": 4}, "value": {"gamma": 0.9},
-}
-
-
-def make_batch(b=4, objectives=None, seed=0, text_len=5, text_dim=384):
-    g = torch.Generator().manual_seed(seed)
-    objectives = objectives if objectives is not None else [i % 3 for i in range(b)]
-    return {
-        "images": torch.randint(0, 256, (b, 2, 32, 32, 3), generator=g, dtype=torch.uint8),
-        "future_images": torch.randint(0, 256, (b, 2, 32, 32, 3), generator=g, dtype=torch.uint8),
-        "proprio": torch.rand(b, 3, generator=g) * 2 - 1,
-        "future_proprio": torch.rand(b, 3, generator=g) * 2 - 1,
-        "actions": torch.rand(b, 4, 2, generator=g) * 2 - 1,
-        "value": torch.rand(b, generator=g) * 2 - 1,
-        "objective": torch.tensor(objectives, dtype=torch.long),
-        "success": torch.tensor([i % 2 == 0 for i in range(b)]),
-        "score": torch.ones(b),
-        "text": torch.randn(b, text_len, text_dim, generator=g),
-        "text_mask": torch.ones(b, text_len, dtype=torch.bool),
-        "episode": [f"ep{i}" for i in range(b)],
-        "step": torch.arange(b),
-    }
-
+from ..fixtures.batch_factory import make_batch
+from ..fixtures.checkpoint_factory import TINY_VAE
+from ..fixtures.shard_factory import TOY_EMBODIMENT as EMBODIMENT
 
 @pytest.fixture(scope="module")
 def module():

@@ -21,7 +21,7 @@ from cosmos_policy_lightning.model.rng import rank_generator, rank_seed
 
 from ..fixtures.checkpoint_factory import tiny_vae_dir
 from ..conftest import REPO
-from ..training.test_training_cli import _override, toy_data  # noqa: F401  (fixture)
+from ..fixtures.cli_config import cli_override
 
 
 class SigmaRecorder(Callback):
@@ -59,7 +59,7 @@ class SigmaRecorder(Callback):
 
 def _fit_two_ranks(tmp: Path, data: Path, out: Path) -> dict[int, list[dict]]:
     tmp.mkdir(parents=True)
-    over = _override(tmp, data, max_steps=2, every=100)
+    over = cli_override(tmp, data, max_steps=2, every=100)
     cfg = yaml.safe_load(over.read_text())
     cfg["trainer"]["limit_val_batches"] = 0
     cfg["model"]["init_args"]["vae"] = str(tiny_vae_dir(tmp))  # a saved tiny VAE (a path, like the recipes)
@@ -79,7 +79,7 @@ def _fit_two_ranks(tmp: Path, data: Path, out: Path) -> dict[int, list[dict]]:
 
 
 @pytest.mark.slow
-def test_ranks_draw_different_sigma_and_reruns_repeat_them(toy_data, tmp_path):  # noqa: F811
+def test_ranks_draw_different_sigma_and_reruns_repeat_them(toy_data, tmp_path):
     first = _fit_two_ranks(tmp_path / "a", toy_data, tmp_path / "sigma_a")
     for rank in (0, 1):
         assert [r["step"] for r in first[rank]] == [0, 1]

@@ -11,8 +11,9 @@ from cosmos_policy_lightning.model.module import CosmosPolicyModule
 from cosmos_policy_lightning.text import pad_text_tokens, uses_padded_text
 
 from ..conftest import REPO
-from ..fixtures.checkpoint_factory import toy_record
-from .test_module import EMBODIMENT, TINY_VAE, make_batch
+from ..fixtures.batch_factory import make_batch
+from ..fixtures.checkpoint_factory import TINY_VAE, toy_record
+from ..fixtures.shard_factory import TOY_EMBODIMENT as EMBODIMENT
 
 T5 = "t5:google-t5/t5-11b"
 

@@ -17,14 +17,12 @@ import yaml
 from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.errors import CosmosPolicyError
 
-from ..fixtures.checkpoint_factory import make_checkpoint
+from ..fixtures.checkpoint_factory import TINY_VAE, make_checkpoint
 from ..fixtures.factories import write_embodiment
 from ..fixtures.shard_factory import TOY_EMBODIMENT, HashTextEncoder, standard_episodes, toy_embodiment, write_dataset
 from .faults import REPO, cli_command, one_line_error, run_with_faults
 
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-TINY_VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
-            "temperal_downsample": [False, True, True], "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,13 @@ from cosmos_policy_lightning.model.module import CHECKPOINT_KEY, CosmosPolicyMod
 from cosmos_policy_lightning.training.cli import CosmosPolicyCLI
 
 from ..conftest import REPO
-from ..fixtures.shard_factory import HashTextEncoder, TOY_EMBODIMENT, standard_episodes, write_dataset
+from ..fixtures.checkpoint_factory import TINY_VAE
+from ..fixtures.cli_config import cli_override
+from ..fixtures.shard_factory import HashTextEncoder, standard_episodes, write_dataset
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 DATAMODULES = sorted((REPO / "datamodules").glob("*.yaml"))
 TWO_B = ["libero", "robocasa", "aloha"]
-TINY_VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
-            "temperal_downsample": [False, True, True], "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}
 
 
 def _scalars_and_images(logdir: Path) -> tuple[set, set]:
@@ -41,38 +41,6 @@ def _scalars_and_images(logdir: Path) -> tuple[set, set]:
         scalars |= set(ea.Tags()["scalars"])
         images |= set(ea.Tags()["images"])
     return scalars, images
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    write_dataset(root / "data", standard_episodes(), text_encoder=HashTextEncoder())
-    (root / "toy.yaml").write_text(yaml.safe_dump(TOY_EMBODIMENT))
-    return root
-
-
-def _override(tmp: Path, data: Path, max_steps: int, every: int = 3, **model) -> Path:
-    cfg = {
-        "trainer": {
-            "max_steps": max_steps, "val_check_interval": every, "limit_val_batches": 2, "log_every_n_steps": 1,
-            "default_root_dir": str(tmp / "run"), "enable_progress_bar": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(tmp / "run"), "name": "tb"}},
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(tmp / "run" / "checkpoints"), "save_last": True,
-                               "every_n_train_steps": every}},
-                {"class_path": "cosmos_policy_lightning.training.callbacks.SampleThroughputMonitor",
-                 "init_args": {"window_size": 2}},
-            ],
-        },
-        "model": {"init_args": {"vae": TINY_VAE, "image_log_every_n_steps": every, "warmup_steps": 2, **model}},
-        "data": {"init_args": {"data_dir": str(data / "data"), "embodiment": str(data / "toy.yaml"),
-                               "convert_from": None, "num_workers": 0, "batch_size": 4, "latent_cache": False}},
-    }
-    path = tmp / "override.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _recipe_data(recipe: Path) -> Path:
@@ -152,7 +120,7 @@ def test_2b_recipe_instantiates_on_meta_device(name, tmp_path):
 
 
 def test_fit_then_test_on_cpu(toy_data, tmp_path, capsys):
-    over = _override(tmp_path, toy_data, max_steps=6)
+    over = cli_override(tmp_path, toy_data, max_steps=6)
     assert main(["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--config", str(over)]) == 0
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
@@ -183,7 +151,7 @@ def test_fit_and_test_from_the_latent_cache(toy_data, tmp_path, capsys):
     trains and tests from it; the metrics carry the baselines and the skill."""
     torch.manual_seed(0)
     VideoVAE(TINY_VAE).vae.save_pretrained(tmp_path / "vae")
-    over = _override(tmp_path, toy_data, max_steps=3, vae=str(tmp_path / "vae"))
+    over = cli_override(tmp_path, toy_data, max_steps=3, vae=str(tmp_path / "vae"))
     cfg = yaml.safe_load(over.read_text())
     cfg["data"]["init_args"].update(latent_cache=True, latent_views=1, latent_dir=str(tmp_path / "latents"))
     over.write_text(yaml.safe_dump(cfg))
@@ -210,7 +178,7 @@ def test_fit_and_test_from_the_latent_cache(toy_data, tmp_path, capsys):
 
 
 def test_killed_fit_resumes_from_last(toy_data, tmp_path):
-    over = _override(tmp_path, toy_data, max_steps=1000, every=2)
+    over = cli_override(tmp_path, toy_data, max_steps=1000, every=2)
     cmd = [sys.executable, "-m", "cosmos_policy_lightning.cli", "fit", "--config",
            str(REPO / "recipes" / "quickstart.yaml"), "--config", str(over)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -236,7 +204,7 @@ def test_killed_fit_resumes_from_last(toy_data, tmp_path):
 def test_model_parallel_two_processes_then_resume_on_one(toy_data, tmp_path):
     """FSDP2 (ModelParallelStrategy, gloo) over 2 CPU processes writes a sharded checkpoint that a
     1-process run resumes (distributed checkpoints reshard on load)."""
-    over = _override(tmp_path, toy_data, max_steps=4, every=2)
+    over = cli_override(tmp_path, toy_data, max_steps=4, every=2)
     fsdp = tmp_path / "fsdp.yaml"
     fsdp.write_text(yaml.safe_dump({"trainer": {"devices": 2, "strategy": {
         "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
