@@ -665,6 +665,11 @@ def test_latent_decoder_errors_name_the_member(toy, normalizers, raw, latent_sha
     sample[LATENTS] = _npy(np.zeros((1, 16, len(latent_shard[2]) + 1, 4, 4), np.float16))
     with pytest.raises(DataError, match=r"latents\.npy has shape \(1, 16, 6, 4, 4\), expected \(views, C, 5, h, w\)"):
         dec.decode(sample)
+    bad = np.zeros((1, 16, len(latent_shard[2]), 4, 4), np.float16)
+    bad[0, 3, 1, 2, 2] = np.inf  # a float16 overflow
+    sample[LATENTS] = _npy(bad)
+    with pytest.raises(DataError, match=r"latents\.npy view 0 contains NaN or inf; rebuild the latent cache"):
+        dec.decode(sample)
 
 
 # ============================================================================ collate

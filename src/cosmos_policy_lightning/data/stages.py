@@ -430,7 +430,7 @@ class LatentSampleDecoder(SampleDecoder):
         other arguments: as :class:`SampleDecoder`.
 
     Raises (while iterating):
-        DataError: ``latents.npy`` missing, malformed or of the wrong frame count.
+        DataError: ``latents.npy`` missing, malformed, of the wrong frame count or not finite.
     """
 
     def __init__(self, embodiment: Embodiment, normalizers: dict[str, Normalizer], text_dir: str,
@@ -448,6 +448,8 @@ class LatentSampleDecoder(SampleDecoder):
                             f"{len(self.frames)}, h, w)")
         view = int(rng.integers(views.shape[0])) if self.mode == "augment" and rng is not None else 0
         stored = torch.from_numpy(views[view].astype(np.float32))
+        if not torch.isfinite(stored).all():  # a float16 overflow or a damaged file: never train on NaN
+            raise DataError(f"{where}: latents.npy view {view} contains NaN or inf; rebuild the latent cache")
         c, _, h, w = stored.shape
         latents = torch.zeros(c, self.num_latent_frames, h, w)
         latents[:, self.frames] = stored
