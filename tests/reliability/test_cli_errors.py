@@ -5,6 +5,7 @@ read-only output folders and non-numeric proprio at inference (issue 14, item 3)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -204,12 +205,17 @@ def test_non_utf8_embodiment_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("json_output", [True, False], ids=["json", "table"])
 def test_layout_into_a_closed_pipe_is_quiet(json_output):
-    """``cosmos-policy layout --json | head``, with the reader gone before the first write (``| true``
-    exits at once, the command takes a second to start), so the pipe is surely closed: no
+    """``cosmos-policy layout --json | head`` with the reader gone before the first write: stdout is a pipe
+    whose read end is closed before the command starts (deterministic, unlike racing ``| true``): no
     BrokenPipeError traceback, a non-zero exit status."""
-    cmd = " ".join(cli_command(["layout", REPO / "embodiments" / "aloha.yaml", *(["--json"] if json_output else [])]))
-    run = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} | true"], capture_output=True, text=True,
-                         timeout=120, cwd=REPO)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        run = subprocess.run(cli_command(["layout", REPO / "embodiments" / "aloha.yaml",
+                                          *(["--json"] if json_output else [])]),
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, cwd=REPO)
+    finally:
+        os.close(write_end)
     assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
     # JSON: our handler, 128 + SIGPIPE; the table: rich's console handles the closed pipe itself (exit 1)
     assert run.returncode == (141 if json_output else 1)
