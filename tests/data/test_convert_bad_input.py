@@ -3,6 +3,7 @@
 
 import numpy as np
 import pytest
+import yaml
 
 from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.data.convert import convert
@@ -100,9 +101,23 @@ def test_missing_file_and_unreadable_file(tmp_path):
 
 def test_embodiment_without_keys_for_the_format(tmp_path, embodiments_dir):
     src = write_robomimic(tmp_path / "demos.hdf5", [EpisodeSpec(4, 1)])
-    with pytest.raises(DataError, match=r"aloha\.yaml: cameras\[0\] \(left_wrist\): no key for format 'robomimic'"):
+    with pytest.raises(DataError, match=r"aloha\.yaml: cameras\[0\] \(left_wrist\): no key for format 'robomimic' "
+                                        r"\(the YAML has keys for episode_hdf5\)"):
         convert(str(src), output=str(tmp_path / "o"), embodiment=str(embodiments_dir / "aloha.yaml"),
                 text_encoder="none", progress=False)
+
+
+def test_a_misspelt_format_in_the_yaml_is_named(tmp_path):
+    """Keys written under ``robomimc`` (a typo) are not found for ``--format robomimic``: the error says
+    which formats the YAML does have keys for."""
+    emb = yaml.safe_load(write_embodiment(tmp_path).read_text())
+    for part in (*emb["cameras"], emb["proprio"], emb["action"]):
+        part["keys"] = {"robomimc": part["keys"]["robomimic"]}
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(emb))
+    src = write_robomimic(tmp_path / "demos.hdf5", [EpisodeSpec(4, 1)])
+    with pytest.raises(DataError, match=r"no key for format 'robomimic' \(the YAML has keys for robomimc\)"):
+        convert(str(src), output=str(tmp_path / "o"), embodiment=str(tmp_path / "typo.yaml"), text_encoder="none",
+                progress=False)
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):

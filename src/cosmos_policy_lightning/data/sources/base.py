@@ -39,6 +39,10 @@ class SourceKeys:
                 or an override names a camera the embodiment does not have.
         """
         overrides = dict(camera_keys or {})
+        # A misspelt format name in the YAML shows up here: name the formats it does have keys for.
+        present = sorted({f for c in embodiment.cameras for f in c.keys} | set(embodiment.proprio.keys)
+                         | set(embodiment.action.keys))
+        has = f" (the YAML has keys for {', '.join(present)})" if present else ""
         unknown = sorted(set(overrides) - set(embodiment.camera_names))
         if unknown:
             raise DataError(f"--camera_keys: unknown camera {unknown[0]!r}; embodiment {embodiment.name} "
@@ -47,16 +51,16 @@ class SourceKeys:
         for i, cam in enumerate(embodiment.cameras):
             key = overrides.get(cam.name) or cam.keys.get(fmt)
             if not key:
-                raise DataError(f"{embodiment.source}: cameras[{i}] ({cam.name}): no key for format {fmt!r}; "
+                raise DataError(f"{embodiment.source}: cameras[{i}] ({cam.name}): no key for format {fmt!r}{has}; "
                                 f"add cameras[{i}].keys.{fmt} to the YAML or pass --camera_keys")
             cameras[cam.name] = key
         proprio = tuple(proprio_keys) if proprio_keys else tuple(embodiment.proprio.keys.get(fmt, ()))
         if not proprio:
-            raise DataError(f"{embodiment.source}: proprio: no keys for format {fmt!r}; add proprio.keys.{fmt} "
+            raise DataError(f"{embodiment.source}: proprio: no keys for format {fmt!r}{has}; add proprio.keys.{fmt} "
                             f"to the YAML or pass --proprio_keys")
         action = action_key or embodiment.action.keys.get(fmt)
         if not action:
-            raise DataError(f"{embodiment.source}: action: no key for format {fmt!r}; add action.keys.{fmt} "
+            raise DataError(f"{embodiment.source}: action: no key for format {fmt!r}{has}; add action.keys.{fmt} "
                             f"to the YAML or pass --action_key")
         return cls(cameras, proprio, action)
 
