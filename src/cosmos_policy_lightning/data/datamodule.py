@@ -57,7 +57,7 @@ from ..layout import OBJECTIVES, SequenceLayout
 from ..inference_record import InferenceRecord
 from ..normalization import DatasetStats, Normalizer
 from . import schema as S
-from .dataset_info import DatasetInfo, load_json, read_dataset_info
+from .dataset_info import DatasetInfo, is_converted, read_dataset_info
 from .integrity import CheckedTarSamples, check_shard_sizes
 from .latent_cache import (
     LATENTS,
@@ -265,8 +265,7 @@ class CosmosDataModule(L.LightningDataModule):
     @property
     def converted(self) -> bool:
         """Whether ``data_dir`` holds a finished conversion (its manifest says ``complete``)."""
-        manifest = Path(self.data_dir) / S.MANIFEST
-        return manifest.is_file() and load_json(manifest).get("status") == "complete"
+        return is_converted(self.data_dir)
 
     @property
     def embodiment(self) -> Embodiment:

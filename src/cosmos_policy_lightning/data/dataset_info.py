@@ -93,6 +93,16 @@ def load_json(path: Path) -> Any:
         raise DataError(f"{path}: not valid JSON ({err})") from None
 
 
+def is_converted(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` holds a finished conversion (its manifest says ``complete``).
+
+    Raises:
+        DataError: the manifest exists but is not valid JSON.
+    """
+    manifest = Path(data_dir) / S.MANIFEST
+    return manifest.is_file() and load_json(manifest).get("status") == "complete"
+
+
 def _check_same_robot(given: Embodiment, stored: Embodiment, manifest_path: Path) -> None:
     """Refuse shards written for another robot: everything baked into the shards must agree (camera
     set, image size, dims, chunk size, discount of the stored values). Camera *order* may differ:
@@ -219,4 +229,4 @@ def read_dataset_info(data_dir: str | Path, embodiment: str | Path | None = None
     return DatasetInfo(data_dir, robot, stats, manifest, identity, dim, splits)
 
 
-__all__ = ["DatasetInfo", "SplitInfo", "read_dataset_info"]
+__all__ = ["DatasetInfo", "SplitInfo", "is_converted", "load_json", "read_dataset_info"]

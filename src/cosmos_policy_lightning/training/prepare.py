@@ -18,9 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..data import schema as S
 from ..data.datamodule import check_convert_from
-from ..data.dataset_info import load_json
+from ..data.dataset_info import is_converted
 from ..data.latent_cache import build_latent_cache, check_cache_matches_model, read_cache_manifest
 from ..layout import SequenceLayout
 from ..model.module import resolve_path
@@ -47,8 +46,7 @@ def convert_if_missing(data_dir: str | Path, embodiment: str | None, convert_fro
     """
     if not convert_from:
         return False
-    manifest = Path(data_dir) / S.MANIFEST
-    if manifest.is_file() and load_json(manifest).get("status") == "complete":
+    if is_converted(data_dir):
         return False
     check_convert_from(convert_from, embodiment)
     from ..data.convert import convert
