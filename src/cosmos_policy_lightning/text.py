@@ -465,17 +465,14 @@ class InstructionEmbeddings:
         if instruction in self._precomputed:
             arr = self._precomputed[instruction]
             arr = arr.float().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr, dtype=np.float32)
-        elif cache is not None and (cache.identity is not None or self.identity is None):
-            if cache.identity is None:  # a dataset converted with --text_encoder none
-                arr = np.zeros((0, 0), dtype=np.float32)
-            else:
-                try:
-                    arr = cache.get(instruction)
-                except CosmosPolicyError as err:
-                    raise DataError(f"{where}: {err}") from None
-        elif self.identity == NullTextEncoder.identity:
+        elif cache is not None and cache.identity is None:  # a dataset converted with --text_encoder none
             arr = np.zeros((0, 0), dtype=np.float32)
-        else:
+        elif cache is not None:
+            try:
+                arr = cache.get(instruction)
+            except CosmosPolicyError as err:
+                raise DataError(f"{where}: {err}") from None
+        else:  # the ``none`` encoder gives (0, 0) without loading anything
             arr = np.asarray(self.encoder.encode([instruction])[0])
         arr = arr[: self.max_tokens].astype(np.float16).astype(np.float32)
         emb = torch.from_numpy(np.ascontiguousarray(arr))

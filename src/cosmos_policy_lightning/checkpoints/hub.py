@@ -347,20 +347,20 @@ def load_policy_folder(source: str | Path):
     """
     from ..model.module import CosmosPolicyModule
 
+    def read_json(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CosmosPolicyError(f"{path}: not readable ({type(err).__name__})") from None
+
     folder = resolve_folder(source)
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise CosmosPolicyError(f"{folder / CONFIG_FILE}: not readable ({type(err).__name__})") from None
+    config = read_json(folder / CONFIG_FILE)
     if not isinstance(config, Mapping) or config.get("format") != FORMAT:
         raise CosmosPolicyError(f"{folder / CONFIG_FILE}: not a Cosmos Policy folder (expected \"format\": {FORMAT!r})")
     for name in (STATS_FILE, TRANSFORMER_DIR):
         if not (folder / name).exists():
             raise CosmosPolicyError(f"{folder}: {name} is missing")
-    try:
-        stats = json.loads((folder / STATS_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise CosmosPolicyError(f"{folder / STATS_FILE}: not readable ({type(err).__name__})") from None
+    stats = read_json(folder / STATS_FILE)
     # Checks the stored layout against the one the embodiment gives (a folder edited by hand).
     record = InferenceRecord.from_dict({**config, "stats": stats}, str(folder / CONFIG_FILE))
     module = CosmosPolicyModule(embodiment=record.embodiment.to_dict(), text_dim=int(config["text_dim"]),

@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 from webdataset.filters import PipelineStage
 
 from ..errors import DataError
+from .dataset_info import load_json
 
 #: Read size of checksum computation.
 _CHUNK = 1 << 20
@@ -201,20 +202,13 @@ def verify_dataset(data_dir: Path, checksums: bool = True) -> None:
     Raises:
         DataError: one line: how many shards differ, and the first difference.
     """
-    import json
-
     data_dir = Path(data_dir)
     manifests = [data_dir / "manifest.json", data_dir / "latents" / "manifest.json"]
     problems, checked = [], 0
     for manifest in manifests:
-        if not manifest.is_file():
-            if manifest.parent == data_dir:
-                raise DataError(f"{manifest}: not found (convert the dataset first: cosmos-policy convert ...)")
-            continue
-        try:
-            entries = json.loads(manifest.read_text()).get("shards") or []
-        except ValueError as err:
-            raise DataError(f"{manifest}: not valid JSON ({err})") from None
+        if not manifest.is_file() and manifest.parent != data_dir:
+            continue  # no latent cache
+        entries = load_json(manifest).get("shards") or []  # the dataset's manifest must exist
         for entry in entries:
             path = manifest.parent / entry["name"]
             checked += 1

@@ -53,7 +53,7 @@ from ..layout import SequenceLayout
 from ..locking import folder_lock
 from . import schema as S
 from .augment import REFERENCE_AUGMENT, apply_uint8, center_crop_params, sample_params
-from .dataset_info import read_dataset_info
+from .dataset_info import load_json, read_dataset_info
 from .integrity import CheckedTarSamples, check_shard_sizes
 from .shards import BLOCK, RECORD, sample_record
 from .stages import decode_images
@@ -109,12 +109,7 @@ def read_cache_manifest(cache_dir: str | Path) -> dict | None:
         DataError: the manifest exists but is not valid JSON.
     """
     path = Path(cache_dir) / S.MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+    return load_json(path) if path.is_file() else None
 
 
 def refuse_other_fingerprint(manifest: dict, want: dict, cache_dir: str | Path, ignore: tuple[str, ...] = ()) -> None:
