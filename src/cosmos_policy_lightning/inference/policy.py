@@ -38,7 +38,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..dtypes import dtype_from_name
 from ..errors import CosmosPolicyError
 from ..layout import OBJECTIVES, value_objectives
 from ..model.sequence import encode_pixel_sequence, write_slot
@@ -499,5 +498,4 @@ class CosmosPolicy:
         return out
 
 
-__all__ = ["CosmosPolicy", "PolicyOutput", "ActionEvaluation", "PreparedBatch", "EncodedObservations", "Observation",
-           "dtype_from_name"]
+__all__ = ["CosmosPolicy", "PolicyOutput", "ActionEvaluation", "PreparedBatch", "EncodedObservations", "Observation"]

@@ -289,7 +289,8 @@ def evaluate(
         device, dtype = sampling.get("device", device), sampling.get("dtype", dtype)
         controller = remote_controller(remote)
     elif policy == "model":
-        from ..inference.policy import CosmosPolicy, dtype_from_name
+        from ..dtypes import dtype_from_name
+        from ..inference.policy import CosmosPolicy
 
         model = CosmosPolicy.from_checkpoint(checkpoint, device=device, dtype=dtype_from_name(dtype))
         emb = model.embodiment
