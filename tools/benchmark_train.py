@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -28,10 +29,11 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from cosmos_policy_lightning.embodiment import Embodiment  # noqa: E402
-from cosmos_policy_lightning.model.module import REPO_ROOT, CosmosPolicyModule  # noqa: E402
+from cosmos_policy_lightning.model.module import CosmosPolicyModule  # noqa: E402
 from cosmos_policy_lightning.model.schedule import lr_multiplier  # noqa: E402
 from cosmos_policy_lightning.model.sequence import encode_pixel_sequence  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 TINY_VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
             "temperal_downsample": [False, True, True], "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}
 WAN21_SIZED_VAE = {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
@@ -190,8 +192,8 @@ def main(steps: int = 30, batch_size: int = 16, repeats: int = 2, configs: list[
         gpu_batch_size: samples per batch for the 2B model.
     """
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    mw = Embodiment.from_yaml(REPO_ROOT / "embodiments" / "metaworld.yaml")
-    vae = str(REPO_ROOT / "assets" / "tiny_wan_vae") if (REPO_ROOT / "assets" / "tiny_wan_vae").is_dir() else TINY_VAE
+    mw = Embodiment.from_yaml(REPO / "embodiments" / "metaworld.yaml")
+    vae = str(REPO / "assets" / "tiny_wan_vae") if (REPO / "assets" / "tiny_wan_vae").is_dir() else TINY_VAE
     print(f"Meta-World layout (64x64, 2 cameras, 9 latent frames), tiny Wan VAE, batch {batch_size}, CPU "
           f"{torch.get_num_threads()} thread(s):")
     for name in configs:
@@ -205,7 +207,7 @@ def main(steps: int = 30, batch_size: int = 16, repeats: int = 2, configs: list[
             return
         from lightning.fabric.utilities.throughput import get_available_flops
 
-        libero = Embodiment.from_yaml(REPO_ROOT / "embodiments" / "libero.yaml")
+        libero = Embodiment.from_yaml(REPO / "embodiments" / "libero.yaml")
         r = compare(libero, "cosmos-predict2-2b", WAN21_SIZED_VAE, max(5, steps // 3), gpu_batch_size,
                     1024, "cuda", "bf16-mixed", torch.bfloat16, True, 1, bare=False)
         print(f"2B model, LIBERO layout (224x224, 2 cameras, 9 latent frames), Wan2.1-sized VAE, batch "

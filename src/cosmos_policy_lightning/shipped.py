@@ -38,10 +38,14 @@ def shipped_path(relative: str | Path) -> Path | None:
     packaged = importlib.resources.files(__package__).joinpath(PACKAGE_FOLDER, *rel.parts)
     if packaged.is_file() or packaged.is_dir():
         return Path(str(packaged))  # an installed wheel is unpacked on disk, so this is a real path
-    checkout = CHECKOUT_ROOT / rel
-    if (CHECKOUT_ROOT / "pyproject.toml").is_file() and checkout.exists():
-        return checkout
-    return None
+    return checkout_path(rel)
+
+
+def checkout_path(relative: str | Path) -> Path | None:
+    """``relative`` inside the source checkout this package runs from, if it is one (it holds
+    ``pyproject.toml``) and the path exists there; else None (an installed wheel has no checkout)."""
+    path = CHECKOUT_ROOT / relative
+    return path if (CHECKOUT_ROOT / "pyproject.toml").is_file() and path.exists() else None
 
 
 def shipped_embodiments() -> dict[str, Path]:

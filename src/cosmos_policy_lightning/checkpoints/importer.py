@@ -38,13 +38,14 @@ TEXT_EMBEDDINGS_KEY = "text_embeddings"
 
 
 def _recipe_test_steps(name: str, default: int = 5) -> int:
-    """``model.init_args.test_num_steps`` of the shipped recipe named after the embodiment, else ``default``."""
+    """``model.init_args.test_num_steps`` of the source checkout's recipe named after the embodiment (recipes
+    are not in the wheel), else ``default``."""
     import yaml
 
-    from ..model.module import REPO_ROOT
+    from ..shipped import checkout_path
 
-    recipe = REPO_ROOT / "recipes" / f"{name}.yaml"
-    if not recipe.is_file():
+    recipe = checkout_path(f"recipes/{name}.yaml")
+    if recipe is None or not recipe.is_file():
         return default
     init = ((yaml.safe_load(recipe.read_text()) or {}).get("model") or {}).get("init_args") or {}
     return int(init.get("test_num_steps", default))

@@ -34,7 +34,7 @@ from ..layout import OBJECTIVES, SequenceLayout
 from ..inference_record import InferenceRecord
 from ..normalization import DatasetStats, Normalizer
 from ..processor import PolicyProcessor, value_to_unit
-from ..shipped import CHECKOUT_ROOT, shipped_path
+from ..shipped import checkout_path, shipped_path
 from ..text import T5_MAX_TOKENS, pad_text_tokens, uses_padded_text
 from . import diffusion
 from .dit import VideoDiT
@@ -47,8 +47,6 @@ from .rng import rank_generator, run_seed
 from .warm_start import load_dit_weights
 
 CHECKPOINT_KEY = "cosmos_policy"
-#: Repository root of a source checkout (recipes/ ...); nothing that an installed package needs lives only there.
-REPO_ROOT = CHECKOUT_ROOT
 
 
 def resolve_path(source: Any) -> Any:
@@ -57,11 +55,9 @@ def resolve_path(source: Any) -> Any:
     ``shipped.py``), then in the source checkout, so recipes and checkpoints naming ``assets/...`` work from
     any directory and from a wheel install. Hub ids and dicts pass through."""
     if isinstance(source, str) and not Path(source).is_absolute() and not Path(source).exists():
-        shipped = shipped_path(source)
-        if shipped is not None:
-            return str(shipped)
-        if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / source).exists():
-            return str(REPO_ROOT / source)
+        found = shipped_path(source) or checkout_path(source)
+        if found is not None:
+            return str(found)
     return source
 
 
