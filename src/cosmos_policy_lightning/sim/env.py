@@ -41,6 +41,7 @@ Observation = dict[str, Any]
 #: so a simulator's own packages load only when it is chosen).
 SIMULATORS: dict[str, str] = {
     "metaworld": "cosmos_policy_lightning.sim.metaworld:MetaWorldEnv",
+    "aloha": "cosmos_policy_lightning.sim.aloha:AlohaEnv",
 }
 
 
@@ -114,6 +115,27 @@ class Simulator(Protocol):
         ...
 
 
+def check_embodiment(embodiment: Any, simulator_name: str, *, proprio_dim: int, action_dim: int, hint: str) -> None:
+    """Refuse, in one line, an embodiment (e.g. a checkpoint's) of another robot than the simulator's.
+
+    Args:
+        embodiment: the :class:`~cosmos_policy_lightning.embodiment.Embodiment` to check.
+        simulator_name: the simulator's registered name (for the message).
+        proprio_dim: the simulator's proprio dimension ``P``.
+        action_dim: the simulator's action dimension ``A``.
+        hint: the embodiment file that fits the simulator (named in the message).
+
+    Raises:
+        CosmosPolicyError: the proprio or action dimension differs.
+    """
+    got = (int(embodiment.proprio.dim), int(embodiment.action.dim))
+    if got != (proprio_dim, action_dim):
+        raise CosmosPolicyError(
+            f"{embodiment.source}: embodiment {embodiment.name!r} has {got[0]}-d proprio and {got[1]}-d actions; "
+            f"the {simulator_name} simulator takes {proprio_dim}-d proprio and {action_dim}-d actions (a checkpoint "
+            f"of another robot? use {hint})")
+
+
 def simulator(name: str) -> Simulator:
     """The adapter class registered as ``name`` in :data:`SIMULATORS`.
 
@@ -126,4 +148,4 @@ def simulator(name: str) -> Simulator:
     return getattr(importlib.import_module(module), attr)
 
 
-__all__ = ["Observation", "SIMULATORS", "SimEnv", "Simulator", "simulator"]
+__all__ = ["Observation", "SIMULATORS", "SimEnv", "Simulator", "check_embodiment", "simulator"]
