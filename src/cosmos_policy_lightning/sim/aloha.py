@@ -346,7 +346,8 @@ class AlohaEnv:
         embodiment: embodiment YAML path, shipped name or :class:`Embodiment`: 14-d proprio and actions;
             its cameras are rendered (mapped as the module docstring says) at its ``image_size``.
         seed: selects the initial placements (module docstring).
-        max_steps: truncate episodes after this many steps (None = :data:`EPISODE_STEPS`).
+        max_steps: truncate episodes after this many steps (None = :data:`EPISODE_STEPS`; more is allowed
+            here, the evaluator's :meth:`create` caps it at :data:`EPISODE_STEPS`).
         supersample: render at this many times the image size, then average blocks (1 = off).
         render: False skips the cameras (``images == {}``): for the expert and noise without pictures.
         cameras: embodiment camera name -> MuJoCo camera name, for cameras the defaults do not map.
@@ -409,8 +410,8 @@ class AlohaEnv:
     @classmethod
     def create(cls, task: str, embodiment: str | Path | Embodiment, *, seed: int, max_steps: int,
                render: bool) -> "AlohaEnv":
-        """The evaluator's factory (:class:`~.env.Simulator`)."""
-        return cls(task, embodiment, seed=seed, max_steps=int(max_steps), render=render)
+        """The evaluator's factory (:class:`~.env.Simulator`): ``max_steps`` above ACT's 400 is capped."""
+        return cls(task, embodiment, seed=seed, max_steps=min(int(max_steps), EPISODE_STEPS), render=render)
 
     @staticmethod
     def check_task(task: str) -> None:
