@@ -106,3 +106,24 @@ def test_swap_rb_swaps_red_and_blue(tmp_path):
     _convert(src, tmp_path / "b", all_success=True, swap_rb=True)
     swapped = decode_sample(read_split(tmp_path / "b" / "out", "train")[0])["image.front.jpg"].astype(int)
     assert np.abs(plain[..., ::-1] - swapped).mean() < 3 < np.abs(plain - swapped).mean()
+
+
+def test_step_stride_keeps_every_episode_and_full_rate_targets(tmp_path):
+    """`--step_stride 3`: samples at t = 0, 3, 6, ... of every episode; the chunk and the future frame of
+    each still come from the full-rate episode (t + 1 ... t + K, t' = min(t + K, T - 1)), the statistics
+    from all steps."""
+    specs = [EpisodeSpec(7, 1), EpisodeSpec(4, 2, success=False)]
+    src = write_episode_dir(tmp_path / "eps", specs, rollout_attrs=True)
+    manifest = _convert(src, tmp_path, step_stride=3)
+    metas = [decode_sample(s)["meta.json"] for s in read_split(tmp_path / "out", "train")]
+    steps = sorted((m["episode"], m["step"], m["future_step"]) for m in metas)
+    assert steps == [("episode_0", 0, K), ("episode_0", 3, min(3 + K, 6)), ("episode_0", 6, 6),
+                     ("episode_1", 0, min(K, 3)), ("episode_1", 3, 3)]
+    assert manifest["counts"]["train"]["samples"] == 5 and manifest["counts"]["train"]["episodes"] == 2
+    assert manifest["settings"]["step_stride"] == 3
+    strided = json.loads((tmp_path / "out" / "stats.json").read_text())
+    _convert(src, tmp_path / "all")
+    full = json.loads((tmp_path / "all" / "out" / "stats.json").read_text())
+    assert strided["all"] == full["all"] and strided["successful"] == full["successful"]
+    with pytest.raises(DataError, match="--step_stride: expected an integer >= 1, got 0"):
+        _convert(src, tmp_path / "zero", step_stride=0)

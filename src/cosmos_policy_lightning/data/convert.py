@@ -84,6 +84,7 @@ def convert(
     progress: bool = True,
     revision: str | None = None,
     tolerance_s: float = 1e-4,
+    step_stride: int = 1,
 ) -> dict[str, Any]:
     """Convert HDF5 / Zarr / LeRobot demonstrations (failed episodes included) into WebDataset shards.
 
@@ -130,6 +131,10 @@ def convert(
         revision: lerobot from the Hub: branch, tag or commit of the dataset (default: main).
         tolerance_s: lerobot: largest gap in seconds between a row's timestamp and the presentation time
             of its video frame (LeRobot's default 1e-4).
+        step_stride: make a sample of every ``step_stride``-th step of each episode (t = 0, s, 2s, ...)
+            instead of every step; chunks, future frames and values still come from the full-rate episode
+            and the statistics from all steps. For long episodes (ALOHA: 400 steps, three cameras) it
+            divides conversion, latent-cache time and size by about ``s`` without dropping episodes.
 
     Returns:
         the final manifest (also written to output/manifest.json).
@@ -140,6 +145,8 @@ def convert(
     reader_cls = reader_class(format)  # the registry's one-line error for an unknown name
     emb = Embodiment.from_yaml(embodiment)
     _check_options(val_fraction, shard_size_mb, workers, jpeg_quality)
+    if isinstance(step_stride, bool) or not isinstance(step_stride, int) or step_stride < 1:
+        raise DataError(f"--step_stride: expected an integer >= 1, got {step_stride!r}")
     if not 0.0 < float_image_max < float("inf"):
         raise DataError(f"--float_image_max: expected a positive number (1 or 255), got {float_image_max}")
     check_text_encoder(text_encoder)  # now, not after every shard is written
@@ -165,6 +172,8 @@ def convert(
     }
     if float_image_max != 1.0:  # only when set, so the settings hash of existing conversions is unchanged
         settings["float_image_max"] = float_image_max
+    if step_stride != 1:  # only when set, so the settings hash of existing conversions is unchanged
+        settings["step_stride"] = step_stride
     if "tolerance_s" in reader_cls.options:  # only then, so the settings (and resumption) of other formats
         settings["tolerance_s"] = tolerance_s  # are unchanged
     out = ensure_writable_dir(output, "--output")  # a file, read-only: refused before any episode is read
@@ -192,7 +201,7 @@ def convert(
                  f"nothing to do")
             return job.manifest
         encode = EncodeSettings(str(job.work), tuple(emb.image_size), emb.action.chunk_size, emb.value.gamma,
-                                jpeg_quality, swap_rb, skip_bad, float_image_max)
+                                jpeg_quality, swap_rb, skip_bad, float_image_max, step_stride)
         job.run(reader, {r.episode_id: r for r in refs}, encode, workers, progress)
         return job.finish(text_encoder)
 

@@ -48,6 +48,7 @@ class EncodeSettings:
         swap_rb: source frames are BGR.
         float_image_max: white of floating-point source frames (1.0, or 255.0 for 0..255 floats).
         skip_bad: record a bad episode instead of raising.
+        step_stride: a sample at every ``step_stride``-th step (t = 0, s, 2s, ...); 1 = every step.
     """
 
     work_dir: str
@@ -58,6 +59,7 @@ class EncodeSettings:
     swap_rb: bool = False
     skip_bad: bool = False
     float_image_max: float = 1.0
+    step_stride: int = 1
 
 
 @functools.lru_cache(maxsize=64)
@@ -75,18 +77,32 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return _npy_header(a.shape, a.dtype.str) + a.tobytes()
 
 
-def episode_samples(episode: Episode, jpegs: dict[str, list[bytes]], chunk_size: int, gamma: float):
-    """Yield ``(key, {member: bytes})`` for every step of ``episode`` (the shard schema of ``sample.py``).
+def sample_steps(length: int, step_stride: int = 1) -> range:
+    """The steps of an episode of ``length`` steps that become samples: ``0, s, 2s, ...`` below ``length``.
+
+    A stride above 1 trains on a subset of each episode's steps (every episode still contributes, its
+    action chunks, future frames and values still come from the full-rate episode): for long episodes
+    of slowly changing frames (ALOHA: 400 steps at 50 Hz, three cameras) it divides the latent-cache
+    time and size by ``s`` at little cost in diversity.
+    """
+    return range(0, int(length), int(step_stride))
+
+
+def episode_samples(episode: Episode, jpegs: dict[str, list[bytes]], chunk_size: int, gamma: float,
+                    step_stride: int = 1):
+    """Yield ``(key, {member: bytes})`` for the sample steps of ``episode`` (:func:`sample_steps`; the
+    shard schema of ``schema.py``).
 
     Args:
         episode: the episode (T >= 2).
         jpegs: camera -> T JPEG byte strings.
         chunk_size: K.
         gamma: value discount.
+        step_stride: sample every ``step_stride``-th step (1 = all).
     """
     T = episode.length
     values = episode_values(T, episode.score, gamma)
-    for t in range(T):
+    for t in sample_steps(T, step_stride):
         tf = future_index(t, chunk_size, T)
         members: dict[str, bytes] = {}
         for cam, frames in jpegs.items():
@@ -128,13 +144,14 @@ def process_episode(reader: SourceReader, ref: EpisodeRef, split: str, settings:
 
             def spill(f) -> None:
                 nonlocal tar_bytes
-                tar_bytes = write_samples(f, episode_samples(episode, jpegs, settings.chunk_size, settings.gamma))
+                tar_bytes = write_samples(f, episode_samples(episode, jpegs, settings.chunk_size, settings.gamma,
+                                                                   settings.step_stride))
 
             write_bytes_atomic(work / f"{ref.episode_id}.spill", spill)
             write_bytes_atomic(work / f"{ref.episode_id}.npz",
                             lambda f: np.savez(f, actions=episode.actions, proprio=episode.proprio))
             record = {"episode": ref.episode_id, "split": split, "source": ref.source, "length": episode.length,
-                      "samples": episode.length, "success": episode.success, "score": episode.score,
+                      "samples": len(sample_steps(episode.length, settings.step_stride)), "success": episode.success, "score": episode.score,
                       "instruction": episode.instruction, "tar_bytes": tar_bytes}
     except DataError as err:
         if not settings.skip_bad:
@@ -188,4 +205,4 @@ def run_job(job: tuple[EpisodeRef, str]) -> dict[str, Any]:
     return process_episode(_WORKER["reader"], ref, split, _WORKER["settings"])
 
 
-__all__ = ["EncodeSettings", "episode_samples", "process_episode", "init_worker", "run_job", "npy_bytes"]
+__all__ = ["EncodeSettings", "episode_samples", "sample_steps", "process_episode", "init_worker", "run_job", "npy_bytes"]
