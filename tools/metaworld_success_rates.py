@@ -31,8 +31,8 @@ def success_rates(*, tasks: list[str], episodes: int = 50, noise_std: list[float
     from rich.console import Console
     from rich.table import Table
 
-    from cosmos_policy_lightning.sim.collect import noise_rng
-    from cosmos_policy_lightning.sim.metaworld import CorrelatedActionNoise, MetaWorldEnv
+    from cosmos_policy_lightning.sim.metaworld import MetaWorldEnv
+    from cosmos_policy_lightning.sim.noise import CorrelatedActionNoise, noise_rng
 
     limits = sorted(max_steps)
     table = Table(title=f"scripted expert success, {episodes} episodes each, noise theta {noise_theta}, seed {seed}")

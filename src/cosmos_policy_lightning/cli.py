@@ -1,7 +1,7 @@
 """The ``cosmos-policy`` command.
 
 ``fit | validate | test | predict`` are LightningCLI subcommands (``training/cli.py``); the tools
-``layout``, ``convert``, ``collect metaworld`` and ``evaluate SIMULATOR`` are plain functions whose
+``layout``, ``convert``, ``collect SIMULATOR`` and ``evaluate SIMULATOR`` are plain functions whose
 signatures and docstrings jsonargparse turns into options and ``--help``. Each subcommand imports only
 its own module, so ``cosmos-policy layout`` starts without loading torch models.
 
@@ -31,8 +31,8 @@ TOOLS: dict[tuple[str, ...], tuple[str, str, str]] = {
                          "encode a converted dataset once with the frozen VAE (fast training from latents)"),
     ("verify",): ("cosmos_policy_lightning.data.integrity", "verify_dataset",
                   "check a converted dataset's shards (size, sample count, SHA-256) against its manifest"),
-    ("collect", "metaworld"): ("cosmos_policy_lightning.sim.collect", "collect_metaworld",
-                               "record scripted-expert demonstrations in Meta-World"),
+    ("collect",): ("cosmos_policy_lightning.sim.collect", "collect",
+                   "expert demonstrations with failures from a simulator: collect SIMULATOR (metaworld) --tasks ..."),
     ("evaluate",): ("cosmos_policy_lightning.sim.evaluate", "evaluate",
                     "closed-loop evaluation in a simulator: evaluate SIMULATOR (metaworld) --checkpoint ..."),
     ("serve",): ("cosmos_policy_lightning.inference.server", "serve", "serve a checkpoint to robots (openpi websocket)"),

@@ -7,6 +7,7 @@ where $COSMOS_POLICY_REQUIRE_SIM is set (CI, see conftest.sim_unavailable).
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import h5py
 import numpy as np
@@ -22,7 +23,8 @@ from cosmos_policy_lightning.cli import main as cli_main  # noqa: E402
 from cosmos_policy_lightning.embodiment import Embodiment  # noqa: E402
 from cosmos_policy_lightning.errors import CosmosPolicyError  # noqa: E402
 from cosmos_policy_lightning.sim import metaworld as mw  # noqa: E402
-from cosmos_policy_lightning.sim.collect import collect_metaworld, noise_rng, run_episode  # noqa: E402
+from cosmos_policy_lightning.sim.collect import collect_metaworld, run_episode  # noqa: E402
+from cosmos_policy_lightning.sim.noise import CorrelatedActionNoise, noise_rng  # noqa: E402
 
 pytestmark = pytest.mark.sim
 
@@ -64,16 +66,16 @@ def test_env_renders_real_images_and_steps(embodiments_dir):
 
 def test_same_seed_same_episode():
     with mw.MetaWorldEnv("push-v3", seed=3, max_steps=10) as env:
-        runs = [run_episode(env, 4, mw.CorrelatedActionNoise(4, 0.3, 0.1, noise_rng(3, "push-v3", 4)))
+        runs = [run_episode(env, 4, CorrelatedActionNoise(4, 0.3, 0.1, noise_rng(3, "push-v3", 4)))
                 for _ in range(2)]
-        other = run_episode(env, 4, mw.CorrelatedActionNoise(4, 0.3, 0.1, noise_rng(4, "push-v3", 4)))
+        other = run_episode(env, 4, CorrelatedActionNoise(4, 0.3, 0.1, noise_rng(4, "push-v3", 4)))
     np.testing.assert_array_equal(runs[0].actions, runs[1].actions)
     np.testing.assert_array_equal(runs[0].images["corner"], runs[1].images["corner"])
     assert not np.array_equal(runs[0].actions, other.actions)
 
 
 def test_noise_is_correlated_with_the_requested_std():
-    noise = mw.CorrelatedActionNoise(4, 0.3, 0.1, np.random.default_rng(0))
+    noise = CorrelatedActionNoise(4, 0.3, 0.1, np.random.default_rng(0))
     x = np.stack([noise() for _ in range(20000)])
     assert abs(x.std() - 0.3) < 0.03
     lag1 = np.corrcoef(x[:-1, 0], x[1:, 0])[0, 1]
@@ -83,10 +85,12 @@ def test_noise_is_correlated_with_the_requested_std():
 def test_collect_writes_robomimic_hdf5_with_failures(tmp_path, embodiments_dir):
     """One clean episode that succeeds and one strongly perturbed episode that fails."""
     emb = Embodiment.from_yaml(embodiments_dir / "metaworld.yaml")
-    summaries = collect_metaworld(tasks=["reach-v3"], episodes=2, clean_episodes=1, noise_std=1.0, noise_theta=0.05,
-                                  max_steps=60, stop_after_success=2, output=tmp_path, seed=0)
+    summary = collect_metaworld(tasks=["reach-v3"], episodes=2, clean_episodes=1, noise_std=1.0, noise_theta=0.05,
+                                max_steps=60, stop_after_success=2, output=tmp_path, seed=0)
     path = tmp_path / "reach-v3.hdf5"
-    assert summaries[0]["path"] == str(path) and not list(tmp_path.glob(".*tmp"))
+    assert summary["tasks"]["reach-v3"]["path"] == str(path) and not list(tmp_path.rglob("*tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["collection.json", "reach-v3.hdf5"]
+    assert summary["tasks"]["reach-v3"]["clean_success"] == 1 and summary["tasks"]["reach-v3"]["noisy_success"] == 0
     with h5py.File(path, "r") as f:
         assert f.attrs["env"] == "metaworld" and f.attrs["task"] == "reach-v3"
         assert f.attrs["instruction"] == "reach the goal position" and "noise_std" in f.attrs["arguments"]
@@ -108,19 +112,39 @@ def test_collect_writes_robomimic_hdf5_with_failures(tmp_path, embodiments_dir):
         # obs[t] is what the robot saw before actions[t]: proprio moves in the action's direction.
         moved = obs["hand_pos"][1:] - obs["hand_pos"][:-1]
         assert np.mean(np.sum(moved[:20] * clean["actions"][:20, :3], axis=1) > 0) > 0.8
-    with pytest.raises(CosmosPolicyError, match="exists"):
+    with pytest.raises(CosmosPolicyError, match="other arguments"):
         collect_metaworld(tasks=["reach-v3"], episodes=1, output=tmp_path)
 
 
 def test_cli_parallel_matches_serial(tmp_path, capsys):
-    argv = ["collect", "metaworld", "--tasks", "[reach-v3,button-press-topdown-v3]", "--episodes", "1",
+    """Workers share out the episodes of each task (each env runs a different subset, in another order)."""
+    argv = ["collect", "metaworld", "--tasks", "[reach-v3,button-press-topdown-v3]", "--episodes", "3",
             "--max-steps", "6", "--noise-std", "0.3", "--seed", "7"]
     assert cli_main(argv + ["--output", str(tmp_path / "par"), "--workers", "2"]) == 0
     assert cli_main(argv + ["--output", str(tmp_path / "ser")]) == 0
     for task in ("reach-v3", "button-press-topdown-v3"):
         with h5py.File(tmp_path / "par" / f"{task}.hdf5") as a, h5py.File(tmp_path / "ser" / f"{task}.hdf5") as b:
-            np.testing.assert_array_equal(a["data/demo_0/actions"][:], b["data/demo_0/actions"][:])
-            np.testing.assert_array_equal(a["data/demo_0/obs/corner_rgb"][:], b["data/demo_0/obs/corner_rgb"][:])
+            for i in range(3):
+                np.testing.assert_array_equal(a[f"data/demo_{i}/actions"][:], b[f"data/demo_{i}/actions"][:])
+                np.testing.assert_array_equal(a[f"data/demo_{i}/obs/corner_rgb"][:], b[f"data/demo_{i}/obs/corner_rgb"][:])
     assert cli_main(["collect", "metaworld", "--tasks", "drawer-opne-v3", "--episodes", "1",
                      "--output", str(tmp_path / "bad")]) == 2
     assert "unknown Meta-World task" in capsys.readouterr().err
+
+
+def test_episode_hdf5_format_converts_with_the_success_flags(tmp_path):
+    """``--format episode_hdf5`` on Meta-World: the embodiment's episode_hdf5 keys name the datasets, and
+    ``convert --format episode_hdf5`` reads them with each episode's success."""
+    out = tmp_path / "episodes"
+    assert cli_main(["collect", "metaworld", "--tasks", "[reach-v3]", "--episodes", "2", "--clean-episodes", "1",
+                     "--noise-std", "1.0", "--noise-theta", "0.05", "--max-steps", "60", "--stop-after-success", "2",
+                     "--format", "episode_hdf5", "--output", str(out)]) == 0
+    with h5py.File(out / "reach-v3" / "episode_0.hdf5") as f:
+        assert bool(f.attrs["success"]) and f.attrs["sim"] == "metaworld" and f.attrs["noise_std"] == 0.0
+        T = f["action"].shape[0]
+        assert f["observations/images/corner"].shape == (T, 64, 64, 3) and f["observations/qpos"].shape == (T, 4)
+    assert cli_main(["convert", str(out), "--format", "episode_hdf5", "--embodiment", "metaworld", "--output",
+                     str(tmp_path / "shards"), "--val_fraction", "0", "--text_encoder", "none",
+                     "--progress", "false"]) == 0
+    counts = json.loads((tmp_path / "shards" / "manifest.json").read_text())["counts"]["train"]
+    assert (counts["episodes"], counts["successes"], counts["failures"]) == (2, 1, 1)

@@ -98,6 +98,15 @@ class Simulator(Protocol):
         default_embodiment: embodiment YAML used when neither a checkpoint nor ``--embodiment`` gives one
             (the ``expert`` and ``random`` baselines).
         default_task: the task evaluated when ``--tasks`` is not given.
+
+    Optional class attributes, read by ``cosmos-policy collect`` (:mod:`.collect`) where present:
+    ``collect_format`` (the layout written without ``--format``: ``"episode_hdf5"``, the default, or
+    ``"robomimic"``), ``collect_max_steps`` (the episode limit without ``--max_steps``; default: the
+    simulator's own, i.e. ``create`` capping a huge number), ``proprio_parts`` (proprio dataset name ->
+    width, in order, for embodiments that name several proprio keys for the written format) and
+    ``packages`` (distributions whose versions each file records). A step's ``info["success_score"]``, where
+    the simulator has one, is its partial progress as a fraction in [0, 1] (1 only with success); the
+    collector records it.
     """
 
     default_embodiment: str | Path

@@ -1,4 +1,4 @@
-"""Meta-World (MuJoCo) as a simulator: the :class:`~.env.SimEnv` adapter, scripted expert, correlated action noise.
+"""Meta-World (MuJoCo) as a simulator: the :class:`~.env.SimEnv` adapter and its scripted expert.
 
 Used by demonstration collection (:mod:`.collect`) and by closed-loop evaluation (:mod:`.evaluate`, as
 ``SIMULATORS["metaworld"]``). One :class:`MetaWorldEnv` is one Meta-World v3 task on the Sawyer arm:
@@ -192,44 +192,6 @@ def check_task(task: str) -> None:
                                 f"{', '.join(sorted(ENV_POLICY_MAP))}")
 
 
-# ---------------------------------------------------------------------------------------- noise
-class CorrelatedActionNoise:
-    """Ornstein-Uhlenbeck / AR(1) action noise: ``n_{t+1} = (1 - theta) n_t + sigma_e eps_t``.
-
-    ``sigma_e = std * sqrt(1 - (1 - theta)^2)`` keeps the stationary standard deviation at ``std``;
-    the process starts from its stationary distribution, so every step has std ``std``.
-    ``theta = 1`` gives i.i.d. noise; small ``theta`` gives slow drifts (correlation time about
-    ``1 / theta`` steps). The scripted experts correct i.i.d. noise within a step or two and hardly
-    ever fail; drifts of a few centimetres push them into failure (docs/method.md §2: failures feed the
-    world-model and value objectives).
-
-    Args:
-        dim: action dimension.
-        std: stationary standard deviation, in action units (actions live in [-1, 1]); 0 disables.
-        theta: mean-reversion rate per step, in (0, 1].
-        rng: the numpy generator that makes the noise (determinism comes from its seed).
-
-    Raises:
-        CosmosPolicyError: ``std < 0`` or ``theta`` outside (0, 1].
-    """
-
-    def __init__(self, dim: int, std: float, theta: float, rng: np.random.Generator):
-        if not std >= 0:
-            raise CosmosPolicyError(f"action noise: std must be >= 0, got {std}")
-        if not 0 < theta <= 1:
-            raise CosmosPolicyError(f"action noise: theta must be in (0, 1], got {theta}")
-        self.dim, self.std, self.theta, self.rng = int(dim), float(std), float(theta), rng
-        self._innovation = self.std * float(np.sqrt(1.0 - (1.0 - self.theta) ** 2))
-        self.state = self.rng.normal(0.0, self.std, self.dim) if self.std > 0 else np.zeros(self.dim)
-
-    def __call__(self) -> np.ndarray:
-        """Return the noise for this step, ``(dim,)`` float64, and advance the process."""
-        out = self.state.copy()
-        if self.std > 0:
-            self.state = (1.0 - self.theta) * self.state + self._innovation * self.rng.normal(size=self.dim)
-        return out
-
-
 # ---------------------------------------------------------------------------------------- env
 class MetaWorldEnv:
     """One Meta-World v3 task with the embodiment's cameras rendered offscreen; implements :class:`~.env.SimEnv`
@@ -258,6 +220,16 @@ class MetaWorldEnv:
     #: (:class:`~.env.Simulator`).
     default_embodiment = DEFAULT_EMBODIMENT
     default_task = "drawer-open-v3"
+    #: What ``cosmos-policy collect metaworld`` writes and its episode limit (:class:`~.env.Simulator`'s
+    #: optional collection attributes): one robomimic file per task; the clean experts need at most ~90
+    #: steps on reach / push / drawer-open / button-press and rarely more than 150 on the harder tasks
+    #: (docs/metaworld.md), so 150 turns the noisy expert's slow recoveries into failures.
+    collect_format = "robomimic"
+    collect_max_steps = 150
+    #: The robomimic proprio datasets, in order, and their widths (``embodiments/metaworld.yaml``'s keys).
+    proprio_parts = {"hand_pos": 3, "gripper_opening": 1}
+    #: Distributions whose versions a collected file records.
+    packages = ("metaworld", "mujoco")
 
     def __init__(self, task: str, embodiment: str | Path | Embodiment = DEFAULT_EMBODIMENT, seed: int = 0,
                  max_steps: int | None = None, supersample: int = 2, render: bool = True,
