@@ -1,31 +1,44 @@
 """``cosmos-policy evaluate SIMULATOR``: closed-loop evaluation in a simulator (docs/method.md §3, §5).
 
 Generic over simulators: it talks only to the :class:`~.env.SimEnv` protocol (an env built by the
-adapter class registered in :data:`~.env.SIMULATORS`, today ``metaworld``) and to a :data:`Controller`
-that chooses the actions. The policy is called once per action chunk; the first ``execute_steps``
-actions of the chunk are executed (the embodiment's value unless overridden), then the policy is
-called again on the new observation. An episode ends at the first success or after ``max_steps``
-steps. The same command evaluates the simulator's expert (``--policy expert``, e.g. Meta-World's
-scripted policies on privileged state) and a uniformly random policy (``--policy random``) as
-reference points, and a policy behind ``cosmos-policy serve`` (``--server ws://HOST:PORT``): every
-call carries its seed, so the rollouts equal the in-process ones.
+adapter class registered in :data:`~.env.SIMULATORS`: ``metaworld``, ``aloha``, ``libero``) and to a
+controller that chooses the actions. The policy is called once per action chunk; the first
+``execute_steps`` actions of the chunk are executed (the embodiment's value unless overridden), then the
+policy is called again on the new observation. An episode ends at the first success or after
+``max_steps`` steps. The same command evaluates the simulator's expert (``--policy expert``), a uniformly
+random policy (``--policy random``) and the simulator's no-op action (``--policy noop``) as reference
+points, and a policy behind ``cosmos-policy serve`` (``--server ws://HOST:PORT``).
+
+**Batched, parallel.** ``--num_envs N`` runs N simulator worker processes (spawned; ``N = 1`` runs the env
+in this process). Every round, each env that needs a new chunk contributes its observation to *one*
+batched policy call (:func:`batch_policy_controller`: ``CosmosPolicy.predict`` on the list with one seed
+per observation); the workers then execute their chunks in parallel. Every call's seed is a function of
+(evaluation seed, episode, call index) only (:func:`call_seed`), and the policy draws each observation's
+noise from its own seed, so an episode's result does not depend on N or on what it was batched with (up
+to floating-point reassociation in batched kernels; on CPU the tiny models give identical chunks).
+
+**Resumable.** Each finished episode is written at once to ``episodes/<task>-epNNN.json`` (with the settings
+that determine it); a rerun with the same ``--output`` and settings skips those episodes, so an
+interrupted suite resumes where it stopped. ``results.json`` has the per-episode results, per task and
+per suite (simulators with suites, e.g. LIBERO) and overall success rates with Wilson 95 % intervals.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
 import time
-from collections.abc import Callable
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from ..atomic import ensure_writable_dir
-from ..errors import CosmosPolicyError
-from ..normalization import write_json_atomic
-from .env import Observation, SimEnv
+from ..atomic import ensure_writable_dir, write_json_atomic
+from ..errors import CosmosPolicyError, user_message
+from .env import SIMULATORS, Observation, SimEnv
 from .env import simulator as simulator_class
 from .recording import Rollout, plot_values, save_gif, write_rollout_hdf5
 
@@ -89,6 +102,40 @@ def random_controller(env: SimEnv, obs: Observation, seed: int) -> tuple[np.ndar
     episode's random actions depend on (seed, episode, step) only."""
     low, high = (np.asarray(b, dtype=np.float64) for b in env.action_bounds)
     return np.random.default_rng(seed).uniform(low, high, (1, low.shape[0])).astype(np.float32), None
+
+
+def noop_controller(env: SimEnv, obs: Observation, seed: int) -> tuple[np.ndarray, None]:
+    """The simulator's no-op action, one per call: ``((1, A), None)``: ``env.noop_action`` where the adapter
+    defines one (LIBERO: ``[0, 0, 0, 0, 0, 0, -1]``, gripper open), else zeros clipped into the bounds."""
+    action = getattr(env, "noop_action", None)
+    if action is None:
+        low, high = env.action_bounds
+        action = np.clip(np.zeros_like(np.asarray(low, dtype=np.float32)), low, high)
+    return np.asarray(action, dtype=np.float32).reshape(1, -1), None
+
+
+#: What chooses the next chunks of several envs at once: ``controller(observations, seeds) -> [(actions (n, A),
+#: value or None), ...]``, one entry per observation, in order (:data:`Controller` for one env).
+BatchController = Callable[[Sequence[Observation], Sequence[int]], list[tuple[np.ndarray, "float | None"]]]
+
+
+def batch_policy_controller(policy, num_steps: int, decoding: str) -> BatchController:
+    """The direct policy on B observations in one call: :meth:`CosmosPolicy.predict
+    <cosmos_policy_lightning.inference.policy.CosmosPolicy.predict>` with one seed per observation (each
+    observation's noise comes from its own seed), returning each ``(K, A)`` chunk and its value."""
+    def control(observations: Sequence[Observation], seeds: Sequence[int]) -> list[tuple[np.ndarray, float]]:
+        out = policy.predict(list(observations), num_steps=num_steps, seed=[int(s) for s in seeds],
+                             decoding=decoding, decode_images=False)
+        return [(out.actions[b], float(out.value[b])) for b in range(len(observations))]
+    return control
+
+
+def per_observation(controller: Controller) -> BatchController:
+    """A :data:`BatchController` calling a one-observation controller in turn (the planner, a policy server):
+    the env argument is not available here, so ``controller`` must not use it."""
+    def control(observations: Sequence[Observation], seeds: Sequence[int]) -> list[tuple[np.ndarray, Any]]:
+        return [controller(None, obs, int(s)) for obs, s in zip(observations, seeds)]  # type: ignore[arg-type]
+    return control
 
 
 def policy_controller(policy, num_steps: int, decoding: str) -> Controller:
@@ -168,14 +215,275 @@ def run_rollout(env: SimEnv, controller: Controller, episode: int, execute_steps
                 return r
 
 
+# ------------------------------------------------------------------------------------------ env hosts
+_BASELINES: dict[str, Controller] = {"expert": expert_controller, "random": random_controller, "noop": noop_controller}
+
+
+class EnvHost:
+    """Builds and drives the envs of one simulator: in this process, or inside a worker process (:class:`WorkerPool`).
+
+    One env per ``(task, render)`` is kept open and reused for later episodes of that task.
+
+    Args:
+        adapter: ``"module:Class"`` of the simulator (a value of :data:`~.env.SIMULATORS`).
+        embodiment: the :class:`~cosmos_policy_lightning.embodiment.Embodiment` the envs render.
+        seed: the evaluation seed (initial states).
+        max_steps: the episode limit passed to ``create``.
+    """
+
+    def __init__(self, adapter: str, embodiment: Any, seed: int, max_steps: int):
+        import importlib
+
+        module, attr = adapter.split(":")
+        self.sim = getattr(importlib.import_module(module), attr)
+        self.embodiment, self.seed, self.max_steps = embodiment, int(seed), int(max_steps)
+        self.envs: dict[tuple[str, bool], SimEnv] = {}
+        self.env: SimEnv | None = None
+
+    def _env(self, task: str, render: bool) -> SimEnv:
+        key = (task, bool(render))
+        if key not in self.envs:
+            # keep one env open at a time per host beyond the current task's: LIBERO scenes hold a GL context
+            for old in [k for k in self.envs if k[0] != task]:
+                self.envs.pop(old).close()
+            self.envs[key] = self.sim.create(task, self.embodiment, seed=self.seed, max_steps=self.max_steps,
+                                             render=bool(render))
+        return self.envs[key]
+
+    def reset(self, task: str, render: bool, episode: int) -> tuple[Observation, dict[str, Any]]:
+        """Start ``episode`` of ``task``; returns the first observation and the env's ``instruction``,
+        ``cameras``, ``max_steps``."""
+        self.env = self._env(task, render)
+        obs = self.env.reset(int(episode))
+        return obs, {"instruction": self.env.instruction, "cameras": list(self.env.cameras),
+                     "max_steps": int(self.env.max_steps)}
+
+    def run(self, actions: np.ndarray, record_images: bool) -> dict[str, Any]:
+        """Execute ``actions`` (``(n, A)``, clipped to the env's bounds) on the current episode until they run out
+        or the episode ends. Returns the observations before each executed action (``images`` when recorded,
+        ``proprio``), the executed ``actions``, the last ``obs``, ``success`` and ``done``."""
+        env = self.env
+        low, high = env.action_bounds
+        out: dict[str, Any] = {"images": {c: [] for c in env.cameras} if record_images else {}, "proprio": [],
+                               "actions": [], "success": False, "done": False}
+        obs = self._obs
+        for action in actions:
+            action = np.clip(np.asarray(action, dtype=np.float32), low, high)
+            if record_images:
+                for cam, img in obs["images"].items():
+                    out["images"][cam].append(img)
+            out["proprio"].append(np.asarray(obs["proprio"], dtype=np.float32))
+            out["actions"].append(action)
+            obs, _, success, truncated, _ = env.step(action)
+            if success or truncated:
+                out.update(success=bool(success), done=True)
+                break
+        self._obs = obs
+        out["obs"] = obs
+        return out
+
+    def rollout(self, baseline: str, task: str, render: bool, episode: int, record_images: bool,
+                seed: int) -> Rollout:
+        """A whole episode of a baseline controller (``expert``, ``random``, ``noop``), one action per call."""
+        env = self._env(task, render)
+        return run_rollout(env, _BASELINES[baseline], episode, 1, record_images=record_images, seed=seed,
+                           record_latency=False)
+
+    def call(self, method: str, *args):
+        if method == "reset":
+            obs, info = self.reset(*args)
+            self._obs = obs
+            return obs, info
+        return getattr(self, method)(*args)
+
+    def close(self) -> None:
+        for env in self.envs.values():
+            env.close()
+        self.envs.clear()
+
+
+def _worker_main(conn, adapter: str, embodiment: Any, seed: int, max_steps: int) -> None:
+    """A worker process: serve :class:`EnvHost` calls over ``conn`` until ``close`` (or the pipe closes)."""
+    import os
+
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which then closes the workers
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    host = None
+    try:
+        host = EnvHost(adapter, embodiment, seed, max_steps)
+        conn.send(("ok", None))
+        while True:
+            try:
+                method, args = conn.recv()
+            except EOFError:
+                break
+            if method == "close":
+                break
+            try:
+                conn.send(("ok", host.call(method, *args)))
+            except Exception as err:  # report, keep serving (the parent decides)
+                msg = user_message(err)
+                conn.send(("user", msg) if msg is not None else ("bug", traceback.format_exc()))
+    except Exception as err:
+        msg = user_message(err)
+        conn.send(("user", msg) if msg is not None else ("bug", traceback.format_exc()))
+    finally:
+        if host is not None:
+            host.close()
+        conn.close()
+
+
+class _Local:
+    """One :class:`EnvHost` in this process behind the worker interface (``send`` then ``recv``)."""
+
+    def __init__(self, host: EnvHost):
+        self.host, self._result = host, None
+
+    def send(self, method: str, *args) -> None:
+        self._result = self.host.call(method, *args)
+
+    def recv(self):
+        result, self._result = self._result, None
+        return result
+
+    def close(self) -> None:
+        self.host.close()
+
+
+class _Remote:
+    """One worker process (spawned) running an :class:`EnvHost`."""
+
+    def __init__(self, ctx, adapter: str, embodiment: Any, seed: int, max_steps: int):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, adapter, embodiment, seed, max_steps), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def send(self, method: str, *args) -> None:
+        self.conn.send((method, args))
+
+    def recv(self):
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            raise CosmosPolicyError(f"evaluate: a simulator worker died (exit code {self.proc.exitcode})") from None
+        if status == "user":
+            raise CosmosPolicyError(value)
+        if status == "bug":
+            raise RuntimeError(f"simulator worker failed:\n{value}")
+        return value
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("close", ()))
+        except (OSError, BrokenPipeError):
+            pass
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=5)
+        self.conn.close()
+
+
+class WorkerPool:
+    """``num_envs`` env hosts: one in this process for ``num_envs == 1``, else that many spawned worker processes
+    (each with its own simulator and renderer; started in parallel). A context manager; ``close`` ends them.
+
+    Raises:
+        CosmosPolicyError: a worker cannot build its host (its one-line error).
+    """
+
+    def __init__(self, adapter: str, embodiment: Any, seed: int, max_steps: int, num_envs: int):
+        self.workers: list[Any] = []
+        if num_envs == 1:
+            self.workers.append(_Local(EnvHost(adapter, embodiment, seed, max_steps)))
+            return
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads / GL contexts
+        try:
+            for _ in range(num_envs):
+                self.workers.append(_Remote(ctx, adapter, embodiment, seed, max_steps))
+            for w in self.workers:
+                w.recv()  # the host is built
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
+        self.workers = []
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------ per-episode files
+#: Settings that determine an episode's result: a resumed run must match them (``episodes/*.json``).
+_RUN_KEYS = ("simulator", "checkpoint", "planning_checkpoint", "policy", "seed", "num_steps", "decoding",
+             "execute_steps", "max_steps", "embodiment", "num_proposals", "num_futures", "num_values", "aggregation",
+             "world_model_steps", "value_steps", "ensemble_steps", "server")
+
+
+def file_stem(task: str) -> str:
+    """A task name as a file name part (``libero_spatial/0`` -> ``libero_spatial-0``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(task))
+
+
+def _episode_path(output: Path, task: str, episode: int) -> Path:
+    return output / "episodes" / f"{file_stem(task)}-ep{episode:03d}.json"
+
+
+def _read_done(output: Path, todo: list[tuple[str, int]], run: dict[str, Any], resume: bool) -> dict[tuple[str, int], dict]:
+    """Episodes of ``todo`` already in ``output/episodes`` with the same settings ``run``.
+
+    Raises:
+        CosmosPolicyError: a finished episode there was run with other settings (and ``resume`` is on).
+    """
+    done: dict[tuple[str, int], dict] = {}
+    if not resume:
+        return done
+    for task, ep in todo:
+        path = _episode_path(output, task, ep)
+        if not path.is_file():
+            continue
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged file is redone
+        if rec.get("run") != run:
+            diff = sorted(k for k in set(run) | set(rec.get("run") or {}) if (rec.get("run") or {}).get(k) != run.get(k))
+            raise CosmosPolicyError(f"{path}: this output holds episodes run with other settings ({', '.join(diff)}); "
+                                    "use another --output, or --resume false to run them again")
+        done[(task, ep)] = rec
+    return done
+
+
+def _stats(episodes: list[dict]) -> dict[str, Any]:
+    n = len(episodes)
+    succ = sum(bool(e["success"]) for e in episodes)
+    lo, hi = wilson_interval(succ, n)
+    return {"episodes": n, "successes": succ, "success_rate": succ / n if n else 0.0, "ci95": [lo, hi],
+            "mean_length": float(np.mean([e["length"] for e in episodes])) if n else 0.0}
+
+
 def evaluate(
     simulator: str,
     checkpoint: Path | None = None,
     *,
-    tasks: list[str] | str | None = None,
+    suite: str | None = None,
+    tasks: list[str | int] | str | None = None,
     episodes: int = 10,
     seed: int = 1000,
-    policy: Literal["model", "expert", "random"] = "model",
+    policy: Literal["model", "expert", "random", "noop"] = "model",
+    num_envs: int = 1,
+    resume: bool = True,
     planning: bool = False,
     planning_checkpoint: Path | None = None,
     num_proposals: int = 8,
@@ -188,7 +496,7 @@ def evaluate(
     ensemble_steps: Literal["linspace", "equal"] = "linspace",
     decoding: Literal["parallel", "autoregressive"] = "parallel",
     execute_steps: int | None = None,
-    max_steps: int = 200,
+    max_steps: int | None = None,
     output: Path = Path("runs/evaluate"),
     record_hdf5: bool = False,
     videos: int = 2,
@@ -198,48 +506,61 @@ def evaluate(
     server: str | None = None,
     api_key: str | None = None,
 ) -> dict[str, Any]:
-    """Run a checkpoint (or the simulator's expert, or a random policy) closed-loop in a simulator.
+    """Run a checkpoint (or the simulator's expert, a random policy, the no-op action) closed-loop in a simulator.
 
-    Reports per task the success rate with a Wilson 95% interval, the mean episode length and the
-    policy latency per action chunk (mean, p50, p95; a warm-up call before the first episode, which
-    loads the text encoder, is reported apart as ``warmup_s``). Writes into ``output``: ``results.json``,
-    ``videos/<task>-epNNN.gif`` for the first ``videos`` episodes of each task, ``values-<task>.png``
-    (predicted value over each episode) and, with ``record_hdf5``, ``rollouts/<task>/<task>-epNNN.hdf5`` per episode (per-episode
-    rollout layout with a ``success`` attribute, for ``cosmos-policy convert --format episode_hdf5``).
+    Reports per task, per suite (simulators with suites) and overall the success rate with a Wilson 95%
+    interval and the mean episode length, and the policy latency per batched call (mean, p50, p95; a warm-up
+    call before the first episode, which loads the text encoder, is reported apart as ``warmup_s``). Writes
+    into ``output``: ``episodes/<task>-epNNN.json`` as each episode ends (the resume points),
+    ``results.json``, ``videos/<task>-epNNN.gif`` for the first ``videos`` episodes of each task,
+    ``values-<task>.png`` (predicted value over each episode) and, with ``record_hdf5``,
+    ``rollouts/<task>/<task>-epNNN.hdf5`` per episode (per-episode rollout layout with a ``success`` attribute,
+    for ``cosmos-policy convert --format episode_hdf5``). Task names with ``/`` become ``-`` in file names.
 
     Args:
-        simulator: registered simulator name (``sim/env.py`` ``SIMULATORS``), e.g. ``metaworld``.
-        checkpoint: ``.ckpt`` of ``cosmos-policy fit`` (needed for ``--policy model``).
-        tasks: the simulator's task names, e.g. ``[drawer-open-v3,reach-v3]`` or ``drawer-open-v3``
-            (a comma-separated string also works); default: the simulator's ``default_task``.
-        episodes: episodes per task; episode ``i`` starts from the simulator's initial state ``i`` of ``seed``.
-        seed: seeds the initial states (Meta-World: ``metaworld.MT1(task, seed)``) and the sampling noise;
-            pick one other than the demonstrations' (``collect`` defaults to 0) to test on unseen placements.
+        simulator: registered simulator name (``sim/env.py`` ``SIMULATORS``): ``metaworld``, ``aloha``, ``libero``.
+        checkpoint: ``.ckpt`` of ``cosmos-policy fit`` or ``import-checkpoint`` (needed for ``--policy model``).
+        suite: a task suite of simulators that have them (LIBERO: ``libero_spatial``, ``libero_object``,
+            ``libero_goal``, ``libero_10``, ``libero_90``): without ``--tasks`` every task of the suite, with it
+            ``--tasks`` are indices into the suite (``--suite libero_spatial --tasks '[0, 3]'``).
+        tasks: the simulator's task names, e.g. ``[drawer-open-v3,reach-v3]``, ``libero_10/2`` or with
+            ``--suite`` indices (a comma-separated string also works); default: the simulator's ``default_task``.
+        episodes: episodes per task; episode ``i`` starts from the simulator's initial state ``i`` (Meta-World:
+            placement ``i`` of ``seed``; LIBERO: the task's fixed initial state ``i``, 50 of them).
+        seed: seeds the initial states (where the simulator draws them) and the sampling noise (per call:
+            ``call_seed(seed, episode, call)``); pick one other than the demonstrations' (``collect`` defaults
+            to 0) to test on unseen placements.
         policy: ``model`` (the checkpoint), ``expert`` (the simulator's expert, e.g. Meta-World's scripted
-            policy on privileged state; one action per step) or ``random`` (uniform actions inside the
-            env's action bounds).
-        planning: best-of-N planning instead of the direct policy (docs/method.md §3, ``inference/planning.py``).
+            policy on privileged state; one action per step), ``random`` (uniform actions inside the env's
+            action bounds) or ``noop`` (the simulator's no-op action every step).
+        num_envs: simulator worker processes run in parallel (1: the env runs in this process); each round,
+            the envs that need a chunk are served by one batched policy call. Results do not depend on it.
+        resume: skip episodes already in ``output/episodes`` with the same settings (false: run them again).
+        planning: best-of-N planning instead of the direct policy (docs/method.md §3, ``inference/planning.py``;
+            with several envs the planner runs once per env of the round).
         planning_checkpoint: checkpoint predicting futures and values (dual deployment); default: the
             policy checkpoint itself.
         num_proposals: N, action chunks proposed per planning step (docs/method.md §5: 8).
         num_futures: F, future states predicted per proposal (docs/method.md §5: 3).
         num_values: V, values predicted per future state (docs/method.md §5: 5).
         aggregation: majority_mean (reference), mean or lcb.
-        num_steps: denoising steps of the policy (docs/method.md §3: 5).
+        num_steps: denoising steps of the policy (docs/method.md §3: 5; the LIBERO reference's
+            ``num_denoising_steps_action = 5``).
         world_model_steps: denoising steps of the planning future-state stage (default ``num_steps``).
         value_steps: denoising steps of the planning value stage (default ``num_steps``).
         ensemble_steps: ``linspace`` (the reference: ensemble member i of a stage gets
             ``linspace(1, steps, members)[i]`` steps and seed + i) or ``equal`` (every member all steps).
         decoding: parallel (one run) or autoregressive (action, future state, value) for the direct policy.
         execute_steps: actions executed per chunk (default: the embodiment's ``action.execute_steps``).
-        max_steps: episode time limit in steps (capped at the simulator's own limit: Meta-World's is 500).
+        max_steps: episode time limit in steps, capped at the simulator's own limit (default: the simulator's
+            ``default_max_steps``, else 200; LIBERO: its suite's step limit, Meta-World: 200 of its 500).
         output: output directory (created).
         record_hdf5: save every rollout as a per-episode HDF5.
         videos: GIF strips saved per task (the first episodes).
         device: torch device of the model(s), e.g. cpu or cuda.
         dtype: float32 or bfloat16 (GPU).
-        embodiment: embodiment YAML for ``expert`` / ``random`` (default: the checkpoint's or the
-            simulator's ``default_embodiment``, for Meta-World ``embodiments/metaworld.yaml``).
+        embodiment: embodiment YAML for the baselines (default: the checkpoint's or the simulator's
+            ``default_embodiment``, for Meta-World ``embodiments/metaworld.yaml``).
         server: ``ws://HOST:PORT`` of ``cosmos-policy serve``: run the policy there instead of loading
             ``checkpoint`` (the server's sampling and planning options apply; the embodiment comes
             from its metadata). Each call sends its seed, so the same seeds give the same rollouts
@@ -250,21 +571,29 @@ def evaluate(
         the results dict written to ``results.json``.
 
     Raises:
-        CosmosPolicyError: unknown simulator, bad arguments, unknown task, missing checkpoint, a simulator
-            that cannot run (e.g. no offscreen OpenGL), ``--policy expert`` for a simulator without expert.
+        CosmosPolicyError: unknown simulator, bad arguments, unknown task or suite, missing checkpoint, a
+            simulator that cannot run (e.g. no offscreen OpenGL, LIBERO not installed), ``--policy expert``
+            for a simulator without expert, an output holding episodes of other settings.
     """
     sim = simulator_class(simulator)
     name = f"evaluate {simulator}"
-    if tasks is None:
-        tasks = sim.default_task
-    task_list = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
-    if not task_list:
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
+    task_arg = None if tasks is None else [str(t).strip() for t in tasks if str(t).strip()]
+    if tasks is not None and not task_arg:
         raise CosmosPolicyError(f"{name}: --tasks is empty")
-    if episodes < 1 or max_steps < 1 or videos < 0:
-        raise CosmosPolicyError(f"{name}: need episodes >= 1, max_steps >= 1, videos >= 0; got "
-                                f"{episodes}, {max_steps}, {videos}")
-    if policy not in ("model", "expert", "random"):
-        raise CosmosPolicyError(f"{name}: --policy must be model, expert or random, got {policy!r}")
+    if hasattr(sim, "resolve_tasks"):
+        task_list = list(sim.resolve_tasks(suite, task_arg))
+    elif suite is not None:
+        raise CosmosPolicyError(f"{name}: --suite is for simulators with task suites (libero); give --tasks")
+    else:
+        task_list = task_arg or [sim.default_task]
+    max_steps = int(getattr(sim, "default_max_steps", 200) if max_steps is None else max_steps)
+    if episodes < 1 or max_steps < 1 or videos < 0 or num_envs < 1:
+        raise CosmosPolicyError(f"{name}: need episodes >= 1, max_steps >= 1, videos >= 0, num_envs >= 1; got "
+                                f"{episodes}, {max_steps}, {videos}, {num_envs}")
+    if policy not in ("model", *_BASELINES):
+        raise CosmosPolicyError(f"{name}: --policy must be model, expert, random or noop, got {policy!r}")
     if server is not None and (checkpoint is not None or policy != "model" or planning):
         raise CosmosPolicyError(f"{name}: --server runs the server's policy: give no --checkpoint and no "
                                 "--planning (start the server with `cosmos-policy serve --planning true` instead)")
@@ -276,7 +605,12 @@ def evaluate(
     for task in task_list:  # before any model loads: a typo or a missing renderer fails in seconds
         sim.check_task(task)
 
+    # An adapter may prepare the frames the way its reference evaluation does (LIBERO: JPEG round trip and the
+    # authors' integer centre crop): the policy's own JPEG and crop are then turned off.
+    policy_view = getattr(sim, "policy_view", None)
+    jpeg_quality = None if policy_view is not None else 95
     remote = None
+    batch_controller: BatchController | None = None
     if server is not None:
         from ..client import PolicyClient
         from ..embodiment import Embodiment
@@ -287,28 +621,36 @@ def evaluate(
         sampling = meta.get("sampling", {})
         num_steps, decoding = sampling.get("num_steps", num_steps), sampling.get("decoding", decoding)
         device, dtype = sampling.get("device", device), sampling.get("dtype", dtype)
-        controller = remote_controller(remote)
+        batch_controller = per_observation(remote_controller(remote))
     elif policy == "model":
         from ..dtypes import dtype_from_name
         from ..inference.policy import CosmosPolicy
 
-        model = CosmosPolicy.from_checkpoint(checkpoint, device=device, dtype=dtype_from_name(dtype))
+        model = CosmosPolicy.from_checkpoint(checkpoint, device=device, dtype=dtype_from_name(dtype),
+                                             jpeg_quality=jpeg_quality)
         emb = model.embodiment
-        controller = policy_controller(model, num_steps, decoding)
+        crop = model.center_crop
+        batch_controller = batch_policy_controller(model, num_steps, decoding)
+        judge = model
         if planning:
             from ..inference.planning import Planner
 
             judge = model if planning_checkpoint is None else CosmosPolicy.from_checkpoint(
-                planning_checkpoint, device=device, dtype=dtype_from_name(dtype))
-            controller = planner_controller(Planner(
+                planning_checkpoint, device=device, dtype=dtype_from_name(dtype), jpeg_quality=jpeg_quality)
+            batch_controller = per_observation(planner_controller(Planner(
                 model, judge, num_proposals=num_proposals, num_futures=num_futures, num_values=num_values,
                 aggregation=aggregation, policy_steps=num_steps, world_model_steps=world_model_steps or num_steps,
-                value_steps=value_steps or num_steps, ensemble_steps=ensemble_steps))
+                value_steps=value_steps or num_steps, ensemble_steps=ensemble_steps)))
+        if policy_view is not None:
+            model.center_crop = judge.center_crop = False  # policy_view crops as the simulator's reference does
+            inner = batch_controller
+
+            def batch_controller(observations, seeds, _inner=inner, _crop=crop):
+                return _inner([policy_view(o, _crop) for o in observations], seeds)
     else:
         from ..embodiment import load_embodiment
 
         emb = load_embodiment(embodiment or sim.default_embodiment)
-        controller = expert_controller if policy == "expert" else random_controller
     execute = execute_steps or emb.action.execute_steps
     if policy == "model" and not 1 <= execute <= emb.action.chunk_size:
         raise CosmosPolicyError(f"{name}: execute_steps must be in [1, {emb.action.chunk_size}], got {execute}")
@@ -319,82 +661,148 @@ def evaluate(
     from tqdm import tqdm
 
     label = "planning" if planning or (remote is not None and remote.metadata.get("planning")) else policy
-    results: dict[str, Any] = {"config": {
+    config: dict[str, Any] = {
         "simulator": simulator,
         "checkpoint": None if checkpoint is None else str(checkpoint), "planning_checkpoint":
-            None if planning_checkpoint is None else str(planning_checkpoint), "policy": label, "tasks": task_list,
-        "episodes": episodes, "seed": seed, "num_steps": num_steps, "decoding": decoding, "execute_steps": execute,
-        "max_steps": max_steps, "device": device, "dtype": dtype, "embodiment": emb.name,
+            None if planning_checkpoint is None else str(planning_checkpoint), "policy": label, "suite": suite,
+        "tasks": task_list, "episodes": episodes, "seed": seed, "num_steps": num_steps, "decoding": decoding,
+        "execute_steps": execute, "max_steps": max_steps, "device": device, "dtype": dtype, "embodiment": emb.name,
+        "num_envs": num_envs, "policy_view": policy_view is not None,
         **({"num_proposals": num_proposals, "num_futures": num_futures, "num_values": num_values,
             "aggregation": aggregation, "world_model_steps": world_model_steps or num_steps,
-            "value_steps": value_steps or num_steps, "ensemble_steps": ensemble_steps} if planning else {})},
-        "tasks": {}, "episodes": []}
+            "value_steps": value_steps or num_steps, "ensemble_steps": ensemble_steps} if planning else {})}
     if remote is not None:  # what the server runs
         meta = remote.metadata
-        results["config"].update({"server": server, "checkpoint": meta.get("checkpoint"),
-                                  "planning_checkpoint": meta.get("planning_checkpoint"),
-                                  **(meta.get("planning") or {})})
+        config.update({"server": server, "checkpoint": meta.get("checkpoint"),
+                       "planning_checkpoint": meta.get("planning_checkpoint"), **(meta.get("planning") or {})})
+    if policy != "model":  # the sampling settings play no part in a baseline's episodes
+        config.update(num_steps=None, decoding=None)
+    run = {k: config.get(k) for k in _RUN_KEYS}
+    todo = [(task, ep) for task in task_list for ep in range(episodes)]
+    done = _read_done(output, todo, run, resume)
+    pending = deque(x for x in todo if x not in done)
+    records: dict[tuple[str, int], dict] = dict(done)
+    rollouts_by_task: dict[str, list[Rollout]] = {t: [] for t in task_list}
     warmup: float | None = None
-    latencies: list[float] = []
-    bar = tqdm(total=episodes * len(task_list), unit="episode", desc=f"evaluate {label}", dynamic_ncols=True)
+    call_seconds: list[float] = []
+    batch_sizes: list[int] = []
+    scale = max(1, round(192 / max(emb.image_size)))  # GIF magnification: small model images enlarged
+
+    def finish(r: Rollout, seconds: float) -> None:
+        task, ep = r.task, r.episode
+        stem = f"{file_stem(task)}-ep{ep:03d}"
+        if ep < videos:
+            # at most ~120 frames: a 520-step LIBERO episode stays a few MB
+            save_gif(output / "videos" / f"{stem}.gif", r, scale=scale, every=max(1, math.ceil(r.length / 120)))
+        if record_hdf5:
+            write_rollout_hdf5(output / "rollouts" / file_stem(task) / f"{stem}.hdf5", r, attrs={
+                "seed": seed, "policy": label, "checkpoint": str(checkpoint or "")})
+        rec = {"task": task, "episode": ep, "success": r.success, "length": r.length, "success_step": r.success_step,
+               "seconds": seconds, "values": [[s, v] for s, v in r.values], "latencies": list(r.latencies),
+               "run": run}
+        write_json_atomic(_episode_path(output, task, ep), rec)
+        records[(task, ep)] = rec
+        r.images = {}  # free the frames
+        rollouts_by_task[task].append(r)
+
+    bar = tqdm(total=len(todo), initial=len(done), unit="episode", desc=f"evaluate {label} x{num_envs}",
+               dynamic_ncols=True)
+    pool = None
     try:
-        for task in task_list:
-            rollouts: list[Rollout] = []
-            with contextlib.ExitStack() as stack:
-                envs: dict[bool, SimEnv] = {}
-
-                def env_for(render: bool) -> SimEnv:
-                    # The baselines need camera frames only for GIFs / HDF5: a non-rendering env (same
-                    # seed, same initial states) runs those episodes faster (Meta-World: about 50x).
-                    if render not in envs:
-                        envs[render] = sim.create(task, emb, seed=seed, max_steps=max_steps, render=render)
-                        stack.callback(envs[render].close)
-                    return envs[render]
-
-                for ep in range(episodes):
-                    t0 = time.perf_counter()
+        if pending:
+            pool = WorkerPool(SIMULATORS[simulator], emb, seed, max_steps, min(num_envs, len(pending)))
+        workers = pool.workers if pool else []
+        if policy != "model":
+            while pending:
+                batch = [(w, pending.popleft()) for w in workers if pending]
+                starts = []
+                for w, (task, ep) in batch:
                     images = record_hdf5 or ep < videos
-                    env = env_for(images or policy == "model")
-                    if warmup is None and policy == "model":
-                        # One call outside the statistics: loads the text encoder, allocates buffers.
-                        # Calls are seeded individually, so it changes no episode.
-                        start = time.perf_counter()
-                        controller(env, env.reset(0), 0)
-                        warmup = time.perf_counter() - start
-                    r = run_rollout(env, controller, ep, execute, record_images=images, seed=seed,
-                                    record_latency=policy == "model")
-                    rollouts.append(r)
-                    latencies += r.latencies
-                    if ep < videos:
-                        save_gif(output / "videos" / f"{task}-ep{ep:03d}.gif", r)
-                    if record_hdf5:
-                        write_rollout_hdf5(output / "rollouts" / task / f"{task}-ep{ep:03d}.hdf5", r, attrs={
-                            "seed": seed, "policy": label, "checkpoint": str(checkpoint or "")})
-                    r.images = {}  # free the frames
-                    results["episodes"].append({"task": task, "episode": ep, "success": r.success, "length": r.length,
-                                                "seconds": time.perf_counter() - t0,
-                                                "values": [[s, v] for s, v in r.values]})
+                    # Baselines need camera frames only for GIFs / HDF5: a non-rendering env runs faster.
+                    w.send("rollout", policy, task, images, ep, images, seed)
+                    starts.append(time.perf_counter())
+                for (w, _), t0 in zip(batch, starts):
+                    finish(w.recv(), time.perf_counter() - t0)
                     bar.update(1)
-                    bar.set_postfix(task=task, successes=sum(x.success for x in rollouts), refresh=False)
-            if any(r.values for r in rollouts):
-                plot_values(output / f"values-{task}.png", rollouts, f"{task}: predicted value ({label})")
-            n_succ = sum(r.success for r in rollouts)
-            lo, hi = wilson_interval(n_succ, len(rollouts))
-            results["tasks"][task] = {
-                "episodes": len(rollouts), "successes": n_succ, "success_rate": n_succ / len(rollouts),
-                "ci95": [lo, hi], "mean_length": float(np.mean([r.length for r in rollouts])),
-                "latency": latency_summary([s for r in rollouts for s in r.latencies]),
-            }
+        else:
+            active: dict[int, dict[str, Any]] = {}  # worker index -> the episode it runs
+            while pending or active:
+                starting = []
+                for i, w in enumerate(workers):
+                    if i not in active and pending:
+                        task, ep = pending.popleft()
+                        w.send("reset", task, True, ep)
+                        starting.append((i, task, ep))
+                for i, task, ep in starting:
+                    obs, info = workers[i].recv()
+                    images = record_hdf5 or ep < videos
+                    active[i] = {"rollout": Rollout(task, ep, info["instruction"],
+                                                    images={c: [] for c in info["cameras"]} if images else {}),
+                                 "obs": obs, "call": 0, "images": images, "t0": time.perf_counter()}
+                if warmup is None:
+                    # One call outside the statistics: loads the text encoder, allocates buffers. Calls are
+                    # seeded individually, so it changes no episode.
+                    first = next(iter(active.values()))
+                    start = time.perf_counter()
+                    batch_controller([first["obs"]], [0])
+                    warmup = time.perf_counter() - start
+                order = sorted(active)
+                seeds = [call_seed(seed, active[i]["rollout"].episode, active[i]["call"]) for i in order]
+                start = time.perf_counter()
+                chunks = batch_controller([active[i]["obs"] for i in order], seeds)
+                seconds = time.perf_counter() - start
+                call_seconds.append(seconds)
+                batch_sizes.append(len(order))
+                for i, (chunk, value) in zip(order, chunks):
+                    st = active[i]
+                    st["call"] += 1
+                    r = st["rollout"]
+                    r.latencies.append(seconds)
+                    if value is not None:
+                        r.values.append((r.length, float(value)))
+                    workers[i].send("run", np.asarray(chunk, dtype=np.float32)[:execute], st["images"])
+                for i in order:
+                    res = workers[i].recv()
+                    st = active[i]
+                    r = st["rollout"]
+                    for cam, frames in res["images"].items():
+                        r.images[cam].extend(frames)
+                    r.proprio.extend(res["proprio"])
+                    r.actions.extend(res["actions"])
+                    st["obs"] = res["obs"]
+                    if res["done"]:
+                        if res["success"]:
+                            r.success, r.success_step = True, r.length - 1
+                        finish(r, time.perf_counter() - st["t0"])
+                        del active[i]
+                        bar.update(1)
+                        bar.set_postfix(successes=sum(bool(x["success"]) for x in records.values()), refresh=False)
     finally:
         bar.close()
+        if pool is not None:
+            pool.close()
         if remote is not None:
             remote.close()
-    total = sum(t["episodes"] for t in results["tasks"].values())
-    succ = sum(t["successes"] for t in results["tasks"].values())
-    lo, hi = wilson_interval(succ, total)
-    results["overall"] = {"episodes": total, "successes": succ, "success_rate": succ / total, "ci95": [lo, hi],
-                          "mean_length": float(np.mean([e["length"] for e in results["episodes"]])),
-                          "latency": latency_summary(latencies), "warmup_s": warmup}
+
+    episodes_out = [records[x] for x in todo]
+    results: dict[str, Any] = {"config": config, "tasks": {}, "episodes": [
+        {k: v for k, v in e.items() if k not in ("run", "latencies")} for e in episodes_out]}
+    for task in task_list:
+        recs = [records[(task, ep)] for ep in range(episodes)]
+        results["tasks"][task] = {**_stats(recs), "latency": latency_summary([s for e in recs for s in e["latencies"]])}
+        if any(e["values"] for e in recs):
+            plot_values(output / f"values-{file_stem(task)}.png",
+                        [Rollout(task, e["episode"], "", success=bool(e["success"]),
+                                 values=[(int(s), float(v)) for s, v in e["values"]]) for e in recs],
+                        f"{task}: predicted value ({label})")
+    if hasattr(sim, "suite_of"):
+        groups: dict[str, list[dict]] = {}
+        for e in episodes_out:
+            groups.setdefault(sim.suite_of(e["task"]), []).append(e)
+        results["suites"] = {s: _stats(g) for s, g in groups.items()}
+    results["overall"] = {**_stats(episodes_out), "latency": latency_summary(call_seconds), "warmup_s": warmup,
+                          "resumed_episodes": len(done),
+                          "mean_batch": float(np.mean(batch_sizes)) if batch_sizes else None}
     write_json_atomic(output / "results.json", results)
     _print_table(results, output)
     return results
@@ -408,9 +816,10 @@ def _print_table(results: dict[str, Any], output: Path) -> None:
                   caption=f"results: {output}/results.json")
     for col in ("task", "success", "95% CI", "mean length", "latency/chunk mean", "p50", "p95"):
         table.add_column(col, justify="left" if col == "task" else "right")
-    rows = list(results["tasks"].items()) + [("overall", results["overall"])]
+    rows = list(results["tasks"].items()) + [(f"suite {s}", t) for s, t in results.get("suites", {}).items()]
+    rows += [("overall", results["overall"])]
     for name, t in rows:
-        lat = t["latency"]
+        lat = t.get("latency", {})
         fmt = lambda k: f"{lat[k]:.3f} s" if k in lat else "-"  # noqa: E731
         table.add_row(name, f"{t['successes']}/{t['episodes']} ({100 * t['success_rate']:.0f}%)",
                       f"[{100 * t['ci95'][0]:.0f}%, {100 * t['ci95'][1]:.0f}%]", f"{t['mean_length']:.1f}",
@@ -418,5 +827,7 @@ def _print_table(results: dict[str, Any], output: Path) -> None:
     Console(width=140).print(table)
 
 
-__all__ = ["Controller", "evaluate", "expert_controller", "latency_summary", "planner_controller", "policy_controller",
-           "random_controller", "remote_controller", "run_rollout", "wilson_interval"]
+__all__ = ["BatchController", "Controller", "EnvHost", "WorkerPool", "batch_policy_controller", "call_seed", "evaluate",
+           "expert_controller", "file_stem", "latency_summary", "noop_controller", "per_observation",
+           "planner_controller", "policy_controller", "random_controller", "remote_controller", "run_rollout",
+           "wilson_interval"]
