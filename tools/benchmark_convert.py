@@ -79,8 +79,9 @@ def write_dataset(path: Path, episodes: int, steps: int, size: int, seed: int = 
         for e in range(episodes):
             g = data.create_group(f"demo_{e}")
             g["actions"] = rng.normal(size=(steps, 7)).astype(np.float32)
-            g["obs/gripper_states"] = rng.uniform(0, 0.04, size=(steps, 2)).astype(np.float32)
-            g["obs/joint_states"] = rng.normal(size=(steps, 7)).astype(np.float32)
+            # LIBERO's robot_states: gripper_qpos (2), eef_pos (3), eef_quat (4) (embodiments/libero.yaml)
+            g["robot_states"] = np.concatenate([rng.uniform(0, 0.04, size=(steps, 2)), rng.normal(size=(steps, 7))],
+                                               axis=1).astype(np.float32)
             rewards = np.zeros(steps, np.float32)
             rewards[-1] = float(e % 4 != 0)
             g["rewards"] = rewards

@@ -42,6 +42,7 @@ Observation = dict[str, Any]
 SIMULATORS: dict[str, str] = {
     "metaworld": "cosmos_policy_lightning.sim.metaworld:MetaWorldEnv",
     "aloha": "cosmos_policy_lightning.sim.aloha:AlohaEnv",
+    "libero": "cosmos_policy_lightning.sim.libero:LiberoEnv",
 }
 
 
