@@ -51,13 +51,13 @@ def require_rendering() -> str:
     import sys
 
     from cosmos_policy_lightning.errors import CosmosPolicyError
-    from cosmos_policy_lightning.sim import metaworld as mw
+    from cosmos_policy_lightning.sim import rendering
 
     try:
-        backend = mw.select_gl_backend()
+        backend = rendering.select_gl_backend()
     except CosmosPolicyError as err:
         sim_unavailable(f"MuJoCo cannot render offscreen: {err}")
-    probe = subprocess.run([sys.executable, "-c", mw._RENDER_PROBE], capture_output=True, text=True, timeout=120)
+    probe = subprocess.run([sys.executable, "-c", rendering.RENDER_PROBE], capture_output=True, text=True, timeout=120)
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
         sim_unavailable(f"MuJoCo cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')}: {last}")

@@ -361,6 +361,8 @@ class AlohaEnv:
     default_task = "transfer_cube"
     #: What ``cosmos-policy collect aloha`` writes: ACT's per-episode HDF5 (``convert --format episode_hdf5``).
     collect_format = "episode_hdf5"
+    #: Packages whose versions collected files record.
+    packages = ("gym-aloha", "dm_control", "mujoco")
 
     def __init__(self, task: str, embodiment: str | Path | Embodiment = DEFAULT_EMBODIMENT, seed: int = 0,
                  max_steps: int | None = None, supersample: int = 2, render: bool = True,
@@ -371,8 +373,7 @@ class AlohaEnv:
         self.task, self.spec = task, TASKS[task]
         self.instruction = self.spec.instruction
         self.embodiment = load_embodiment(embodiment)
-        check_embodiment(self.embodiment, "aloha", proprio_dim=14, action_dim=14,
-                         hint="embodiments/aloha_sim.yaml")
+        self.check_embodiment(self.embodiment)
         self.seed = int(seed)
         self.max_steps = EPISODE_STEPS if max_steps is None else int(max_steps)
         if self.max_steps < 1:
@@ -412,6 +413,11 @@ class AlohaEnv:
                render: bool) -> "AlohaEnv":
         """The evaluator's factory (:class:`~.env.Simulator`): ``max_steps`` above ACT's 400 is capped."""
         return cls(task, embodiment, seed=seed, max_steps=min(int(max_steps), EPISODE_STEPS), render=render)
+
+    @staticmethod
+    def check_embodiment(embodiment: Embodiment) -> None:
+        """Refuse another robot's embodiment (e.g. a checkpoint's) in one line: 14-d proprio and actions."""
+        check_embodiment(embodiment, "aloha", proprio_dim=14, action_dim=14, hint="embodiments/aloha_sim.yaml")
 
     @staticmethod
     def check_task(task: str) -> None:

@@ -124,6 +124,10 @@ class Simulator(Protocol):
         fails early when the simulator is not installed or cannot render. Called before any model loads."""
         ...
 
+    # Optional: ``check_embodiment(embodiment)``, a static method raising CosmosPolicyError (one line, via
+    # :func:`check_embodiment`) for an embodiment of another robot; the evaluator calls it once the
+    # checkpoint's embodiment is known, before any episode starts.
+
 
 def check_embodiment(embodiment: Any, simulator_name: str, *, proprio_dim: int, action_dim: int, hint: str) -> None:
     """Refuse, in one line, an embodiment (e.g. a checkpoint's) of another robot than the simulator's.

@@ -41,6 +41,7 @@ from ..errors import CosmosPolicyError, user_message
 from .env import SIMULATORS, Observation, SimEnv
 from .env import simulator as simulator_class
 from .recording import Rollout, plot_values, save_gif, write_rollout_hdf5
+from .value_metrics import closed_loop_value_auroc
 
 #: z of a two-sided 95% interval.
 Z95 = 1.959963984540054
@@ -651,6 +652,8 @@ def evaluate(
         from ..embodiment import load_embodiment
 
         emb = load_embodiment(embodiment or sim.default_embodiment)
+    if hasattr(sim, "check_embodiment"):  # another robot's checkpoint: one line, before any episode starts
+        sim.check_embodiment(emb)
     execute = execute_steps or emb.action.execute_steps
     if policy == "model" and not 1 <= execute <= emb.action.chunk_size:
         raise CosmosPolicyError(f"{name}: execute_steps must be in [1, {emb.action.chunk_size}], got {execute}")
@@ -791,6 +794,9 @@ def evaluate(
         recs = [records[(task, ep)] for ep in range(episodes)]
         results["tasks"][task] = {**_stats(recs), "latency": latency_summary([s for e in recs for s in e["latencies"]])}
         if any(e["values"] for e in recs):
+            # does the value predicted early already tell the episodes that will fail (sim/value_metrics.py)
+            results["tasks"][task]["value_auroc"] = closed_loop_value_auroc(
+                recs, max(e["length"] for e in recs) if max_steps is None else max_steps)[task]["auroc"]
             plot_values(output / f"values-{file_stem(task)}.png",
                         [Rollout(task, e["episode"], "", success=bool(e["success"]),
                                  values=[(int(s), float(v)) for s, v in e["values"]]) for e in recs],
@@ -814,7 +820,7 @@ def _print_table(results: dict[str, Any], output: Path) -> None:
 
     table = Table(title=f"{results['config']['simulator']} closed loop: {results['config']['policy']}",
                   caption=f"results: {output}/results.json")
-    for col in ("task", "success", "95% CI", "mean length", "latency/chunk mean", "p50", "p95"):
+    for col in ("task", "success", "95% CI", "mean length", "latency/chunk mean", "p50", "p95", "value AUROC 25/50/100%"):
         table.add_column(col, justify="left" if col == "task" else "right")
     rows = list(results["tasks"].items()) + [(f"suite {s}", t) for s, t in results.get("suites", {}).items()]
     rows += [("overall", results["overall"])]
@@ -823,7 +829,9 @@ def _print_table(results: dict[str, Any], output: Path) -> None:
         fmt = lambda k: f"{lat[k]:.3f} s" if k in lat else "-"  # noqa: E731
         table.add_row(name, f"{t['successes']}/{t['episodes']} ({100 * t['success_rate']:.0f}%)",
                       f"[{100 * t['ci95'][0]:.0f}%, {100 * t['ci95'][1]:.0f}%]", f"{t['mean_length']:.1f}",
-                      fmt("mean_s"), fmt("p50_s"), fmt("p95_s"))
+                      fmt("mean_s"), fmt("p50_s"), fmt("p95_s"),
+                      " / ".join("-" if a is None else f"{a:.2f}" for a in t["value_auroc"].values())
+                      if t.get("value_auroc") else "-")
     Console(width=140).print(table)
 
 

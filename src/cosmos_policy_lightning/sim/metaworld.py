@@ -17,17 +17,13 @@ Used by demonstration collection (:mod:`.collect`) and by closed-loop evaluation
 - actions are 4-d in [-1, 1]: hand displacement dx, dy, dz (x 1 cm per step) and gripper effort
   (+1 closes); the control rate is 80 Hz (2.5 ms MuJoCo step x frame skip 5).
 
-Rendering needs an OpenGL backend without a display. :func:`select_gl_backend` picks ``MUJOCO_GL``
-(``egl``, else ``osmesa``) *before* MuJoCo is imported, because MuJoCo reads it only once at import.
-On Debian/Ubuntu the EGL route needs ``libegl1 libegl-mesa0 libgl1-mesa-dri``, osmesa needs
-``libosmesa6``.
+Rendering needs an OpenGL backend without a display (:mod:`.rendering`, shared with the other MuJoCo
+simulators: ``MUJOCO_GL`` chosen before MuJoCo is imported; Debian's ``libegl1 libegl-mesa0
+libgl1-mesa-dri``).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +34,8 @@ import numpy as np
 from ..embodiment import Embodiment, load_embodiment
 from ..errors import CosmosPolicyError
 from ..shipped import shipped_path
+from .env import check_embodiment
+from .rendering import CameraRenderer, camera_names, import_mujoco
 
 #: Embodiment shipped for Meta-World (embodiments/metaworld.yaml; inside the wheel when installed, shipped.py).
 DEFAULT_EMBODIMENT = shipped_path("embodiments/metaworld.yaml") or Path("metaworld")
@@ -123,46 +121,6 @@ def instruction_for(task: str) -> str:
     return words.replace("-", " ").replace("_", " ").strip()
 
 
-# ---------------------------------------------------------------------------------------- OpenGL
-_RENDER_PROBE = ("import mujoco; m = mujoco.MjModel.from_xml_string('<mujoco><worldbody><geom size=\"1\"/>"
-                 "</worldbody></mujoco>'); r = mujoco.Renderer(m, 8, 8); r.render(); r.close()")
-_GL_HELP = ("install an offscreen OpenGL backend: Debian/Ubuntu `apt-get install libegl1 libegl-mesa0 "
-            "libgl1-mesa-dri` (MUJOCO_GL=egl) or `apt-get install libosmesa6` (MUJOCO_GL=osmesa)")
-
-
-def select_gl_backend() -> str:
-    """Choose ``MUJOCO_GL`` for offscreen rendering; call before MuJoCo is imported.
-
-    An explicit ``MUJOCO_GL`` is respected. Otherwise ``egl`` then ``osmesa`` are probed in a short
-    subprocess (MuJoCo binds its backend at import, so a failed try cannot be undone in-process)
-    and the first that renders is exported, so worker processes inherit it.
-
-    Returns:
-        the backend name.
-
-    Raises:
-        CosmosPolicyError: neither backend renders (the message names the Debian packages).
-    """
-    chosen = os.environ.get("MUJOCO_GL")
-    if chosen:
-        return chosen
-    if "mujoco" in sys.modules:
-        # Too late to choose: whatever MuJoCo bound at import is what we get (checked at render time).
-        return ""
-    for backend in ("egl", "osmesa"):
-        env = dict(os.environ, MUJOCO_GL=backend)
-        env.pop("PYOPENGL_PLATFORM", None)
-        try:
-            ok = subprocess.run([sys.executable, "-c", _RENDER_PROBE], env=env, capture_output=True,
-                                timeout=120).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            ok = False
-        if ok:
-            os.environ["MUJOCO_GL"] = backend
-            return backend
-    raise CosmosPolicyError(f"MuJoCo cannot render offscreen with MUJOCO_GL=egl or osmesa; {_GL_HELP}")
-
-
 def _import_sim():
     """Import ``mujoco`` and ``metaworld`` after choosing the GL backend (clear error if absent)."""
     import importlib.util
@@ -171,12 +129,7 @@ def _import_sim():
     if missing:
         raise CosmosPolicyError(f"Meta-World simulation needs {' and '.join(missing)}: "
                                 f"pip install 'cosmos-policy-lightning[sim]'")
-    select_gl_backend()
-    try:
-        import mujoco
-    except Exception as err:  # mujoco binds its GL backend at import: a missing libEGL fails here
-        raise CosmosPolicyError(f"cannot import mujoco with MUJOCO_GL={os.environ.get('MUJOCO_GL', '<unset>')} "
-                                f"({type(err).__name__}: {err}); {_GL_HELP}") from None
+    mujoco = import_mujoco()
     import metaworld
 
     return metaworld, mujoco
@@ -239,6 +192,7 @@ class MetaWorldEnv:
         self.task = task
         self.instruction = instruction_for(task)
         self.embodiment = load_embodiment(embodiment)
+        self.check_embodiment(self.embodiment)
         self.seed = int(seed)
         self.image_size = tuple(self.embodiment.image_size)
         self._benchmarks: dict[int, Any] = {}
@@ -254,7 +208,7 @@ class MetaWorldEnv:
         self.cameras: dict[str, str] = {}
         self._turns: dict[str, int] = {}
         model = self.env.model
-        names = {self.mujoco.mj_id2name(model, self.mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)}
+        names = camera_names(model)
         mapping = {**MUJOCO_CAMERAS, **(cameras or {})}
         for cam in self.embodiment.cameras:
             mj_name = mapping.get(cam.name, cam.name)
@@ -266,30 +220,12 @@ class MetaWorldEnv:
             self._turns[cam.name] = CAMERA_ROTATIONS.get(mj_name, 0)
         #: Meta-World's actions: dx, dy, dz, gripper effort, each in [-1, 1] (SimEnv.action_bounds).
         self.action_bounds = (np.full(4, -1.0, dtype=np.float32), np.full(4, 1.0, dtype=np.float32))
-        h, w = self.image_size
-        self.supersample = int(supersample)
-        if self.supersample < 1:
-            raise CosmosPolicyError(f"supersample must be >= 1, got {supersample}")
-        rh, rw = h * self.supersample, w * self.supersample
-        # The offscreen buffer must hold the render; multisampling is replaced by supersampling.
-        model.vis.global_.offwidth = max(int(model.vis.global_.offwidth), rw)
-        model.vis.global_.offheight = max(int(model.vis.global_.offheight), rh)
-        model.vis.quality.offsamples = 0 if self.supersample > 1 else int(model.vis.quality.offsamples)
-        self.renderer = None
         self.state: np.ndarray | None = None  # Meta-World's 39-d state vector (the expert's input)
         self.steps = 0
         self.success = False  # SimEnv.success: Meta-World's info["success"] of the last step
         self._expert: ScriptedExpert | None = None
-        if not render:
-            return
-        try:
-            self.renderer = self.mujoco.Renderer(model, rh, rw)
-        except Exception as err:  # GL failures surface as assorted exception types
-            raise CosmosPolicyError(f"MuJoCo cannot create an offscreen renderer (MUJOCO_GL="
-                                    f"{os.environ.get('MUJOCO_GL', '<unset>')}): {err}; {_GL_HELP}") from None
-        # Shadows and reflections cost most of the render time and carry nothing the policy needs.
-        self.renderer.scene.flags[self.mujoco.mjtRndFlag.mjRND_SHADOW] = False
-        self.renderer.scene.flags[self.mujoco.mjtRndFlag.mjRND_REFLECTION] = False
+        self.renderer = CameraRenderer(model, self.cameras, self.image_size, supersample, self._turns) \
+            if render else None
 
     # -------------------------------------------------------------- Simulator (class level)
     @classmethod
@@ -297,6 +233,11 @@ class MetaWorldEnv:
                render: bool) -> "MetaWorldEnv":
         """The evaluator's factory (:class:`~.env.Simulator`): ``max_steps`` above Meta-World's 500 is capped."""
         return cls(task, embodiment, seed=seed, max_steps=min(int(max_steps), MAX_PATH_LENGTH), render=render)
+
+    @staticmethod
+    def check_embodiment(embodiment: Embodiment) -> None:
+        """Refuse another robot's embodiment (e.g. a checkpoint's) in one line: 4-d proprio and actions."""
+        check_embodiment(embodiment, "metaworld", proprio_dim=4, action_dim=4, hint="embodiments/metaworld.yaml")
 
     @staticmethod
     def check_task(task: str) -> None:
@@ -331,18 +272,7 @@ class MetaWorldEnv:
     def render(self) -> dict[str, np.ndarray]:
         """Render every camera of the embodiment: ``{camera: (H, W, 3) uint8}``, upright (``{}`` when
         the env was built with ``render=False``)."""
-        images: dict[str, np.ndarray] = {}
-        if self.renderer is None:  # render=False
-            return images
-        (h, w), s = self.image_size, self.supersample
-        for name, mj_name in self.cameras.items():
-            turns = self._turns[name]
-            self.renderer.update_scene(self.env.data, camera=mj_name)
-            img = self.renderer.render()
-            if s > 1:  # box filter: mean of each s x s block, rounded
-                img = (img.reshape(h, s, w, s, 3).mean(axis=(1, 3), dtype=np.float32) + 0.5).astype(np.uint8)
-            images[name] = np.ascontiguousarray(np.rot90(img, turns)) if turns else img.copy()
-        return images
+        return {} if self.renderer is None else self.renderer.render(self.env.data)
 
     def proprio(self) -> np.ndarray:
         """``(4,)`` float32: hand x, y, z (m) and gripper opening in [0, 1]."""

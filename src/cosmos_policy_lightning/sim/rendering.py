@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import CosmosPolicyError
 
-_RENDER_PROBE = ("import mujoco; m = mujoco.MjModel.from_xml_string('<mujoco><worldbody><geom size=\"1\"/>"
+RENDER_PROBE = ("import mujoco; m = mujoco.MjModel.from_xml_string('<mujoco><worldbody><geom size=\"1\"/>"
                  "</worldbody></mujoco>'); r = mujoco.Renderer(m, 8, 8); r.render(); r.close()")
 GL_HELP = ("install an offscreen OpenGL backend: Debian/Ubuntu `apt-get install libegl1 libegl-mesa0 "
            "libgl1-mesa-dri` (MUJOCO_GL=egl) or `apt-get install libosmesa6` (MUJOCO_GL=osmesa)")
@@ -51,7 +51,7 @@ def select_gl_backend() -> str:
         env = dict(os.environ, MUJOCO_GL=backend)
         env.pop("PYOPENGL_PLATFORM", None)
         try:
-            ok = subprocess.run([sys.executable, "-c", _RENDER_PROBE], env=env, capture_output=True,
+            ok = subprocess.run([sys.executable, "-c", RENDER_PROBE], env=env, capture_output=True,
                                 timeout=120).returncode == 0
         except (OSError, subprocess.TimeoutExpired):
             ok = False
@@ -135,4 +135,4 @@ class CameraRenderer:
             self.renderer = None
 
 
-__all__ = ["CameraRenderer", "GL_HELP", "camera_names", "import_mujoco", "select_gl_backend"]
+__all__ = ["CameraRenderer", "GL_HELP", "RENDER_PROBE", "camera_names", "import_mujoco", "select_gl_backend"]
