@@ -62,6 +62,19 @@ def test_metaworld_embodiment():
     assert emb.image_size[0] <= 96
 
 
+def test_aloha_sim_embodiment():
+    """The ALOHA simulation's robot (sim/aloha.py): the reference ALOHA's 14-d joints, chunk 50 and gamma, three
+    cameras named after gym-aloha's MuJoCo cameras, 64x64 for CPU work; 11 latent frames."""
+    from cosmos_policy_lightning.layout import SequenceLayout
+
+    emb = Embodiment.from_yaml(EMBODIMENTS / "aloha_sim.yaml")
+    assert [c.name for c in emb.cameras] == ["left_wrist", "right_wrist", "top"]
+    assert (emb.proprio.dim, emb.action.dim, emb.action.chunk_size, emb.action.execute_steps) == (14, 14, 50, 25)
+    assert emb.value.gamma == 0.998 and tuple(emb.image_size) == (64, 64)
+    assert emb.cameras[2].keys["episode_hdf5"] == "observations/images/top"
+    assert SequenceLayout.from_embodiment(emb).num_latent_frames == 11
+
+
 def test_so101_embodiment_names_lerobot_features():
     """LeRobot's SO-101 arm: six joint positions as state and action, a front and a wrist camera."""
     emb = Embodiment.from_yaml(EMBODIMENTS / "so101.yaml")
@@ -92,7 +105,7 @@ def test_bare_name_is_a_shipped_embodiment(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert Embodiment.from_yaml("metaworld") == Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml")
     assert load_embodiment("embodiments/libero.yaml").name == "libero"  # relative to the checkout, from elsewhere
-    with pytest.raises(EmbodimentError, match=r"^robot: file not found \(shipped embodiments, by bare name: aloha, "
+    with pytest.raises(EmbodimentError, match=r"^robot: file not found \(shipped embodiments, by bare name: aloha, aloha_sim, "
                                               r"libero, metaworld, pusht, robocasa, so101\)$"):
         Embodiment.from_yaml("robot")
     own = yaml.safe_load((EMBODIMENTS / "so101.yaml").read_text())

@@ -359,6 +359,8 @@ class AlohaEnv:
 
     default_embodiment = DEFAULT_EMBODIMENT
     default_task = "transfer_cube"
+    #: ``evaluate aloha``'s step limit unless ``--max_steps`` says otherwise: ACT's whole episode.
+    default_max_steps = EPISODE_STEPS
     #: What ``cosmos-policy collect aloha`` writes: ACT's per-episode HDF5 (``convert --format episode_hdf5``).
     collect_format = "episode_hdf5"
     #: Packages whose versions collected files record.

@@ -126,7 +126,8 @@ class Simulator(Protocol):
 
     # Optional: ``check_embodiment(embodiment)``, a static method raising CosmosPolicyError (one line, via
     # :func:`check_embodiment`) for an embodiment of another robot; the evaluator calls it once the
-    # checkpoint's embodiment is known, before any episode starts.
+    # checkpoint's embodiment is known, before any episode starts. ``default_max_steps``: the evaluator's
+    # step limit without ``--max_steps`` (else 200).
 
 
 def check_embodiment(embodiment: Any, simulator_name: str, *, proprio_dim: int, action_dim: int, hint: str) -> None:

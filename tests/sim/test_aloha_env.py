@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from cosmos_policy_lightning.cli import main
-from cosmos_policy_lightning.embodiment import Embodiment
 from cosmos_policy_lightning.errors import CosmosPolicyError
 
 from ..conftest import EMBODIMENTS, require_rendering, sim_unavailable
@@ -42,7 +41,11 @@ def _run_expert(env, episode: int) -> tuple[bool, int, float]:
 
 
 def test_observation_placements_and_bounds(aloha):
+    from cosmos_policy_lightning.sim.env import SimEnv, simulator
+
+    assert simulator("aloha") is aloha.AlohaEnv
     with aloha.AlohaEnv("transfer_cube", seed=0) as env:
+        assert isinstance(env, SimEnv)
         obs = env.reset(3)
         assert set(obs["images"]) == {"left_wrist", "right_wrist", "top"}
         assert all(img.shape == (64, 64, 3) and img.dtype == np.uint8 for img in obs["images"].values())
@@ -82,6 +85,14 @@ def test_scripted_expert_succeeds_on_clean_episodes(aloha, task):
             success, steps, score = _run_expert(env, episode)
             assert success and score == 1.0 and steps < aloha.EPISODE_STEPS
             assert env._expert.worst_error < 1e-2            # the IK reaches every planned pose
+
+
+def test_expert_baseline_through_the_cli(aloha, tmp_path):
+    out = tmp_path / "expert"
+    assert main(["evaluate", "aloha", "--policy", "expert", "--tasks", "[insertion]", "--episodes", "1",
+                 "--seed", "1000", "--videos", "0", "--output", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["tasks"]["insertion"]["successes"] == 1 and res["episodes"][0]["length"] < 400
 
 
 def test_unknown_task_and_other_robots_are_refused(aloha):
@@ -154,12 +165,3 @@ def test_a_metaworld_checkpoint_is_refused_by_aloha(aloha, metaworld_checkpoint,
                  "--episodes", "1", "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the aloha simulator takes 14-d proprio and 14-d actions" in err[0]
-
-
-def test_shipped_embodiment_layout(aloha):
-    emb = Embodiment.from_yaml(EMBODIMENTS / "aloha_sim.yaml")
-    from cosmos_policy_lightning.layout import SequenceLayout
-
-    layout = SequenceLayout.from_embodiment(emb)
-    assert emb.action.chunk_size == 50 and emb.action.execute_steps == 25 and emb.value.gamma == 0.998
-    assert layout.num_latent_frames == 11 and [c.name for c in emb.cameras] == ["left_wrist", "right_wrist", "top"]
