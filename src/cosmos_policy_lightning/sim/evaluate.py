@@ -691,7 +691,7 @@ def evaluate(
     batch_sizes: list[int] = []
     scale = max(1, round(192 / max(emb.image_size)))  # GIF magnification: small model images enlarged
 
-    def finish(r: Rollout, seconds: float) -> None:
+    def finish(r: Rollout, seconds: float, limit: int | None = None) -> None:
         task, ep = r.task, r.episode
         stem = f"{file_stem(task)}-ep{ep:03d}"
         if ep < videos:
@@ -702,7 +702,7 @@ def evaluate(
                 "seed": seed, "policy": label, "checkpoint": str(checkpoint or "")})
         rec = {"task": task, "episode": ep, "success": r.success, "length": r.length, "success_step": r.success_step,
                "seconds": seconds, "values": [[s, v] for s, v in r.values], "latencies": list(r.latencies),
-               "run": run}
+               "limit": limit, "run": run}
         write_json_atomic(_episode_path(output, task, ep), rec)
         records[(task, ep)] = rec
         r.images = {}  # free the frames
@@ -741,7 +741,8 @@ def evaluate(
                     images = record_hdf5 or ep < videos
                     active[i] = {"rollout": Rollout(task, ep, info["instruction"],
                                                     images={c: [] for c in info["cameras"]} if images else {}),
-                                 "obs": obs, "call": 0, "images": images, "t0": time.perf_counter()}
+                                 "obs": obs, "call": 0, "images": images, "t0": time.perf_counter(),
+                                 "limit": int(info["max_steps"])}
                 if warmup is None:
                     # One call outside the statistics: loads the text encoder, allocates buffers. Calls are
                     # seeded individually, so it changes no episode.
@@ -776,7 +777,7 @@ def evaluate(
                     if res["done"]:
                         if res["success"]:
                             r.success, r.success_step = True, r.length - 1
-                        finish(r, time.perf_counter() - st["t0"])
+                        finish(r, time.perf_counter() - st["t0"], st["limit"])
                         del active[i]
                         bar.update(1)
                         bar.set_postfix(successes=sum(bool(x["success"]) for x in records.values()), refresh=False)
@@ -789,14 +790,14 @@ def evaluate(
 
     episodes_out = [records[x] for x in todo]
     results: dict[str, Any] = {"config": config, "tasks": {}, "episodes": [
-        {k: v for k, v in e.items() if k not in ("run", "latencies")} for e in episodes_out]}
+        {k: v for k, v in e.items() if k not in ("run", "latencies", "limit")} for e in episodes_out]}
     for task in task_list:
         recs = [records[(task, ep)] for ep in range(episodes)]
         results["tasks"][task] = {**_stats(recs), "latency": latency_summary([s for e in recs for s in e["latencies"]])}
         if any(e["values"] for e in recs):
             # does the value predicted early already tell the episodes that will fail (sim/value_metrics.py)
             results["tasks"][task]["value_auroc"] = closed_loop_value_auroc(
-                recs, max(e["length"] for e in recs) if max_steps is None else max_steps)[task]["auroc"]
+                recs, max(e.get("limit") or max_steps for e in recs))[task]["auroc"]
             plot_values(output / f"values-{file_stem(task)}.png",
                         [Rollout(task, e["episode"], "", success=bool(e["success"]),
                                  values=[(int(s), float(v)) for s, v in e["values"]]) for e in recs],
