@@ -78,6 +78,24 @@ def test_episode_limit_and_stepping_a_finished_episode(aloha):
             env.step(hold)
 
 
+def test_diverging_physics_ends_the_episode_as_a_failure(aloha):
+    """Full-range joint jumps (what a random policy commands) blow MuJoCo up (mjWARN_BADQACC): the episode
+    ends there, truncated and failed, and the next reset starts clean."""
+    with aloha.AlohaEnv("transfer_cube", render=False) as env:
+        env.reset(0)
+        low, high = env.action_bounds
+        for t in range(20):
+            _, _, success, truncated, info = env.step(high if t % 2 else low)
+            if truncated:
+                break
+        assert truncated and not success and "BADQACC" in info["physics_error"] and t < 19
+        with pytest.raises(CosmosPolicyError, match="reset"):
+            env.step(low)
+        obs = env.reset(0)
+        assert np.isfinite(obs["proprio"]).all()
+        assert env.step(env.expert())[3] is False
+
+
 @pytest.mark.parametrize("task", ["transfer_cube", "insertion"])
 def test_scripted_expert_succeeds_on_clean_episodes(aloha, task):
     with aloha.AlohaEnv(task, render=False) as env:

@@ -406,6 +406,7 @@ class AlohaEnv:
             if render else None
         self._expert: ScriptedExpert | None = None
         self.objects: np.ndarray | None = None
+        self.last_observation: dict[str, Any] | None = None
         self.steps, self.stage, self.best_stage = 0, 0, 0
         self.success = False
 
@@ -443,7 +444,8 @@ class AlohaEnv:
         self.success = False
         if self._expert is not None:
             self._expert.reset(self.objects)
-        return self.observation()
+        self.last_observation = self.observation()
+        return self.last_observation
 
     def proprio(self) -> np.ndarray:
         """``(14,)`` float32: per arm 6 joint angles (rad) and the gripper opening in [0, 1]."""
@@ -459,7 +461,9 @@ class AlohaEnv:
 
         Returns:
             ``(observation, reward, success, truncated, info)``: the reward is the stage reached (0..4),
-            success = stage 4, ``info = {"stage", "success_score"}`` (best stage so far / 4).
+            success = stage 4, ``info = {"stage", "success_score"}`` (best stage so far / 4). When the
+            physics diverges (dm_control's PhysicsError, e.g. under random full-range actions) the episode
+            ends there: truncated, not a success, the previous observation, ``info["physics_error"]``.
 
         Raises:
             CosmosPolicyError: wrong shape, non-finite action, or stepping a finished episode.
@@ -470,13 +474,25 @@ class AlohaEnv:
         if self.objects is None or self.steps >= self.max_steps:
             raise CosmosPolicyError(f"{self.task}: reset() the environment before stepping "
                                     f"(episode finished after {self.steps} steps)")
-        timestep = self.env.step(np.clip(action, *self.action_bounds))
+        from dm_control.rl.control import PhysicsError
+
         self.steps += 1
+        try:
+            timestep = self.env.step(np.clip(action, *self.action_bounds))
+        except PhysicsError as err:
+            # The simulation diverged (e.g. a random policy's full-range joint jumps: mjWARN_BADQACC). The
+            # episode ends here as a failure at its current stage instead of taking the evaluation down.
+            self.success = False
+            info = {"stage": self.stage, "success_score": self.best_stage / self._task.max_reward,
+                    "physics_error": str(err).splitlines()[0]}
+            self.steps = self.max_steps  # nothing more to step: reset() first
+            return self.last_observation, float(self.stage), False, True, info
         self.stage = int(timestep.reward or 0)
         self.best_stage = max(self.best_stage, self.stage)
         self.success = self.stage >= self._task.max_reward
         info = {"stage": self.stage, "success_score": self.best_stage / self._task.max_reward}
-        return self.observation(), float(self.stage), self.success, self.steps >= self.max_steps, info
+        self.last_observation = self.observation()
+        return self.last_observation, float(self.stage), self.success, self.steps >= self.max_steps, info
 
     def expert(self) -> np.ndarray:
         """The scripted expert's ``(14,)`` float32 action for the current step (:class:`~.env.SimEnv`)."""
