@@ -69,6 +69,7 @@ def test_baselines_run_whole_episodes_in_the_workers(tmp_path, gl):
     res = {n: evaluate("metaworld", policy="expert", tasks=["reach-v3"], episodes=3, max_steps=60, videos=0,
                        num_envs=n, output=tmp_path / str(n)) for n in (1, 2)}
     assert _episodes(res[1]) == _episodes(res[2]) and res[1]["tasks"]["reach-v3"]["successes"] == 3
+    assert all(e["seconds"] > 0 for n in (1, 2) for e in res[n]["episodes"])
     noop = json.loads(json.dumps(evaluate("metaworld", policy="noop", tasks=["reach-v3"], episodes=1, max_steps=5,
                                           videos=0, output=tmp_path / "noop")))
     assert noop["episodes"][0]["length"] == 5 and noop["config"]["policy"] == "noop"

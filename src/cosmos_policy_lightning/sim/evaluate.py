@@ -722,8 +722,8 @@ def evaluate(
                 for w, (task, ep) in batch:
                     images = record_hdf5 or ep < videos
                     # Baselines need camera frames only for GIFs / HDF5: a non-rendering env runs faster.
+                    starts.append(time.perf_counter())  # before send: an in-process host runs the episode in it
                     w.send("rollout", policy, task, images, ep, images, seed)
-                    starts.append(time.perf_counter())
                 for (w, _), t0 in zip(batch, starts):
                     finish(w.recv(), time.perf_counter() - t0)
                     bar.update(1)
@@ -734,14 +734,14 @@ def evaluate(
                 for i, w in enumerate(workers):
                     if i not in active and pending:
                         task, ep = pending.popleft()
+                        starting.append((i, task, ep, time.perf_counter()))  # the episode's time includes its reset
                         w.send("reset", task, True, ep)
-                        starting.append((i, task, ep))
-                for i, task, ep in starting:
+                for i, task, ep, t0 in starting:
                     obs, info = workers[i].recv()
                     images = record_hdf5 or ep < videos
                     active[i] = {"rollout": Rollout(task, ep, info["instruction"],
                                                     images={c: [] for c in info["cameras"]} if images else {}),
-                                 "obs": obs, "call": 0, "images": images, "t0": time.perf_counter(),
+                                 "obs": obs, "call": 0, "images": images, "t0": t0,
                                  "limit": int(info["max_steps"])}
                 if warmup is None:
                     # One call outside the statistics: loads the text encoder, allocates buffers. Calls are

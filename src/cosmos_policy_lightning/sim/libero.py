@@ -38,6 +38,8 @@ under :func:`config_dir`, so importing LIBERO never asks a question on stdin.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import io
@@ -291,11 +293,12 @@ def configure() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ tasks
+@functools.lru_cache(maxsize=None)
 def _benchmark(suite: str):
+    """LIBERO's benchmark object of ``suite`` (after :func:`configure`; one per process), its "[info] task orders"
+    print muted."""
     configure()
     from libero.libero import benchmark
-
-    import contextlib
 
     with contextlib.redirect_stdout(io.StringIO()):  # "[info] using task orders ..."
         return benchmark.get_benchmark_dict()[suite]()
