@@ -73,3 +73,32 @@ def test_baselines_run_whole_episodes_in_the_workers(tmp_path, gl):
     noop = json.loads(json.dumps(evaluate("metaworld", policy="noop", tasks=["reach-v3"], episodes=1, max_steps=5,
                                           videos=0, output=tmp_path / "noop")))
     assert noop["episodes"][0]["length"] == 5 and noop["config"]["policy"] == "noop"
+
+
+def test_a_killed_run_resumes_where_it_stopped(tmp_path, gl):
+    """SIGKILL in the middle of an evaluation (no clean-up runs), then the same command: the finished episodes
+    are kept, the rest run, and the whole equals an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["evaluate", "metaworld", "--policy", "random", "--tasks", "reach-v3", "--episodes", "12",
+            "--max-steps", "60", "--videos", "12", "--num-envs", "2"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cosmos_policy_lightning.cli", *args, "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list((out / "episodes").glob("*.json"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its simulator workers
+    proc.wait()
+    kept = len(list((out / "episodes").glob("*.json")))
+    assert 2 <= kept < 12 and not (out / "results.json").exists()
+    assert main([*args, "--output", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["overall"]["resumed_episodes"] == kept
+    clean = evaluate("metaworld", policy="random", tasks=["reach-v3"], episodes=12, max_steps=60, videos=0,
+                     output=tmp_path / "clean")
+    assert _episodes(res) == _episodes(clean)
