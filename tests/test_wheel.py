@@ -89,7 +89,7 @@ def test_layout_of_a_shipped_embodiment_by_bare_name(installed):
     assert lay["num_latent_frames"] == 7
     done = subprocess.run([cli, "layout", "no_such_robot"], cwd=elsewhere, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 2 and "shipped embodiments, by bare name: aloha, libero, metaworld" in done.stderr
+    assert done.returncode == 2 and "shipped embodiments, by bare name: aloha, aloha_sim, libero, metaworld" in done.stderr
 
 
 def test_shipped_files_resolve_inside_the_installed_package(installed):
