@@ -46,7 +46,7 @@ from ..embodiment import Embodiment, load_embodiment
 from ..errors import CosmosPolicyError
 from ..shipped import shipped_path
 from .env import check_embodiment
-from .rendering import CameraRenderer, camera_names, import_mujoco
+from .rendering import CameraRenderer, RenderedEnv, camera_names, import_mujoco
 
 #: Embodiment shipped for the ALOHA simulation (embodiments/aloha_sim.yaml).
 DEFAULT_EMBODIMENT = shipped_path("embodiments/aloha_sim.yaml") or Path("aloha_sim")
@@ -337,7 +337,7 @@ class ScriptedExpert:
 
 
 # ---------------------------------------------------------------------------------------- env
-class AlohaEnv:
+class AlohaEnv(RenderedEnv):
     """One ALOHA task with the embodiment's cameras rendered offscreen; implements :class:`~.env.SimEnv`
     (its class is the :class:`~.env.Simulator` registered as ``aloha``).
 
@@ -502,25 +502,6 @@ class AlohaEnv:
             self._expert = ScriptedExpert(self.task, self.physics.model.ptr, self.start_qpos)
             self._expert.reset(self.objects)
         return self._expert(self.steps)
-
-    # -------------------------------------------------------------- cleanup
-    def close(self) -> None:
-        """Free the GL context (idempotent)."""
-        if getattr(self, "renderer", None) is not None:
-            self.renderer.close()
-            self.renderer = None
-
-    def __enter__(self) -> "AlohaEnv":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):  # the GL context must go before the interpreter tears EGL down
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 @functools.lru_cache(maxsize=None)

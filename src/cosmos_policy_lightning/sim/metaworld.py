@@ -35,7 +35,7 @@ from ..embodiment import Embodiment, load_embodiment
 from ..errors import CosmosPolicyError
 from ..shipped import shipped_path
 from .env import check_embodiment
-from .rendering import CameraRenderer, camera_names, import_mujoco
+from .rendering import CameraRenderer, RenderedEnv, camera_names, import_mujoco
 
 #: Embodiment shipped for Meta-World (embodiments/metaworld.yaml; inside the wheel when installed, shipped.py).
 DEFAULT_EMBODIMENT = shipped_path("embodiments/metaworld.yaml") or Path("metaworld")
@@ -146,7 +146,7 @@ def check_task(task: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- env
-class MetaWorldEnv:
+class MetaWorldEnv(RenderedEnv):
     """One Meta-World v3 task with the embodiment's cameras rendered offscreen; implements :class:`~.env.SimEnv`
     (and its class is the :class:`~.env.Simulator` registered as ``metaworld``).
 
@@ -320,26 +320,11 @@ class MetaWorldEnv:
         return self._expert()
 
     # -------------------------------------------------------------- cleanup
-    def close(self) -> None:
-        """Free the GL context and the simulator (idempotent)."""
-        if getattr(self, "renderer", None) is not None:
-            self.renderer.close()
-            self.renderer = None
+    def close_simulator(self) -> None:
+        """Free Meta-World's env (:meth:`close` frees the renderer first)."""
         if getattr(self, "env", None) is not None:
             self.env.close()
             self.env = None
-
-    def __enter__(self) -> "MetaWorldEnv":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):  # the GL context must go before the interpreter tears EGL down
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class ScriptedExpert:

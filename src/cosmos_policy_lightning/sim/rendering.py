@@ -135,4 +135,35 @@ class CameraRenderer:
             self.renderer = None
 
 
-__all__ = ["CameraRenderer", "GL_HELP", "RENDER_PROBE", "camera_names", "import_mujoco", "select_gl_backend"]
+class RenderedEnv:
+    """Lifecycle of an env that owns a :class:`CameraRenderer` as ``self.renderer`` (None without cameras):
+    :meth:`close` frees it (idempotent), also as a context manager and when the env is garbage-collected
+    (the GL context must go before the interpreter tears EGL down). Subclasses free their simulator in
+    :meth:`close_simulator`."""
+
+    renderer: CameraRenderer | None = None
+
+    def close_simulator(self) -> None:
+        """Free the simulator itself (nothing by default)."""
+
+    def close(self) -> None:
+        """Free the GL context and the simulator (idempotent)."""
+        if getattr(self, "renderer", None) is not None:
+            self.renderer.close()
+            self.renderer = None
+        self.close_simulator()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+__all__ = ["CameraRenderer", "RenderedEnv", "GL_HELP", "RENDER_PROBE", "camera_names", "import_mujoco", "select_gl_backend"]
