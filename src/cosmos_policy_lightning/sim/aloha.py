@@ -46,7 +46,7 @@ from ..embodiment import Embodiment, load_embodiment
 from ..errors import CosmosPolicyError
 from ..shipped import shipped_path
 from .env import check_embodiment
-from .rendering import CameraRenderer, RenderedEnv, camera_names, import_mujoco
+from .rendering import CameraRenderer, EnvLifecycle, camera_names, import_mujoco
 
 #: Embodiment shipped for the ALOHA simulation (embodiments/aloha_sim.yaml).
 DEFAULT_EMBODIMENT = shipped_path("embodiments/aloha_sim.yaml") or Path("aloha_sim")
@@ -337,7 +337,7 @@ class ScriptedExpert:
 
 
 # ---------------------------------------------------------------------------------------- env
-class AlohaEnv(RenderedEnv):
+class AlohaEnv(EnvLifecycle):
     """One ALOHA task with the embodiment's cameras rendered offscreen; implements :class:`~.env.SimEnv`
     (its class is the :class:`~.env.Simulator` registered as ``aloha``).
 

@@ -55,6 +55,7 @@ import numpy as np
 from ..embodiment import Embodiment, load_embodiment
 from ..errors import CosmosPolicyError
 from ..shipped import shipped_path
+from .rendering import EnvLifecycle
 
 #: Embodiment shipped for LIBERO (embodiments/libero.yaml: the reference's cameras, proprio and actions).
 DEFAULT_EMBODIMENT = shipped_path("embodiments/libero.yaml") or Path("libero")
@@ -409,7 +410,7 @@ def from_reference_observation(obs: Mapping[str, Any] | str | Path, instruction:
 
 
 # ------------------------------------------------------------------------------------------ env
-class LiberoEnv:
+class LiberoEnv(EnvLifecycle):
     """One LIBERO task with the authors' evaluation protocol (module docstring); implements
     :class:`~.env.SimEnv`, and the class is the :class:`~.env.Simulator` registered as ``libero``.
 
@@ -584,8 +585,8 @@ class LiberoEnv:
         """LIBERO has no scripted expert (its demonstrations are human teleoperation): None."""
         return None
 
-    def close(self) -> None:
-        """Free the renderer and the simulator (idempotent)."""
+    def close_simulator(self) -> None:
+        """Free robosuite's env and its renderer (:meth:`EnvLifecycle.close`, idempotent)."""
         env = getattr(self, "env", None)
         if env is not None:
             self.env = None
@@ -593,18 +594,6 @@ class LiberoEnv:
                 env.close()
             except Exception:
                 pass
-
-    def __enter__(self) -> "LiberoEnv":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 __all__ = ["ASSET_MANIFEST", "CAMERAS", "JPEG_QUALITY", "LiberoEnv", "MODEL_IMAGE_SIZE", "NOOP_ACTION", "NUM_STEPS_WAIT",

@@ -35,7 +35,7 @@ from ..embodiment import Embodiment, load_embodiment
 from ..errors import CosmosPolicyError
 from ..shipped import shipped_path
 from .env import check_embodiment
-from .rendering import CameraRenderer, RenderedEnv, camera_names, import_mujoco
+from .rendering import CameraRenderer, EnvLifecycle, camera_names, import_mujoco
 
 #: Embodiment shipped for Meta-World (embodiments/metaworld.yaml; inside the wheel when installed, shipped.py).
 DEFAULT_EMBODIMENT = shipped_path("embodiments/metaworld.yaml") or Path("metaworld")
@@ -146,7 +146,7 @@ def check_task(task: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- env
-class MetaWorldEnv(RenderedEnv):
+class MetaWorldEnv(EnvLifecycle):
     """One Meta-World v3 task with the embodiment's cameras rendered offscreen; implements :class:`~.env.SimEnv`
     (and its class is the :class:`~.env.Simulator` registered as ``metaworld``).
 

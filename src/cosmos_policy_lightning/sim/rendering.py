@@ -135,8 +135,8 @@ class CameraRenderer:
             self.renderer = None
 
 
-class RenderedEnv:
-    """Lifecycle of an env that owns a :class:`CameraRenderer` as ``self.renderer`` (None without cameras):
+class EnvLifecycle:
+    """Lifecycle of a simulator env, with an optional :class:`CameraRenderer` as ``self.renderer``:
     :meth:`close` frees it (idempotent), also as a context manager and when the env is garbage-collected
     (the GL context must go before the interpreter tears EGL down). Subclasses free their simulator in
     :meth:`close_simulator`."""
@@ -166,4 +166,4 @@ class RenderedEnv:
             pass
 
 
-__all__ = ["CameraRenderer", "RenderedEnv", "GL_HELP", "RENDER_PROBE", "camera_names", "import_mujoco", "select_gl_backend"]
+__all__ = ["CameraRenderer", "EnvLifecycle", "GL_HELP", "RENDER_PROBE", "camera_names", "import_mujoco", "select_gl_backend"]
