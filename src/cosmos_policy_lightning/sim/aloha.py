@@ -46,7 +46,7 @@ from ..embodiment import Embodiment, load_embodiment
 from ..errors import CosmosPolicyError
 from ..shipped import shipped_path
 from .env import check_embodiment
-from .rendering import CameraRenderer, EnvLifecycle, camera_names, import_mujoco
+from .rendering import CameraRenderer, EnvLifecycle, import_mujoco, map_cameras
 
 #: Embodiment shipped for the ALOHA simulation (embodiments/aloha_sim.yaml).
 DEFAULT_EMBODIMENT = shipped_path("embodiments/aloha_sim.yaml") or Path("aloha_sim")
@@ -386,15 +386,7 @@ class AlohaEnv(EnvLifecycle):
         self.env = control.Environment(self.physics, self._task, float("inf"), control_timestep=constants.DT,
                                        n_sub_steps=None, flat_observation=False)
         model = self.physics.model.ptr
-        available = camera_names(model)
-        mapping = {**MUJOCO_CAMERAS, **(cameras or {})}
-        self.cameras: dict[str, str] = {}
-        for cam in self.embodiment.cameras:
-            mj_name = mapping.get(cam.name, cam.name)
-            if mj_name not in available:
-                raise CosmosPolicyError(f"{self.embodiment.source}: camera {cam.name!r} maps to MuJoCo camera "
-                                        f"{mj_name!r}, not one of {', '.join(sorted(available))} of the ALOHA scene")
-            self.cameras[cam.name] = mj_name
+        self.cameras = map_cameras(self.embodiment, model, MUJOCO_CAMERAS, cameras)
         # Bounds: the arm joints' position-actuator control ranges; the grippers' normalised opening [0, 1].
         ranges = self.physics.model.actuator_ctrlrange
         arm = [ranges[i] for i in range(6)] + [(0.0, 1.0)] + [ranges[i] for i in range(8, 14)] + [(0.0, 1.0)]

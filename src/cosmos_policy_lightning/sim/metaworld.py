@@ -35,7 +35,7 @@ from ..embodiment import Embodiment, load_embodiment
 from ..errors import CosmosPolicyError
 from ..shipped import shipped_path
 from .env import check_embodiment
-from .rendering import CameraRenderer, EnvLifecycle, camera_names, import_mujoco
+from .rendering import CameraRenderer, EnvLifecycle, import_mujoco, map_cameras
 
 #: Embodiment shipped for Meta-World (embodiments/metaworld.yaml; inside the wheel when installed, shipped.py).
 DEFAULT_EMBODIMENT = shipped_path("embodiments/metaworld.yaml") or Path("metaworld")
@@ -205,19 +205,9 @@ class MetaWorldEnv(EnvLifecycle):
             raise CosmosPolicyError(f"max_steps must be in [1, {limit}] for {task}, got {max_steps}")
 
         # Embodiment camera name -> MuJoCo camera name (SimEnv.cameras), and the quarter turns of each.
-        self.cameras: dict[str, str] = {}
-        self._turns: dict[str, int] = {}
         model = self.env.model
-        names = camera_names(model)
-        mapping = {**MUJOCO_CAMERAS, **(cameras or {})}
-        for cam in self.embodiment.cameras:
-            mj_name = mapping.get(cam.name, cam.name)
-            if mj_name not in names:
-                raise CosmosPolicyError(f"{self.embodiment.source}: camera {cam.name!r} maps to MuJoCo camera "
-                                        f"{mj_name!r}, not one of {', '.join(sorted(names))} (name the camera "
-                                        f"after one, or pass cameras={{{cam.name!r}: <MuJoCo camera>}})")
-            self.cameras[cam.name] = mj_name
-            self._turns[cam.name] = CAMERA_ROTATIONS.get(mj_name, 0)
+        self.cameras = map_cameras(self.embodiment, model, MUJOCO_CAMERAS, cameras)
+        self._turns = {name: CAMERA_ROTATIONS.get(mj_name, 0) for name, mj_name in self.cameras.items()}
         #: Meta-World's actions: dx, dy, dz, gripper effort, each in [-1, 1] (SimEnv.action_bounds).
         self.action_bounds = (np.full(4, -1.0, dtype=np.float32), np.full(4, 1.0, dtype=np.float32))
         self.state: np.ndarray | None = None  # Meta-World's 39-d state vector (the expert's input)

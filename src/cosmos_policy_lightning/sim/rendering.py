@@ -78,6 +78,30 @@ def camera_names(model) -> set[str]:
     return {mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)}
 
 
+def map_cameras(embodiment, model, defaults: Mapping[str, str], overrides: Mapping[str, str] | None = None
+                ) -> dict[str, str]:
+    """Embodiment camera name -> MuJoCo camera name, in the embodiment's order (a simulator's ``SimEnv.cameras``).
+
+    A camera maps through ``overrides``, then ``defaults`` (the adapter's own aliases), else to the MuJoCo
+    camera of its own name.
+
+    Raises:
+        CosmosPolicyError: a camera maps to no camera of ``model`` (one line naming the file, the camera and
+            the cameras the scene has).
+    """
+    available = camera_names(model)
+    mapping = {**defaults, **(overrides or {})}
+    out: dict[str, str] = {}
+    for cam in embodiment.cameras:
+        mj_name = mapping.get(cam.name, cam.name)
+        if mj_name not in available:
+            raise CosmosPolicyError(f"{embodiment.source}: camera {cam.name!r} maps to MuJoCo camera {mj_name!r}, "
+                                    f"not one of {', '.join(sorted(available))} (name the camera after one, or "
+                                    f"pass cameras={{{cam.name!r}: <MuJoCo camera>}})")
+        out[cam.name] = mj_name
+    return out
+
+
 class CameraRenderer:
     """Renders a fixed set of MuJoCo cameras of one model at one image size, offscreen.
 
@@ -166,4 +190,4 @@ class EnvLifecycle:
             pass
 
 
-__all__ = ["CameraRenderer", "EnvLifecycle", "GL_HELP", "RENDER_PROBE", "camera_names", "import_mujoco", "select_gl_backend"]
+__all__ = ["CameraRenderer", "EnvLifecycle", "GL_HELP", "RENDER_PROBE", "camera_names", "map_cameras", "import_mujoco", "select_gl_backend"]
