@@ -184,23 +184,36 @@ class CosmosPolicy:
         """Load a Lightning checkpoint written by ``cosmos-policy fit``.
 
         The VAE is reloaded from the path recorded in the checkpoint; the inference record comes from
-        the checkpoint (``checkpoint["cosmos_policy"]``).
+        the checkpoint (``checkpoint["cosmos_policy"]``). A LoRA checkpoint (``model.lora``, adapter only)
+        is loaded onto its base, rebuilt from the recorded ``pretrained_transformer`` / ``init_from_checkpoint``;
+        a merged one (``cosmos-policy export``) is an ordinary checkpoint.
 
         Raises:
-            CosmosPolicyError: the file is missing or not a Cosmos Policy checkpoint.
+            CosmosPolicyError: the file is missing or not a Cosmos Policy checkpoint; a LoRA checkpoint
+                whose base is not the one it was trained on (one line, both fingerprints).
         """
         from ..model.module import CHECKPOINT_KEY, CosmosPolicyModule
+
+        from ..model.lora import LORA_CHECKPOINT_KEY
 
         path = Path(path)
         raw = read_checkpoint_file(path)
         # an imported checkpoint carries the reference's instruction embeddings (checkpoints/importer.py)
         kwargs.setdefault("text_embeddings", raw[CHECKPOINT_KEY].get("text_embeddings") or None)
+        # A LoRA checkpoint holds only the adapter: its base is rebuilt from the recorded source
+        # (pretrained_transformer or init_from_checkpoint) and checked against the recorded fingerprint.
+        overrides = {} if raw.get(LORA_CHECKPOINT_KEY) else {"init_from_checkpoint": None}
         del raw
         with warnings.catch_warnings():
             # The frozen VAE is deliberately not in checkpoints (reloaded from its recorded path).
             warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
             # init_from_checkpoint only seeded the fine-tune's first step: the weights are all in this file.
-            module = CosmosPolicyModule.load_from_checkpoint(str(path), map_location="cpu", init_from_checkpoint=None)
+            try:
+                module = CosmosPolicyModule.load_from_checkpoint(str(path), map_location="cpu", **overrides)
+            except CosmosPolicyError as err:  # the module's checks name "checkpoint": name the file
+                text = str(err)
+                raise CosmosPolicyError(f"{path}{text[len('checkpoint'):]}" if text.startswith("checkpoint:")
+                                        else text) from None
         return cls(module, device=device, dtype=dtype, **kwargs)
 
     @classmethod

@@ -45,6 +45,7 @@ from .skill import ErrorTable, skill_metrics
 from .sequence import encode_pixel_sequence, inject_vectors, read_vectors, unit_range_to_images
 from .rng import rank_generator, run_seed
 from .warm_start import load_dit_weights
+from . import lora as lora_adapters
 
 CHECKPOINT_KEY = "cosmos_policy"
 
@@ -118,6 +119,12 @@ class CosmosPolicyModule(L.LightningModule):
         text_conditioning: ``auto`` (default: T5 text zero-padded to 512 tokens without attention mask,
             as the pretrained and released weights were trained; other encoders masked), ``padded`` or
             ``masked`` (``text.py``).
+        lora: LoRA fine-tuning through peft (``model/lora.py``): ``{rank, alpha, dropout, targets,
+            modules_to_save, base_dtype}`` (defaults: rank 16, alpha 16, attention + MLP projections,
+            ``patch_embed.proj`` and ``proj_out`` trained fully), ``true`` for the defaults, or None (full
+            fine-tuning). The base comes from ``pretrained_transformer`` / ``init_from_checkpoint``; only
+            the adapters and ``modules_to_save`` train, and checkpoints hold only them plus the base's
+            identity (a checkpoint on another base is refused).
         inference_record: the data module's ``inference_record().to_dict()`` (linked by the CLI; from
             Python the :class:`~cosmos_policy_lightning.inference_record.InferenceRecord` itself is
             accepted): statistics, text encoder, token limit, objective mix and test-time transform, stored
@@ -125,7 +132,7 @@ class CosmosPolicyModule(L.LightningModule):
             checkpoint's own record replaces it.
 
     Raises:
-        CosmosPolicyError: an inference record of another robot than ``embodiment``.
+        CosmosPolicyError: an inference record of another robot than ``embodiment``; bad ``lora`` settings.
     """
 
     def __init__(
@@ -151,6 +158,7 @@ class CosmosPolicyModule(L.LightningModule):
         init_from_checkpoint: str | None = None,
         text_conditioning: str = "auto",
         inference_record: dict | None = None,
+        lora: dict | bool | None = None,
     ):
         super().__init__()
         if embodiment is None:
@@ -159,6 +167,9 @@ class CosmosPolicyModule(L.LightningModule):
         # The record lives once in a checkpoint: in checkpoint["cosmos_policy"], not in the hyperparameters.
         self.save_hyperparameters(ignore=["inference_record"])
         self.hparams["embodiment"] = self.embodiment.to_dict()  # self-contained checkpoints
+        self.lora_settings = lora_adapters.LoraSettings.from_value(lora)
+        self.hparams["lora"] = self.lora_settings.to_dict() if self.lora_settings is not None else None
+        self._lora_base: dict | None = None  # the base's identity (model/lora.py base_identity)
         self.layout = SequenceLayout.from_embodiment(self.embodiment)
         self._record: InferenceRecord | None = None
         self._processor: PolicyProcessor | None = None
@@ -206,9 +217,16 @@ class CosmosPolicyModule(L.LightningModule):
         self.dit = VideoDiT(h.transformer, text_embed_dim=h.text_dim or None, pretrained=h.pretrained_transformer)
         if h.get("init_from_checkpoint"):
             load_dit_weights(self.dit, resolve_path(h.init_from_checkpoint))
+        mesh = getattr(self, "_device_mesh", None)
+        if self.lora_settings is not None:
+            if mesh is not None:
+                raise CosmosPolicyError("model.lora: LoRA is the one-GPU path; train it without ModelParallelStrategy "
+                                        "(strategy: auto)")
+            self._lora_base = lora_adapters.base_identity(
+                self.dit.transformer, h.get("pretrained_transformer") or h.get("init_from_checkpoint"), h.transformer)
+            lora_adapters.add_lora(self.dit.transformer, self.lora_settings)
         if h.activation_checkpointing:
             self.dit.enable_activation_checkpointing()
-        mesh = getattr(self, "_device_mesh", None)
         if mesh is not None:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -266,12 +284,25 @@ class CosmosPolicyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self._record.to_dict() if self._record is not None else {
             "embodiment": self.embodiment.to_dict(), "layout": self.layout.to_dict()}
+        if self.lora_settings is not None and self._lora_base is not None:
+            # adapter + modules_to_save only: the frozen base is rebuilt from its recorded source
+            checkpoint["state_dict"] = lora_adapters.adapter_checkpoint_state(checkpoint["state_dict"],
+                                                                              self._lora_keys())
+            checkpoint[lora_adapters.LORA_CHECKPOINT_KEY] = {"settings": self.lora_settings.to_dict(),
+                                                             "base": dict(self._lora_base)}
+
+    def _lora_keys(self) -> set[str]:
+        """``state_dict`` keys of the trainable DiT tensors (adapters, ``modules_to_save``)."""
+        return {f"dit.{n}" for n, p in self.dit.named_parameters() if p.requires_grad}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get(CHECKPOINT_KEY) or {}
         where = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         if extra.get("embodiment"):  # before any weight is loaded or any batch runs
             refuse_other_robot(extra["embodiment"], self.embodiment, where)
+        if self.dit is not None and (self.lora_settings is not None or checkpoint.get(lora_adapters.LORA_CHECKPOINT_KEY)):
+            lora_adapters.check_lora_checkpoint(checkpoint, self.lora_settings, self._lora_base,
+                                                self._lora_keys() if self.lora_settings is not None else set(), where)
         if not extra.get("stats"):
             return
         stored = InferenceRecord.from_dict(extra, str(where or "checkpoint"))
