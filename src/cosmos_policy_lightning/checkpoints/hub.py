@@ -5,14 +5,24 @@ A policy folder (what is uploaded, and what :func:`load_policy_folder` reads bac
     README.md                       model card: base_model, pipeline_tag: robotics, licence, training data
     config.json                     embodiment, latent layout, normalisation, text encoder, VAE, DiT
                                     configuration, sampling settings ("format": "cosmos-policy-lightning")
-    transformer/                    the DiT in diffusers ``save_pretrained`` format (config + safetensors)
+    transformer/                    the DiT in diffusers ``save_pretrained`` format (config + safetensors);
+                                    of a LoRA checkpoint, the merged DiT (it loads without the base)
+    adapter/                        a LoRA checkpoint's adapter in peft's format (adapter_config.json,
+                                    adapter_model.safetensors, cosmos_policy_base.json naming the base)
+    vae/                            the VAE, when it was a local folder (a Hub id or the shipped tiny VAE
+                                    is named instead)
     statistics.json                 normalisation statistics (``normalization.DatasetStats``)
     text_embeddings.safetensors     one (L, D) tensor per instruction; the instructions and the encoder's
                                     identity are in the file's metadata
 
-The VAE is recorded by identity (hub id or path), not copied: the released models use Wan2.1's.
-The text embeddings let a robot run the instructions the policy was trained on without the text
-encoder (T5-11B is 11 B parameters); other instructions are encoded by the recorded encoder.
+A folder is portable: nothing in it names a path of the machine that wrote it. The VAE goes into the
+folder or is named by Hub id (and the revision of the Hub cache, when it holds it) or by the shipped
+name ``assets/tiny_wan_vae``; the text encoder is named by its identity (``minilm:...``, a Hub
+``t5:<org>/<name>``; a local T5 folder is refused unless ``--text_encoder`` names it on the Hub); any
+other absolute path in the record (statistics source, imported file) is cut to its file name. The text
+embeddings (from the checkpoint itself: ``fit`` stores the training instructions', ``import-checkpoint``
+the reference's) let a robot run the instructions the policy was trained on without the text encoder
+(T5-11B is 11 B parameters); other instructions are encoded by the recorded encoder.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ CONFIG_FILE = "config.json"
 STATS_FILE = "statistics.json"
 TEXT_FILE = "text_embeddings.safetensors"
 TRANSFORMER_DIR = "transformer"
+VAE_DIR = "vae"
+ADAPTER_DIR = "adapter"
 CARD_FILE = "README.md"
 
 #: The licence of the Cosmos-Predict2 weights (and so of models fine-tuned from them), as Hub metadata.
@@ -66,8 +78,8 @@ def _hub_repo_of(source: Any) -> str | None:
 
 
 def _text_embeddings(raw: dict, text_embeddings: Path | None) -> tuple[str | None, dict[str, torch.Tensor]]:
-    """(encoder identity, instruction -> (L, D) float16) from a cache directory, the checkpoint's
-    embedded embeddings (imported checkpoints) or its data module's ``text_embeddings/``."""
+    """(encoder identity, instruction -> (L, D) float16) from a cache directory or the checkpoint's own
+    embeddings (``fit`` and ``import-checkpoint`` store them); never from the training data folder."""
     from ..model.module import CHECKPOINT_KEY
     from ..text import TextEmbeddingCache
 
@@ -76,10 +88,6 @@ def _text_embeddings(raw: dict, text_embeddings: Path | None) -> tuple[str | Non
     if directory is None and extra.get("text_embeddings"):
         return extra.get("text_encoder"), {k: torch.as_tensor(v).to(torch.float16) for k, v in
                                            extra["text_embeddings"].items()}
-    if directory is None:
-        data_dir = (raw.get("datamodule_hyper_parameters") or {}).get("data_dir")
-        candidate = Path(data_dir) / "text_embeddings" if data_dir else None
-        directory = candidate if candidate is not None and (candidate / "index.json").is_file() else None
     if directory is None:
         return extra.get("text_encoder"), {}
     cache = TextEmbeddingCache(directory)
@@ -145,9 +153,82 @@ Normalisation statistics: `statistics.json`{' (from ' + stats_source + ')' if st
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
+def _is_local_path(value: Any) -> bool:
+    return isinstance(value, str) and (os.path.isabs(value) or value.startswith(("~", "./", "../")))
+
+
+def _scrub_paths(value: Any) -> Any:
+    """Every absolute (or ``~`` / ``./``) path string in a JSON-like value cut to its file name."""
+    if isinstance(value, Mapping):
+        return {k: _scrub_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrub_paths(v) for v in value]
+    return Path(value).name if _is_local_path(value) else value
+
+
+def _hub_revision(repo_id: str) -> str | None:
+    """The commit of ``repo_id`` in the local Hub cache, or None (nothing is downloaded)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=repo_id, local_files_only=True)).name
+    except Exception:  # not cached, or not a repository id
+        return None
+
+
+def _portable_vae(vae: Any, folder: Path, override: str | None) -> tuple[Any, str | None]:
+    """(the folder config's ``vae``, its Hub revision or None): an inline config dict, the shipped
+    ``assets/...`` name, a Hub id, or ``"vae"`` after copying a local VAE folder into ``folder/vae``.
+
+    Raises:
+        CosmosPolicyError: a recorded local VAE folder that is not on this machine (one line, ``--vae``).
+    """
+    import shutil
+
+    from ..model.module import resolve_path
+    from ..shipped import shipped_path
+
+    vae = override if override is not None else vae
+    if not isinstance(vae, str):
+        return vae, None  # an inline AutoencoderKLWan config (tests)
+    if not Path(vae).is_absolute() and shipped_path(vae) is not None:
+        return vae, None  # shipped with every install
+    local = resolve_path(vae)
+    if os.path.isdir(local):
+        source = Path(local)
+        if not (source / "config.json").is_file() and (source / VAE_DIR / "config.json").is_file():
+            source = source / VAE_DIR
+        target = folder / VAE_DIR
+        target.mkdir(parents=True, exist_ok=True)
+        for f in sorted(source.iterdir()):
+            if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin")):
+                write_path_atomic(target / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
+        return VAE_DIR, None
+    if _is_local_path(vae) or os.path.exists(vae) or vae.count("/") != 1:
+        raise CosmosPolicyError(f"push-to-hub: the checkpoint's VAE {vae!r} is not on this machine; pass --vae "
+                                f"<Hub id or local VAE folder> (the same weights)")
+    return vae, _hub_revision(vae)
+
+
+def _portable_text_encoder(identity: str, override: str | None) -> str:
+    """The encoder identity a folder may record: a local T5 folder (``t5:/path``) is refused unless
+    ``override`` names the same encoder (e.g. ``t5:google-t5/t5-11b``).
+
+    Raises:
+        CosmosPolicyError: a local text-encoder path without ``--text_encoder`` (one line).
+    """
+    if override is not None:
+        return override
+    if identity.startswith("t5:") and (_is_local_path(identity[3:]) or os.path.exists(identity[3:])):
+        raise CosmosPolicyError(f"push-to-hub: the text encoder {identity!r} is a folder of this machine; pass "
+                                f"--text_encoder t5:<Hub id> naming the same weights (e.g. t5:google-t5/t5-11b)")
+    return identity
+
+
 def export_folder(checkpoint: str | Path, folder: str | Path, repo_id: str = "local/cosmos-policy",
                   base_model: str | None = None, license: str | None = None, datasets: list[str] | None = None,
-                  text_embeddings: str | Path | None = None) -> Path:
+                  text_embeddings: str | Path | None = None, vae: str | None = None,
+                  text_encoder: str | None = None) -> Path:
     """Write a checkpoint as a policy folder (layout in the module docstring).
 
     Args:
@@ -159,14 +240,20 @@ def export_folder(checkpoint: str | Path, folder: str | Path, repo_id: str = "lo
         license: the card's licence; default: the NVIDIA Open Model License for Cosmos-derived weights,
             else Apache-2.0.
         datasets: Hub dataset ids of the training data (the card's ``datasets``).
-        text_embeddings: a text cache directory; default: the checkpoint's own embeddings or its data
-            module's ``text_embeddings/``.
+        text_embeddings: a text cache directory; default: the checkpoint's own embeddings.
+        vae: the VAE to record instead of the checkpoint's (a Hub id, or a local folder, copied in).
+        text_encoder: the encoder identity to record instead of a local one (``t5:<Hub id>``).
+
+    A LoRA checkpoint (``model.lora``) is written merged (``transformer/`` loads without the base), with
+    its adapter in peft's format in ``adapter/``.
 
     Returns:
         the folder.
 
     Raises:
-        CosmosPolicyError: not a (single-file) Cosmos Policy checkpoint, or no statistics in it.
+        CosmosPolicyError: not a (single-file) Cosmos Policy checkpoint, no statistics in it, a VAE not on
+            this machine, a local text-encoder folder without ``text_encoder``, or a LoRA checkpoint
+            whose base is missing or another one.
     """
     from ..model.dit import build_transformer
     from ..model.module import CHECKPOINT_KEY
@@ -179,30 +266,49 @@ def export_folder(checkpoint: str | Path, folder: str | Path, repo_id: str = "lo
         raise CosmosPolicyError(f"{path}: the checkpoint has no normalisation statistics; a shared policy needs "
                                 f"them (import with --stats, or train with a data module)")
     record = InferenceRecord.from_dict(extra, str(path))
-    # Where the training data was (the card, and its text embeddings by default): not part of the record.
-    data_dir = (raw.get("datamodule_hyper_parameters") or {}).get("data_dir")
-    prefix = "dit.transformer."
-    state = {k[len(prefix):]: v for k, v in raw["state_dict"].items() if k.startswith(prefix)}
+    from ..model.lora import LORA_CHECKPOINT_KEY, merge_lora_
+    from .export import MERGED_FROM_KEY, _write_adapter_folder, load_lora_module
+
+    lora_entry = raw.get(LORA_CHECKPOINT_KEY)
+    folder.mkdir(parents=True, exist_ok=True)
+    if lora_entry:  # the adapter in peft's format, then merged: transformer/ needs no base
+        module, _ = load_lora_module(path)
+        (folder / ADAPTER_DIR).mkdir(exist_ok=True)
+        _write_adapter_folder(module.dit.transformer, module.lora_settings, lora_entry["base"], folder / ADAPTER_DIR)
+        state = dict(merge_lora_(module.dit.transformer).state_dict())
+        del module
+    else:
+        prefix = "dit.transformer."
+        state = {k[len(prefix):]: v for k, v in raw["state_dict"].items() if k.startswith(prefix)}
     dit = build_transformer(hp.get("transformer", "tiny"), text_embed_dim=hp.get("text_dim") or None, device="meta")
     load_state_strict(dit, state, str(path))
-    folder.mkdir(parents=True, exist_ok=True)
     dit.save_pretrained(str(folder / TRANSFORMER_DIR), safe_serialization=True)
 
     identity, texts = _text_embeddings(raw, Path(text_embeddings) if text_embeddings is not None else None)
+    vae_entry, vae_revision = _portable_vae(hp.get("vae"), folder, vae)
+    encoder = record.text_encoder if record.text_encoder != "none" else (identity or "none")
+    encoder = _portable_text_encoder(str(encoder), text_encoder)
+    merged_from = raw.get(MERGED_FROM_KEY)
     # The inference record (statistics in their own file), then what rebuilds the network.
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         **{k: v for k, v in record.to_dict().items() if k != "stats"},
-        "text_encoder": record.text_encoder if record.text_encoder != "none" else (identity or "none"),
         "normalization": record.embodiment.normalization,
         "text_dim": int(hp.get("text_dim", 0)), "text_conditioning": hp.get("text_conditioning", "auto"),
-        "vae": hp.get("vae"), "transformer": hp.get("transformer", "tiny"),
+        "transformer": hp.get("transformer", "tiny"),
         "test_num_steps": int(hp.get("test_num_steps", 5)),
         "source_checkpoint": {"file": path.name, "global_step": raw.get("global_step"),
                               "imported_from": extra.get("imported_from")},
     }
+    if lora_entry or merged_from:
+        entry = lora_entry or merged_from
+        config["lora"] = {"settings": entry["settings"], "base": entry["base"], "merged_into_transformer": True}
+    config = _scrub_paths(config)  # no path of this machine in a shared folder
+    config.update(text_encoder=encoder, vae=vae_entry)
+    if vae_revision:
+        config["vae_revision"] = vae_revision
     write_json_atomic(folder / CONFIG_FILE, config)
-    write_json_atomic(folder / STATS_FILE, extra["stats"])
+    write_json_atomic(folder / STATS_FILE, _scrub_paths(extra["stats"]))
     if texts:
         from safetensors.torch import save_file
 
@@ -215,7 +321,8 @@ def export_folder(checkpoint: str | Path, folder: str | Path, repo_id: str = "lo
         (folder / TEXT_FILE).unlink()
 
     if base_model is None:
-        source = hp.get("pretrained_transformer") or (extra.get("imported_from") or {}).get("source")
+        lora_base = ((lora_entry or merged_from or {}).get("base") or {}).get("source")
+        source = hp.get("pretrained_transformer") or lora_base or (extra.get("imported_from") or {}).get("source")
         base_model = _hub_repo_of(source)
     cosmos_derived = bool(base_model and "cosmos" in base_model.lower()) or \
         "cosmos-predict2" in json.dumps(hp.get("transformer"))
@@ -228,10 +335,13 @@ def export_folder(checkpoint: str | Path, folder: str | Path, repo_id: str = "lo
     training = []
     if datasets:
         training.append("Hub datasets: " + ", ".join(f"`{d}`" for d in datasets) + ".")
-    if data_dir:
-        mix = record.objective_mix
-        training.append(f"Converted dataset `{Path(str(data_dir)).name}`" + (f", objective mix {json.dumps(mix)}"
-                                                                              if mix else "") + ".")
+    if record.objective_mix and not extra.get("imported_from"):
+        training.append(f"Objective mix {json.dumps(record.objective_mix)}.")
+    if lora_entry or merged_from:
+        entry = lora_entry or merged_from
+        training.append(f"Fine-tuned with LoRA (rank {entry['settings']['rank']}, alpha {entry['settings']['alpha']}) "
+                        f"on base `{_scrub_paths(entry['base'].get('source'))}`; `transformer/` holds the merged "
+                        f"weights" + (", `adapter/` the adapter in peft's format." if lora_entry else "."))
     if extra.get("imported_from"):
         training.append(f"Imported from the reference checkpoint `{extra['imported_from']['source']}` (trained by its "
                         f"authors on their data).")
@@ -244,7 +354,8 @@ def export_folder(checkpoint: str | Path, folder: str | Path, repo_id: str = "lo
 
 def push_to_hub(ckpt: Path, repo_id: str, local_dir: Path | None = None, private: bool = False,
                 base_model: str | None = None, license: str | None = None, datasets: list[str] | None = None,
-                text_embeddings: Path | None = None, commit_message: str = "Upload Cosmos Policy") -> dict[str, Any]:
+                text_embeddings: Path | None = None, commit_message: str = "Upload Cosmos Policy",
+                vae: str | None = None, text_encoder: str | None = None) -> dict[str, Any]:
     """Write a checkpoint as a Hub model folder and upload it with ``huggingface_hub``.
 
     Args:
@@ -253,7 +364,7 @@ def push_to_hub(ckpt: Path, repo_id: str, local_dir: Path | None = None, private
         local_dir: only write the folder here, upload nothing (inspect it, or upload it later with
             ``hf upload REPO_ID DIR``).
         private: create the repository private.
-        base_model, license, datasets, text_embeddings: see :func:`export_folder`.
+        base_model, license, datasets, text_embeddings, vae, text_encoder: see :func:`export_folder`.
         commit_message: the Hub commit's message.
 
     Returns:
@@ -266,7 +377,7 @@ def push_to_hub(ckpt: Path, repo_id: str, local_dir: Path | None = None, private
         raise CosmosPolicyError(f"push-to-hub: repo_id must be <user or org>/<name>, got {repo_id!r}")
     with tempfile.TemporaryDirectory(prefix="cosmos-policy-hub-") as tmp:
         folder = export_folder(ckpt, local_dir or tmp, repo_id=repo_id, base_model=base_model, license=license,
-                               datasets=datasets, text_embeddings=text_embeddings)
+                               datasets=datasets, text_embeddings=text_embeddings, vae=vae, text_encoder=text_encoder)
         files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
         url = None
         if local_dir is None:
@@ -363,9 +474,12 @@ def load_policy_folder(source: str | Path):
     stats = read_json(folder / STATS_FILE)
     # Checks the stored layout against the one the embodiment gives (a folder edited by hand).
     record = InferenceRecord.from_dict({**config, "stats": stats}, str(folder / CONFIG_FILE))
+    vae = config["vae"]
+    if isinstance(vae, str) and not os.path.isabs(vae) and (folder / vae).is_dir():
+        vae = str(folder / vae)  # copied into the folder (a local VAE of the machine that wrote it)
     module = CosmosPolicyModule(embodiment=record.embodiment.to_dict(), text_dim=int(config["text_dim"]),
                                 transformer=config["transformer"], pretrained_transformer=str(folder / TRANSFORMER_DIR),
-                                vae=config["vae"], test_num_steps=int(config.get("test_num_steps", 5)),
+                                vae=vae, test_num_steps=int(config.get("test_num_steps", 5)),
                                 text_conditioning=config.get("text_conditioning", "auto"), image_log_every_n_steps=0,
                                 inference_record=record)
     texts = None

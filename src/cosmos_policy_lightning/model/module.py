@@ -282,8 +282,10 @@ class CosmosPolicyModule(L.LightningModule):
         return self.processor.action_normalizer if modality == "action" else self.processor.proprio_normalizer
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = self._record.to_dict() if self._record is not None else {
-            "embodiment": self.embodiment.to_dict(), "layout": self.layout.to_dict()}
+        # callbacks run first: keep what they stored (training/callbacks.py: the instruction embeddings)
+        checkpoint[CHECKPOINT_KEY] = {**(checkpoint.get(CHECKPOINT_KEY) or {}), **(
+            self._record.to_dict() if self._record is not None else {
+                "embodiment": self.embodiment.to_dict(), "layout": self.layout.to_dict()})}
         if self.lora_settings is not None and self._lora_base is not None:
             # adapter + modules_to_save only: the frozen base is rebuilt from its recorded source
             checkpoint["state_dict"] = lora_adapters.adapter_checkpoint_state(checkpoint["state_dict"],

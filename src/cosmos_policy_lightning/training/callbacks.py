@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..atomic import ensure_writable_dir, write_bytes_atomic
@@ -86,3 +86,47 @@ class PredictionWriter(BasePredictionWriter):
                    "value_mae": float(np.abs(arrays["value"] - arrays["true_value"]).mean())}
         write_bytes_atomic(self.output_dir / f"summary{suffix}.json",
                       lambda f: f.write(json.dumps(summary, indent=2).encode()))
+
+
+#: Largest instruction-embedding table stored in a checkpoint (bytes, float16); larger ones stay in the data.
+MAX_CHECKPOINT_TEXT_BYTES = 256 * 2**20
+
+
+class InstructionEmbeddingsInCheckpoint(Callback):
+    """Stores the embeddings of the training instructions in every checkpoint
+    (``checkpoint["cosmos_policy"]["text_embeddings"]``: instruction -> float16 ``(L, D)``, real tokens),
+    from the data module's ``<data_dir>/text_embeddings/`` cache, so ``serve``, ``evaluate``,
+    ``CosmosPolicy`` and ``push-to-hub`` need neither the data folder nor the text encoder (T5-11B: 19 GB)
+    for the instructions the policy was trained on. ``cosmos-policy fit`` adds it (``training/cli.py``).
+
+    A table over :data:`MAX_CHECKPOINT_TEXT_BYTES` is left out with a warning (the encoder then encodes).
+    """
+
+    def __init__(self) -> None:
+        self._table: dict[str, torch.Tensor] | None = None
+
+    def _embeddings(self, trainer) -> dict[str, torch.Tensor]:
+        if self._table is None:
+            from ..text import TextEmbeddingCache
+
+            self._table = {}
+            data_dir = getattr(trainer.datamodule, "data_dir", None) if trainer.datamodule is not None else None
+            directory = Path(str(data_dir)) / "text_embeddings" if data_dir else None
+            if directory is not None and (directory / "index.json").is_file():
+                cache = TextEmbeddingCache(directory)
+                if cache.identity is not None:
+                    table = {t: torch.from_numpy(np.asarray(cache.get(t))).to(torch.float16) for t in cache.instructions}
+                    size = sum(v.numel() * 2 for v in table.values())
+                    if size <= MAX_CHECKPOINT_TEXT_BYTES:
+                        self._table = table
+                    else:
+                        rank_zero_warn(f"{directory}: {len(table)} instruction embeddings ({size / 2**20:.0f} MB) are "
+                                       f"not stored in the checkpoint; deployment will encode instructions")
+        return self._table
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        from ..model.module import CHECKPOINT_KEY
+
+        table = self._embeddings(trainer)
+        if table:
+            checkpoint.setdefault(CHECKPOINT_KEY, {})["text_embeddings"] = table

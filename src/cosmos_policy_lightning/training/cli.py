@@ -58,6 +58,10 @@ class CosmosPolicyCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._prepare("fit")
+        from .callbacks import InstructionEmbeddingsInCheckpoint
+
+        if not any(isinstance(c, InstructionEmbeddingsInCheckpoint) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(InstructionEmbeddingsInCheckpoint())  # checkpoints deploy without T5
 
     def before_validate(self) -> None:
         self._prepare("validate")
