@@ -87,3 +87,21 @@ def test_cache_rejects_malformed_index(tmp_path):
     (tmp_path / INDEX_FILE).write_text('{"encoder": 3}')
     with pytest.raises(CosmosPolicyError, match="index.json"):
         TextEmbeddingCache(tmp_path)
+
+
+def test_an_unknown_instruction_without_its_encoder_is_refused_naming_the_known_ones(tmp_path):
+    import numpy as np
+
+    from cosmos_policy_lightning.errors import CosmosPolicyError
+    from cosmos_policy_lightning.text import InstructionEmbeddings
+
+    table = InstructionEmbeddings(8, identity=f"t5:{tmp_path / 'no-t5-here'}",
+                                  precomputed={"open the drawer": np.ones((3, 4), np.float32)})
+    assert tuple(table.get("open the drawer").shape) == (3, 4)  # known: no encoder loaded
+    import pytest
+
+    with pytest.raises(CosmosPolicyError) as info:
+        table.get("close the drawer")
+    message = str(info.value)
+    assert "\n" not in message and "'close the drawer' is not one the policy was trained on" in message
+    assert "'open the drawer'" in message and "cannot be loaded here" in message

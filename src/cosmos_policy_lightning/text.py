@@ -447,6 +447,19 @@ class InstructionEmbeddings:
             self._encoder = shared_text_encoder(self.identity)
         return self._encoder
 
+    def _encoder_for(self, instruction: str, where: str) -> TextEncoder:
+        """The encoder for an instruction the stored embeddings lack; when it cannot be loaded here (e.g.
+        T5-11B not installed), a one-line refusal naming the instructions the policy knows."""
+        if not self._precomputed or self._encoder is not None:
+            return self.encoder
+        try:
+            return self.encoder
+        except CosmosPolicyError as err:
+            known = sorted(self._precomputed)
+            shown = "; ".join(repr(k) for k in known[:5]) + (f"; ... ({len(known)} in all)" if len(known) > 5 else "")
+            raise CosmosPolicyError(f"{where}: instruction {instruction!r} is not one the policy was trained on "
+                                    f"({shown}) and its text encoder cannot be loaded here ({err})") from None
+
     def _dataset_cache(self) -> TextEmbeddingCache | None:
         if self.directory is not None and self._cache is None:
             self._cache = TextEmbeddingCache(self.directory)
@@ -473,7 +486,7 @@ class InstructionEmbeddings:
             except CosmosPolicyError as err:
                 raise DataError(f"{where}: {err}") from None
         else:  # the ``none`` encoder gives (0, 0) without loading anything
-            arr = np.asarray(self.encoder.encode([instruction])[0])
+            arr = np.asarray(self._encoder_for(instruction, where).encode([instruction])[0])
         arr = arr[: self.max_tokens].astype(np.float16).astype(np.float32)
         emb = torch.from_numpy(np.ascontiguousarray(arr))
         self._memo[instruction] = emb
