@@ -223,3 +223,70 @@ def test_model_parallel_two_processes_then_resume_on_one(toy_data, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Restored all states" in run.stdout + run.stderr
     assert torch.load(last / "meta.pt", map_location="cpu", weights_only=False)["global_step"] == 6
+
+
+@pytest.mark.parametrize("name", ["libero_lora", "so101_lora"])
+def test_one_gpu_lora_recipe_instantiates_on_meta_device(name, tmp_path):
+    """The one-GPU 2B recipes: LoRA rank 16 through peft on the meta device (23.2 M trainable of 1.956 B),
+    bf16 base, activation checkpointing, and the effective batch of the header (micro-batch x accumulation)."""
+    recipe = REPO / "recipes" / f"{name}.yaml"
+    data = yaml.safe_load(_recipe_data(recipe).read_text())["init_args"]
+    emb = Embodiment.from_yaml(REPO / data["embodiment"])
+    write_dataset(tmp_path / "data", standard_episodes(1, 1, 1, 1, length=2), embodiment=emb,
+                  text_encoder=_T5Sized())
+    cli = CosmosPolicyCLI(CosmosPolicyModule, CosmosDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                          run=False, args=[
+                              "--config", str(recipe), "--data.init_args.data_dir", str(tmp_path / "data"),
+                              "--data.init_args.num_workers", "0", "--data.init_args.convert_from", "null",
+                              "--data.init_args.latent_cache", "false",
+                              "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+                              "--trainer.default_root_dir", str(tmp_path),
+                              "--model.init_args.pretrained_transformer", "null",
+                              "--model.init_args.vae", json.dumps(TINY_VAE)])
+    model = cli.model
+    assert model.hparams.transformer == "cosmos-predict2-2b" and model.hparams.activation_checkpointing
+    assert model.lora_settings.rank == 16 and model.lora_settings.base_dtype == "bfloat16"
+    with torch.device("meta"):
+        model.configure_model()
+    trainable = sum(p.numel() for p in model.dit.parameters() if p.requires_grad)
+    assert trainable == 23_216_128, trainable
+    assert {p.dtype for p in model.dit.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert cli.datamodule.batch_size * cli.trainer.accumulate_grad_batches == 200
+    text = recipe.read_text()
+    for micro, accum in ((50, 4), (100, 2)):  # the 48 and 80 GB lines keep the effective batch
+        assert f"--data.init_args.batch_size {micro} --trainer.accumulate_grad_batches {accum}" in text
+        assert micro * accum == 200
+
+
+def test_metaworld_lora_recipe_at_tiny_scale(toy_data, tmp_path, capsys):
+    """recipes/metaworld_lora.yaml on the toy data: LoRA on top of a trained tiny base (init_from_checkpoint),
+    a checkpoint holding the adapter only, then its commands: export (merged) and a policy of each."""
+    import numpy as np
+
+    from cosmos_policy_lightning.inference.policy import CosmosPolicy
+    from cosmos_policy_lightning.model.lora import LORA_CHECKPOINT_KEY
+
+    from ..fixtures.checkpoint_factory import make_checkpoint
+
+    base = make_checkpoint(tmp_path / "base", text_encoder=HashTextEncoder())
+    over = cli_override(tmp_path, toy_data, max_steps=4, every=2, transformer="tiny",
+                        init_from_checkpoint=str(base), lora={"rank": 4, "alpha": 4},
+                        vae=str(base.parent / "tiny_vae"))  # a saved VAE: an inline config is random per load
+    recipe = REPO / "recipes" / "metaworld_lora.yaml"
+    assert main(["fit", "--config", str(recipe), "--config", str(over), "--trainer.max_time", "null",
+                 "--trainer.val_check_interval", "2"]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert raw[LORA_CHECKPOINT_KEY]["base"]["source"] == str(base) and raw["global_step"] == 4
+    assert all(".lora_" in k or ".modules_to_save." in k for k in raw["state_dict"] if k.startswith("dit."))
+    assert sorted(raw[CHECKPOINT_KEY]["text_embeddings"])  # fit stored the instructions' embeddings
+    merged = tmp_path / "merged.ckpt"
+    assert main(["export", str(ckpt), "--output", str(merged)]) == 0
+    print(f"\nmetaworld_lora tiny: adapter checkpoint {ckpt.stat().st_size / 1e6:.2f} MB, merged "
+          f"{merged.stat().st_size / 1e6:.2f} MB, base {base.stat().st_size / 1e6:.2f} MB")
+    rng = np.random.default_rng(0)
+    obs = {"images": {c: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for c in ("wrist", "front")},
+           "proprio": rng.uniform(-1, 1, 3), "instruction": "push the block"}
+    a = CosmosPolicy.from_checkpoint(ckpt).predict(obs, num_steps=2, seed=0, decode_images=False).actions
+    b = CosmosPolicy.from_checkpoint(merged).predict(obs, num_steps=2, seed=0, decode_images=False).actions
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -138,10 +138,13 @@ def base_fingerprint(transformer: nn.Module) -> str:
     :func:`add_lora` (or on a merged model); peft's wrapper names are mapped back to the base's.
 
     Returns:
-        e.g. ``"3f2a9c0d11e4b7a8"``.
+        e.g. ``"3f2a9c0d11e4b7a8"`` (of a ``meta``-device model: names and shapes only).
     """
     digest = hashlib.sha256()
     for name, tensor in sorted(plain_state_dict(transformer.state_dict()).items()):
+        if tensor.is_meta:  # no weights yet (a model built for FSDP or counting): the names and shapes only
+            digest.update(f"{name}:{tuple(tensor.shape)}:meta".encode())
+            continue
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step][:4096].to(device="cpu", dtype=torch.float32).contiguous()

@@ -223,7 +223,7 @@ class CosmosPolicyModule(L.LightningModule):
                 raise CosmosPolicyError("model.lora: LoRA is the one-GPU path; train it without ModelParallelStrategy "
                                         "(strategy: auto)")
             self._lora_base = lora_adapters.base_identity(
-                self.dit.transformer, h.get("pretrained_transformer") or h.get("init_from_checkpoint"), h.transformer)
+                self.dit.transformer, h.get("init_from_checkpoint") or h.get("pretrained_transformer"), h.transformer)  # the last loaded
             lora_adapters.add_lora(self.dit.transformer, self.lora_settings)
         if h.activation_checkpointing:
             self.dit.enable_activation_checkpointing()
