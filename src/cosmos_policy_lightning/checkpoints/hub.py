@@ -18,7 +18,7 @@ A policy folder (what is uploaded, and what :func:`load_policy_folder` reads bac
 A folder is portable: nothing in it names a path of the machine that wrote it. The VAE goes into the
 folder or is named by Hub id (and the revision of the Hub cache, when it holds it) or by the shipped
 name ``assets/tiny_wan_vae``; the text encoder is named by its identity (``minilm:...``, a Hub
-``t5:<org>/<name>``; a local T5 folder is refused unless ``--text_encoder`` names it on the Hub); any
+``t5:<org>/<name>``, with the Hub cache's revision when it has it; a local T5 folder is refused unless ``--text_encoder`` names it on the Hub); any
 other absolute path in the record (statistics source, imported file) is cut to its file name. The text
 embeddings (from the checkpoint itself: ``fit`` stores the training instructions', ``import-checkpoint``
 the reference's) let a robot run the instructions the policy was trained on without the text encoder
@@ -307,6 +307,9 @@ def export_folder(checkpoint: str | Path, folder: str | Path, repo_id: str = "lo
     config.update(text_encoder=encoder, vae=vae_entry)
     if vae_revision:
         config["vae_revision"] = vae_revision
+    encoder_revision = _hub_revision(encoder[3:]) if encoder.startswith("t5:") and encoder[3:].count("/") == 1 else None
+    if encoder_revision:
+        config["text_encoder_revision"] = encoder_revision  # the Hub cache's commit of the encoder
     write_json_atomic(folder / CONFIG_FILE, config)
     write_json_atomic(folder / STATS_FILE, _scrub_paths(extra["stats"]))
     if texts:
