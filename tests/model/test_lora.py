@@ -187,3 +187,23 @@ def test_bf16_base_trains_under_bf16_mixed(base, tmp_path):
     assert dtypes == {torch.bfloat16} and {p.dtype for p in module.dit.parameters() if p.requires_grad} == \
         {torch.float32}
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_lora_is_the_one_gpu_path_and_refuses_fsdp(base):
+    hp = torch.load(base, map_location="cpu", weights_only=False)["hyper_parameters"]
+    module = CosmosPolicyModule(**{**hp, "lora": True, "init_from_checkpoint": str(base)})
+    module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
+    with pytest.raises(CosmosPolicyError, match="one-GPU path"):
+        module.configure_model()
+
+
+@pytest.mark.sim
+def test_evaluate_takes_a_lora_checkpoint(metaworld_checkpoint, tmp_path):
+    from cosmos_policy_lightning.embodiment import Embodiment
+
+    from ..conftest import EMBODIMENTS
+
+    adapted = make_lora_checkpoint(tmp_path, metaworld_checkpoint, steps=1,
+                                   embodiment=Embodiment.from_yaml(EMBODIMENTS / "metaworld.yaml"))
+    assert main(["evaluate", "metaworld", "--checkpoint", str(adapted), "--tasks", "reach-v3", "--episodes", "1",
+                 "--max-steps", "8", "--num-steps", "1", "--videos", "0", "--output", str(tmp_path / "eval")]) == 0

@@ -280,6 +280,10 @@ def test_metaworld_lora_recipe_at_tiny_scale(toy_data, tmp_path, capsys):
     assert raw[LORA_CHECKPOINT_KEY]["base"]["source"] == str(base) and raw["global_step"] == 4
     assert all(".lora_" in k or ".modules_to_save." in k for k in raw["state_dict"] if k.startswith("dit."))
     assert sorted(raw[CHECKPOINT_KEY]["text_embeddings"])  # fit stored the instructions' embeddings
+    # resume: the adapter run continues from its own last checkpoint (base rebuilt, adapter and AdamW loaded)
+    assert main(["fit", "--config", str(recipe), "--config", str(over), "--trainer.max_time", "null",
+                 "--trainer.val_check_interval", "2", "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 6
     merged = tmp_path / "merged.ckpt"
     assert main(["export", str(ckpt), "--output", str(merged)]) == 0
     print(f"\nmetaworld_lora tiny: adapter checkpoint {ckpt.stat().st_size / 1e6:.2f} MB, merged "
