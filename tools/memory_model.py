@@ -19,6 +19,7 @@ tokens) layouts at 224 x 224, T5 text padded to 512 tokens, activation checkpoin
 - **activations per sample**: the storages autograd saves in a meta-device forward (flash attention's
   saves, ``tools/benchmark_2b_cpu.py``), every block's input plus one block recomputed, for the model as
   it trains (for LoRA: peft's layers, frozen base, so a frozen matmul saves no input for a weight gradient);
+- **serving weights** of the 2B in bf16 with and without T5-11B's encoder (built on the meta device);
 - **FLOPs per training sample** (``FlopCounterMode``: forward + backward + the recomputed forward): the
   frozen base needs no weight gradients, so LoRA's backward is cheaper.
 
@@ -172,6 +173,24 @@ def checkpoint_sizes(rows: list[dict]) -> dict[str, float]:
             "lora_weights_mb": 4 * t / 1e6, "lora_with_adamw_mb": 12 * t / 1e6, "merged_gb": 4 * n / 1e9}
 
 
+def t5_11b_encoder_parameters() -> int:
+    """T5-11B's encoder (``google-t5/t5-11b``: d_model 1024, d_ff 65536, 24 layers, 128 heads x 128), on meta."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(d_model=1024, d_ff=65536, num_layers=24, num_heads=128, d_kv=128, vocab_size=32128,
+                      feed_forward_proj="relu")
+    with torch.device("meta"):
+        return sum(p.numel() for p in T5EncoderModel(config).parameters())
+
+
+def serving_weights(rows: list[dict]) -> dict[str, float]:
+    """GB of weights to serve the 2B in bf16 (DiT + VAE), without and with T5-11B's encoder (bf16 / fp32).
+    The instructions the policy was trained on come from the checkpoint's embeddings: no encoder needed."""
+    dit, vae, t5 = 2 * rows[0]["parameters"], 2 * vae_parameters(), t5_11b_encoder_parameters()
+    return {"without_encoder_gb": (dit + vae) / 1e9, "with_encoder_bf16_gb": (dit + vae + 2 * t5) / 1e9,
+            "with_encoder_fp32_gb": (dit + vae + 4 * t5) / 1e9, "t5_encoder_parameters": t5}
+
+
 def print_table(rows: list[dict]) -> None:
     n = rows[0]["parameters"]
     t = next(r["trainable"] for r in rows if r["method"].startswith("LoRA"))
@@ -192,6 +211,11 @@ def print_table(rows: list[dict]) -> None:
     print(f"\nCheckpoint weights: full {sizes['full_weights_gb']:.1f} GB (fp32; {sizes['full_with_adamw_gb']:.1f} GB "
           f"with AdamW moments for resuming), LoRA {sizes['lora_weights_mb']:.0f} MB ({sizes['lora_with_adamw_mb']:.0f} "
           f"MB with its AdamW moments), merged export {sizes['merged_gb']:.1f} GB.")
+    serve = serving_weights(rows)
+    print(f"Serving the 2B in bf16 (weights): {serve['without_encoder_gb']:.1f} GB without the text encoder (the "
+          f"checkpoint's instruction embeddings), {serve['with_encoder_bf16_gb']:.1f} GB with T5-11B's encoder "
+          f"({serve['t5_encoder_parameters'] / 1e9:.2f} B parameters) in bf16, {serve['with_encoder_fp32_gb']:.1f} GB "
+          f"with it in fp32; the sampler's activations and the CUDA context come on top.")
 
 
 def main() -> None:
@@ -201,7 +225,8 @@ def main() -> None:
     rows = memory_rows()
     print_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "checkpoints": checkpoint_sizes(rows)}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "checkpoints": checkpoint_sizes(rows),
+                                               "serving": serving_weights(rows)}, indent=2))
 
 
 if __name__ == "__main__":
