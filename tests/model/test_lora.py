@@ -187,6 +187,17 @@ def test_bf16_base_trains_under_bf16_mixed(base, tmp_path):
     assert dtypes == {torch.bfloat16} and {p.dtype for p in module.dit.parameters() if p.requires_grad} == \
         {torch.float32}
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    # without autocast a bf16 base is refused in one line, before any step
+    module = CosmosPolicyModule(**{**hp, "lora": {"rank": 4, "base_dtype": "bfloat16"}, "init_from_checkpoint":
+                                   str(base), "inference_record": dm.inference_record()})
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=str(tmp_path))
+    with pytest.raises(CosmosPolicyError, match="needs trainer.precision bf16-mixed"):
+        trainer.fit(module, datamodule=dm)
+    # a policy of it in bf16: every parameter is cast, adapters included
+    policy = CosmosPolicy(module, dtype=torch.bfloat16)
+    assert {p.dtype for p in policy.module.dit.parameters()} == {torch.bfloat16}
 
 
 def test_lora_is_the_one_gpu_path_and_refuses_fsdp(base):

@@ -160,7 +160,8 @@ class CosmosPolicy:
         self.dtype = dtype
         module.to(self.device)
         for part in (module.dit, module.vae):
-            if next(part.parameters()).dtype != dtype:  # (diffusers warns on any .to(dtype))
+            # every parameter (a LoRA model mixes a bf16 base and fp32 adapters); diffusers warns on any .to(dtype)
+            if any(p.dtype != dtype for p in part.parameters()):
                 part.to(dtype)
         self.module = module.eval()
         self.record = module.record

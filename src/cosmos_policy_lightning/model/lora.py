@@ -131,6 +131,18 @@ class LoraSettings:
                           init_lora_weights=True)
 
 
+def check_precision(settings: LoraSettings | None, precision: str) -> None:
+    """Refuse a half-precision base without autocast (``trainer.precision`` ``bf16-mixed`` / ``16-mixed``):
+    float32 activations would meet bf16 weights in a matmul.
+
+    Raises:
+        CosmosPolicyError: one line naming both settings.
+    """
+    if settings is not None and settings.base_dtype != "float32" and "mixed" not in str(precision):
+        raise CosmosPolicyError(f"model.lora.base_dtype={settings.base_dtype} needs trainer.precision bf16-mixed "
+                                f"(autocast), got {precision!r}; or set base_dtype: float32")
+
+
 def base_fingerprint(transformer: nn.Module) -> str:
     """Identity of a DiT's (base) weights: SHA-256 over every tensor's name, shape and up to 4,096 values
     taken at an even stride (as float32), 16 hex digits. Cheap (a few MB read for the 2B) and
@@ -373,5 +385,6 @@ def check_lora_checkpoint(checkpoint: Mapping[str, Any], settings: LoraSettings 
 
 __all__ = ["ADAPTER_NAME", "DEFAULT_MODULES_TO_SAVE", "DEFAULT_TARGETS", "LORA_CHECKPOINT_KEY", "LoraCounts",
            "LoraSettings", "adapter_checkpoint_state", "adapter_state_dict", "add_lora", "base_fingerprint",
+           "check_precision",
            "base_identity", "check_lora_checkpoint", "count_lora_parameters", "has_lora", "load_adapter_state_",
            "merge_lora_", "plain_state_dict"]

@@ -42,6 +42,7 @@ from .vae import VideoVAE
 from .predict import predict_batch
 from .schedule import lr_multiplier
 from .skill import ErrorTable, skill_metrics
+from .value_report import TaskValueReport
 from .sequence import encode_pixel_sequence, inject_vectors, read_vectors, unit_range_to_images
 from .rng import rank_generator, run_seed
 from .warm_start import load_dit_weights
@@ -202,6 +203,7 @@ class CosmosPolicyModule(L.LightningModule):
         self.test_value_mae = MeanMetric()
         self.test_value_auroc = BinaryAUROC()
         self.test_count, self.test_successes = SumMetric(), SumMetric()
+        self.test_value_report = TaskValueReport()  # per task: AUROC and calibration (model/value_report.py)
         self.flops_per_batch: int | None = None
         uses_padded_text(text_conditioning, None)  # fail early on an unknown value
         self._noise_generator: torch.Generator | None = None  # per global rank (model/rng.py)
@@ -235,6 +237,9 @@ class CosmosPolicyModule(L.LightningModule):
             for block in self.dit.blocks:
                 fully_shard(block, mesh=mesh, mp_policy=mp)
             fully_shard(self.dit, mesh=mesh, mp_policy=mp)
+
+    def on_fit_start(self) -> None:
+        lora_adapters.check_precision(self.lora_settings, self.trainer.precision)
 
     # ------------------------------------------------------------------ the inference record
     @property
@@ -470,6 +475,8 @@ class CosmosPolicyModule(L.LightningModule):
         value = self.read(self.generate(x0, val, text, text_mask, steps))["value"]
         self.test_value_mae.update((value - batch["value"].float()).abs())
         self.test_value_auroc.update(value_to_unit(value), success.long())
+        self.test_value_report.update(value_to_unit(value), value_to_unit(batch["value"].float()), success,
+                                      batch.get("instruction"))
         self.test_count.update(torch.tensor(float(b), device=value.device))
         self.test_successes.update(success.sum().float())
 
@@ -499,6 +506,13 @@ class CosmosPolicyModule(L.LightningModule):
             self.log("test/value_auroc", self.test_value_auroc.compute())
         for m in (self.test_value_auroc, self.test_count, self.test_successes):
             m.reset()
+        metrics, curves = self.test_value_report.compute()
+        for name, value in metrics.items():
+            self.log(f"test/{name}", value)
+        experiment = getattr(self.logger, "experiment", None)
+        if curves and hasattr(experiment, "add_figure") and self.trainer.is_global_zero:
+            experiment.add_figure("test/value_reliability", self.test_value_report.figure(curves),
+                                  global_step=self.global_step, close=True)
 
     def _log_metrics(self, prefix: str, metrics) -> list[torch.Tensor]:
         """Compute (synced over ranks), log the defined ones, reset. Every rank computes every metric,
