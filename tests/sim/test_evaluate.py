@@ -53,6 +53,12 @@ def test_one_episode_end_to_end_records_an_hdf5_that_converts(ckpt, tmp_path):
     gif = Image.open(out / "videos" / "reach-v3-ep000.gif")
     assert gif.n_frames == 12 and gif.size == (2 * 64 * 3, 64 * 3)
     assert (out / "values-reach-v3.png").stat().st_size > 1000
+    # calibration against the realised return of the one (failed or successful) episode, and the ranking,
+    # undefined with a single episode
+    calib = task["value_calibration"]
+    assert calib["samples"] == 2 and sum(calib["counts"]) == 2 and 0 <= calib["ece"] <= 1
+    assert task["value_ranking"] == {"accuracy": None, "pairs": 0}
+    assert (out / "calibration-reach-v3.png").stat().st_size > 1000
 
     path = out / "rollouts" / "reach-v3" / "reach-v3-ep000.hdf5"
     with h5py.File(path) as f:

@@ -3,7 +3,8 @@
 import pytest
 
 from cosmos_policy_lightning.errors import CosmosPolicyError
-from cosmos_policy_lightning.sim.value_metrics import auroc, closed_loop_value_auroc, early_value
+from cosmos_policy_lightning.sim.value_metrics import (auroc, closed_loop_calibration, closed_loop_value_auroc,
+                                                        early_value, ranking_accuracy, realised_returns)
 
 
 def test_auroc_known_values():
@@ -32,3 +33,38 @@ def test_per_task_horizons():
     assert early_value([[0, 0.2], [30, 0.4]], 30) == 0.2 and early_value([[50, 0.2]], 30) is None
     with pytest.raises(CosmosPolicyError):
         closed_loop_value_auroc(episodes, max_steps=100, horizons=(0.0,))
+
+
+def test_realised_returns_follow_the_trained_target():
+    # a success of 3 steps with gamma 0.5: the return from step t is 0.5^(2-t); a failure returns 0
+    success = {"task": "a", "success": True, "length": 3, "values": [[0, 0.3], [2, 0.9]]}
+    failure = {"task": "a", "success": False, "length": 5, "values": [[0, 0.6], [4, 0.2]]}
+    assert realised_returns(success, 0.5) == [(0.3, pytest.approx(0.25)), (0.9, pytest.approx(1.0))]
+    assert realised_returns(failure, 0.5) == [(0.6, 0.0), (0.2, 0.0)]
+    curves = closed_loop_calibration([success, failure], gamma=0.5)
+    # bins: 0.2 -> 0 (|0.2|), 0.3 -> 0.25 (|0.05|), 0.6 -> 0 (|0.6|), 0.9 -> 1 (|0.1|): ECE = 0.95 / 4
+    assert curves["a"].ece == pytest.approx(0.2375) and curves["a"].samples == 4
+    with pytest.raises(CosmosPolicyError, match="outside an episode of 3 steps"):
+        realised_returns(dict(success, values=[[3, 0.5]]), 0.5)
+
+
+def test_ranking_is_matched_in_time():
+    # a value that only tracks time into the episode: the failure runs longer and climbs higher, so the
+    # mean value over the whole episode ranks it above the success, but at equal chunk indices the two are
+    # tied: chance, not "inverted"
+    clock = [
+        {"task": "a", "success": True, "length": 20, "values": [[0, 0.2], [10, 0.5]]},
+        {"task": "a", "success": False, "length": 40, "values": [[0, 0.2], [10, 0.5], [20, 0.8], [30, 0.9]]},
+    ]
+    assert closed_loop_value_auroc(clock, max_steps=40)["a"]["auroc"]["100%"] == 0.0
+    assert ranking_accuracy(clock)["a"] == {"accuracy": 0.5, "pairs": 2}
+    # 3 of 4 comparisons right: two successes against one failure over two chunk indices
+    eps = [
+        {"task": "b", "success": True, "values": [[0, 0.6], [8, 0.7]]},
+        {"task": "b", "success": True, "values": [[0, 0.55], [8, 0.9]]},
+        {"task": "b", "success": False, "values": [[0, 0.5], [8, 0.8]]},
+        {"task": "c", "success": True, "values": [[0, 0.5]]},
+    ]
+    report = ranking_accuracy(eps)
+    assert report["b"] == {"accuracy": 0.75, "pairs": 4}
+    assert report["c"] == {"accuracy": None, "pairs": 0}

@@ -142,8 +142,11 @@ def test_fit_then_test_on_cpu(toy_data, tmp_path, capsys):
     out = capsys.readouterr().out
     for metric in ("test/action_mae", "test/future_proprio_mae", "test/value_mae", "test/value_auroc",
                    "test/l1/policy/action", "test/action_mae_mean_baseline", "test/action_skill",
-                   "test/action_mae_normalized", "test/future_proprio_skill", "test/action_skill_robot_units"):
+                   "test/action_mae_normalized", "test/future_proprio_skill", "test/action_skill_robot_units",
+                   "test/value_ece_per_task_mean", "test/value_ece/"):
         assert metric in out, metric
+    # the held-out value's reliability diagram (model/value_report.py) goes to TensorBoard
+    assert "test/value_reliability" in _scalars_and_images(tmp_path / "run")[1]
 
 
 def test_fit_and_test_from_the_latent_cache(toy_data, tmp_path, capsys):

@@ -32,6 +32,7 @@ key                 dtype, shape                content
 ``score``           float32 (B,)                the episode's score in [0, 1]
 ``text``            float32 (B, L, D)           per-token instruction embedding, zero-padded
 ``text_mask``       bool (B, L)                 True on real tokens
+``instruction``     list[str]                   the episodes' instructions (per-task test metrics)
 ``episode``         list[str]                   episode ids
 ``step``            int64 (B,)                  t
 ==================  ==========================  ====================================================
@@ -58,12 +59,14 @@ from ..inference_record import InferenceRecord
 from ..normalization import DatasetStats, Normalizer
 from . import schema as S
 from .dataset_info import DatasetInfo, is_converted, read_dataset_info
-from .integrity import CheckedTarSamples, check_shard_sizes
+from .integrity import CONVERT_AGAIN, CheckedTarSamples, check_shard_sizes
 from .latent_cache import (
     LATENTS,
     PASSTHROUGH,
     cache_fingerprint,
+    dataset_content,
     read_cache_manifest,
+    rebuild_hint,
     refuse_other_fingerprint,
 )
 from .stages import (
@@ -172,6 +175,11 @@ class CosmosDataModule(L.LightningDataModule):
             (with ``augment``); one is drawn per sample and step.
         latent_dir: cache directory; default ``<data_dir>/latents``.
         latent_dtype: ``float16`` (default) or ``float32`` storage of the cached latents.
+        check_sha256: hash every shard (pixel or latent) the first time a process reads it and refuse one
+            whose SHA-256 differs from its manifest's, before any of its samples is used
+            (``data/integrity.py``; one extra read per shard and process, measured by
+            ``tools/benchmark_train.py``). False: sizes and sample counts only (``cosmos-policy verify``
+            then checks the bytes).
 
     Raises:
         CosmosPolicyError: an argument is out of range (at construction).
@@ -199,6 +207,7 @@ class CosmosDataModule(L.LightningDataModule):
         latent_views: int = 4,
         latent_dir: str | None = None,
         latent_dtype: str = "float16",
+        check_sha256: bool = True,
     ):
         super().__init__()
         self.data_dir = str(data_dir)
@@ -231,6 +240,7 @@ class CosmosDataModule(L.LightningDataModule):
         self.latent_views = latent_views
         self.latent_dir = latent_dir
         self.latent_dtype = latent_dtype
+        self.check_sha256 = bool(check_sha256)
         self._cache_manifest: dict | None = None
         # The model's hparams hold the embodiment as a dict; Lightning refuses to merge differing values.
         self.save_hyperparameters(ignore=["embodiment"])
@@ -326,7 +336,7 @@ class CosmosDataModule(L.LightningDataModule):
             info = self.info
             want = cache_fingerprint(SequenceLayout.from_embodiment(info.embodiment), info.embodiment.image_size,
                                      "", self.augment, self.latent_views, self.seed, self.latent_dtype,
-                                     info.stats.fingerprint)
+                                     info.stats.fingerprint, dataset_content(info))
             refuse_other_fingerprint(manifest, want, self.cache_dir, ignore=("vae",))
             self._cache_manifest = manifest
         return self._cache_manifest
@@ -364,10 +374,23 @@ class CosmosDataModule(L.LightningDataModule):
         counts = {Path(p).name: n for p, n in zip(info.splits[split].shards, info.splits[split].samples)}
         if self.latent_cache:
             required = (LATENTS, *PASSTHROUGH)
+            digests = {e.get("name"): e.get("sha256") for e in (self.cache_manifest or {}).get("shards", [])
+                       if isinstance(e, dict)}
+            manifest = self.cache_dir / S.MANIFEST
         else:
             required = (S.META, S.PROPRIO, S.FUTURE_PROPRIO, S.ACTIONS,
                         *(S.image_member(c, f) for c in info.embodiment.camera_names for f in (False, True)))
-        return CheckedTarSamples(counts, required)
+            digests = {Path(p).name: d for p, d in zip(info.splits[split].shards, info.splits[split].sha256)}
+            manifest = info.data_dir / S.MANIFEST
+        return CheckedTarSamples(counts, required, digests if self.check_sha256 else None, manifest, self._fix)
+
+    @property
+    def _fix(self) -> str:
+        """What a message about a damaged shard tells the user to do: rebuild the cache (the pixel data
+        is fine) or convert again."""
+        if self.latent_cache:
+            return rebuild_hint(self.data_dir, self.cache_dir, self.vae)
+        return CONVERT_AGAIN
 
     def _check_shard_files(self) -> None:
         """Every shard that will be read has the size its manifest recorded (one ``stat`` each)."""
@@ -376,7 +399,7 @@ class CosmosDataModule(L.LightningDataModule):
             entries = {e.get("name"): e for e in (self.cache_manifest or {}).get("shards", []) if isinstance(e, dict)}
             listed = [(self.cache_dir / Path(p).name, (entries.get(Path(p).name) or {}).get("bytes"))
                       for split in S.SPLITS for p in info.splits[split].shards]
-            check_shard_sizes(listed, self.cache_dir / S.MANIFEST)
+            check_shard_sizes(listed, self.cache_dir / S.MANIFEST, self._fix)
         else:
             listed = [(p, b) for split in S.SPLITS
                       for p, b in zip(info.splits[split].shards, info.splits[split].bytes or

@@ -42,7 +42,7 @@ POLICY = OBJECTIVES.index("policy")
 
 #: Batch keys and their per-sample dtypes (the batch contract of :mod:`.datamodule`).
 BATCH_KEYS = ("images", "future_images", "proprio", "future_proprio", "actions", "value", "objective",
-              "success", "score", "text", "text_mask", "episode", "step")
+              "success", "score", "text", "text_mask", "instruction", "episode", "step")
 
 
 def worker_position() -> tuple[int, int]:
@@ -404,6 +404,7 @@ class SampleDecoder(PipelineStage):
             "success": bool(meta["success"]),
             "score": float(meta["score"]),
             "text": self.text.get(str(meta["instruction"]), where),
+            "instruction": str(meta["instruction"]),
             "episode": str(meta["episode"]),
             "step": int(meta["step"]),
         }
@@ -477,6 +478,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "score": torch.tensor([s["score"] for s in samples], dtype=torch.float32),
         "text": text,
         "text_mask": mask,
+        "instruction": [s["instruction"] for s in samples],
         "episode": [s["episode"] for s in samples],
         "step": torch.tensor([s["step"] for s in samples], dtype=torch.int64),
     }

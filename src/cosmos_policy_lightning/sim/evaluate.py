@@ -40,8 +40,9 @@ from ..atomic import ensure_writable_dir, write_json_atomic
 from ..errors import CosmosPolicyError, user_message
 from .env import SIMULATORS, Observation, SimEnv
 from .env import simulator as simulator_class
-from .recording import Rollout, plot_values, save_gif, write_rollout_hdf5
-from .value_metrics import closed_loop_value_auroc
+from ..value_calibration import reliability_figure
+from .recording import Rollout, plot_values, save_figure, save_gif, write_rollout_hdf5
+from .value_metrics import closed_loop_calibration, closed_loop_value_auroc, ranking_accuracy
 
 #: z of a two-sided 95% interval.
 Z95 = 1.959963984540054
@@ -802,6 +803,13 @@ def evaluate(
                         [Rollout(task, e["episode"], "", success=bool(e["success"]),
                                  values=[(int(s), float(v)) for s, v in e["values"]]) for e in recs],
                         f"{task}: predicted value ({label})")
+            # is a predicted 0.8 worth 0.8 of the return, and does the value rank outcomes at equal time
+            curve = closed_loop_calibration(recs, emb.value.gamma)[task]
+            results["tasks"][task]["value_calibration"] = curve.to_json() if curve else None
+            results["tasks"][task]["value_ranking"] = ranking_accuracy(recs)[task]
+            if curve is not None:
+                save_figure(output / f"calibration-{file_stem(task)}.png",
+                            reliability_figure({task: curve}, f"{task}: value calibration ({label})"))
     if hasattr(sim, "suite_of"):
         groups: dict[str, list[dict]] = {}
         for e in episodes_out:
@@ -815,13 +823,18 @@ def evaluate(
     return results
 
 
+def _fmt_opt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def _print_table(results: dict[str, Any], output: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{results['config']['simulator']} closed loop: {results['config']['policy']}",
                   caption=f"results: {output}/results.json")
-    for col in ("task", "success", "95% CI", "mean length", "latency/chunk mean", "p50", "p95", "value AUROC 25/50/100%"):
+    for col in ("task", "success", "95% CI", "mean length", "latency/chunk mean", "p50", "p95", "value AUROC 25/50/100%",
+                "ranking", "ECE"):
         table.add_column(col, justify="left" if col == "task" else "right")
     rows = list(results["tasks"].items()) + [(f"suite {s}", t) for s, t in results.get("suites", {}).items()]
     rows += [("overall", results["overall"])]
@@ -832,8 +845,10 @@ def _print_table(results: dict[str, Any], output: Path) -> None:
                       f"[{100 * t['ci95'][0]:.0f}%, {100 * t['ci95'][1]:.0f}%]", f"{t['mean_length']:.1f}",
                       fmt("mean_s"), fmt("p50_s"), fmt("p95_s"),
                       " / ".join("-" if a is None else f"{a:.2f}" for a in t["value_auroc"].values())
-                      if t.get("value_auroc") else "-")
-    Console(width=140).print(table)
+                      if t.get("value_auroc") else "-",
+                      _fmt_opt((t.get("value_ranking") or {}).get("accuracy")),
+                      _fmt_opt((t.get("value_calibration") or {}).get("ece"), ".3f"))
+    Console(width=170).print(table)
 
 
 __all__ = ["BatchController", "Controller", "EnvHost", "WorkerPool", "batch_policy_controller", "call_seed", "evaluate",

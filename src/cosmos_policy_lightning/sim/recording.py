@@ -148,6 +148,20 @@ def plot_values(path: str | Path, rollouts: Sequence[Rollout], title: str) -> Pa
     if len(rollouts) <= 10:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    write_path_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    return save_figure(path, fig)
+
+
+def save_figure(path: str | Path, fig) -> Path:
+    """Write a matplotlib figure as PNG (write-then-rename) and close it.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        write_path_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return path
