@@ -74,6 +74,7 @@ def test_only_adapters_and_declared_modules_change_and_the_checkpoint_holds_only
     assert keys and all(".lora_" in k or ".modules_to_save." in k for k in keys), keys[:3]
     entry = raw[Lr.LORA_CHECKPOINT_KEY]
     assert entry["settings"]["rank"] == 4 and entry["base"]["source"] == str(base)
+    assert entry["base"]["revision"] is None  # a local base; a Hub one records its cached commit
     assert adapted.stat().st_size < base.stat().st_size / 2  # tiny model: adapter + 2 layers vs all
 
     base_state = {k[len(PREFIX):]: v for k, v in torch.load(base, map_location="cpu", weights_only=False)

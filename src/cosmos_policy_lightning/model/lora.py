@@ -323,9 +323,25 @@ def count_lora_parameters(transformer: nn.Module, settings: LoraSettings) -> Lor
 
 def base_identity(transformer: nn.Module, source: str | None, config: Any) -> dict[str, Any]:
     """What a LoRA checkpoint records about its base: ``{"source": hub id / file / None (random init),
-    "transformer": the DiT configuration, "fingerprint": base_fingerprint(...)}``. Call before
-    :func:`add_lora`."""
-    return {"source": source, "transformer": config, "fingerprint": base_fingerprint(transformer)}
+    "revision": the Hub cache's commit of a Hub source (None otherwise or when not cached), "transformer":
+    the DiT configuration, "fingerprint": base_fingerprint(...)}``. Call before :func:`add_lora`."""
+    return {"source": source, "revision": _hub_revision(source), "transformer": config,
+            "fingerprint": base_fingerprint(transformer)}
+
+
+def _hub_revision(source: Any) -> str | None:
+    """The cached commit of ``org/repo`` (or ``org/repo/file``) in the local Hub cache; nothing is downloaded."""
+    import os
+
+    if not isinstance(source, str) or os.path.exists(source) or source.startswith((".", "/", "~")) \
+            or source.count("/") < 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return os.path.basename(snapshot_download(repo_id="/".join(source.split("/")[:2]), local_files_only=True))
+    except Exception:  # not cached, or not a repository id
+        return None
 
 
 def adapter_checkpoint_state(state: Mapping[str, torch.Tensor], trainable: set[str],
