@@ -142,3 +142,29 @@ def test_cli_layout_bad_file_one_line(tmp_path, capsys):
     assert main(["layout", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "control_hz: missing required field" in err
+
+
+def test_objectives_are_one_table():
+    from cosmos_policy_lightning.layout import OBJECTIVE_TABLE, objective, objective_index, value_objectives
+
+    assert OBJECTIVES == tuple(o.name for o in OBJECTIVE_TABLE)
+    assert [o.name for o in OBJECTIVE_TABLE if o.successes_only] == ["policy"]
+    assert value_objectives() == ("value", "value_future_state", "q_value")
+    assert objective_index("q_value") == 4 and objective("world_model").auxiliary == {"V"}
+    with pytest.raises(ValueError, match="expected one of policy, world_model"):
+        objective_index("dance")
+
+
+def test_adding_an_objective_is_one_entry(monkeypatch):
+    """CONTRIBUTING's "Adding an objective": one entry in OBJECTIVE_TABLE gives its masks, its index and
+    (being value-only) its place among the planner's conditionings."""
+    import cosmos_policy_lightning.layout as layout_module
+
+    extra = layout_module.Objective("value_from_state", frozenset({"blank", "s"}), frozenset({"V"}))
+    monkeypatch.setattr(layout_module, "OBJECTIVE_TABLE", layout_module.OBJECTIVE_TABLE + (extra,))
+    lay = _layout("libero")
+    T, F = True, False
+    assert lay.conditioning_mask("value_from_state") == (T, T, T, T, F, F, F, F, F)
+    assert lay.loss_mask("value_from_state") == (F, F, F, F, F, F, F, F, T)
+    assert layout_module.objective_index("value_from_state") == 5
+    assert layout_module.value_objectives()[-1] == "value_from_state"

@@ -8,17 +8,10 @@ so ``2N + 5`` latent frames. The pixel sequence fed to the causal VAE is one bla
 pixel frames per slot, ``1 + 4(2N + 4)`` frames: latent frame 0 comes from pixel frame 0 alone, latent
 frame ``i >= 1`` from pixel frames ``1 + 4(i-1) .. 4i``.
 
-Conditioning masks (True = clean conditioning frame, False = noised target), docs/method.md §2:
-
-==================== ================== =========================================
-objective            conditioned on     frames with loss
-==================== ================== =========================================
-policy               blank, s           a, s', V (s' and V auxiliary)
-world_model          blank, s, a        s', V (V auxiliary)
-value                blank, s, a, s'    V
-value_future_state   blank, s'          V      (s, a noised, no loss)
-q_value              blank, s, a        V      (s' noised, no loss)
-==================== ================== =========================================
+Conditioning and loss masks per objective (True = clean conditioning frame / frame with loss) come from
+one table, :data:`OBJECTIVE_TABLE` (docs/method.md §2): e.g. the policy is conditioned on the blank frame
+and the current state ``s`` and predicts the action chunk ``a`` (with ``s'`` and ``V`` as auxiliary
+targets) from successful episodes only; ``cosmos-policy layout`` prints the masks.
 """
 
 from __future__ import annotations
@@ -31,8 +24,6 @@ from .embodiment import Embodiment
 SlotKind = Literal["blank", "proprio", "image", "action", "value"]
 SlotTime = Literal["current", "future"]
 
-#: Every training / inference objective, in a fixed order.
-OBJECTIVES: tuple[str, ...] = ("policy", "world_model", "value", "value_future_state", "q_value")
 
 #: Pixel frames per latent frame after the first (Wan2.1 VAE temporal compression, docs/method.md §1).
 PIXELS_PER_LATENT = 4
@@ -78,28 +69,77 @@ def _pixel_range(latent_index: int) -> tuple[int, int]:
     return (first, first + PIXELS_PER_LATENT - 1)
 
 
-# Which sample groups are clean conditioning per objective (docs/method.md §2 table).
-_CONDITIONED: dict[str, frozenset[str]] = {
-    "policy": frozenset({"blank", "s"}),
-    "world_model": frozenset({"blank", "s", "a"}),
-    "value": frozenset({"blank", "s", "a", "s'"}),
-    "value_future_state": frozenset({"blank", "s'"}),
-    "q_value": frozenset({"blank", "s", "a"}),
-}
-# Which groups carry loss: (main targets, auxiliary targets).
-_LOSS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "policy": (frozenset({"a"}), frozenset({"s'", "V"})),
-    "world_model": (frozenset({"s'"}), frozenset({"V"})),
-    "value": (frozenset({"V"}), frozenset()),
-    "value_future_state": (frozenset({"V"}), frozenset()),
-    "q_value": (frozenset({"V"}), frozenset()),
-}
+@dataclass(frozen=True)
+class Objective:
+    """One training / inference objective: which sample groups are clean conditioning, which carry loss
+    (docs/method.md §2 table). Groups are those of :attr:`Slot.group`: ``blank``, ``s``, ``a``, ``s'``, ``V``.
+
+    Attributes:
+        name: the name used in ``objective_mix``, the batch's ``objective`` index and the logs.
+        conditioned: groups given clean (the rest is noised and predicted).
+        targets: groups whose loss always counts (the objective's main prediction).
+        auxiliary: groups whose loss counts unless ``auxiliary_targets`` is off.
+        successes_only: drawn from successful episodes only (a policy must not imitate a failure).
+    """
+
+    name: str
+    conditioned: frozenset[str]
+    targets: frozenset[str]
+    auxiliary: frozenset[str] = frozenset()
+    successes_only: bool = False
+
+    @property
+    def judges_actions(self) -> bool:
+        """Trains the value function alone (the value is its only loss target): a conditioning that a
+        planner may judge candidate actions with (docs/method.md §2, §7)."""
+        return self.targets == frozenset({"V"}) and not self.auxiliary
+
+
+def _groups(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+#: Every training / inference objective, in a fixed order (the index is the batch's ``objective``).
+#: Adding an objective is one entry here (and its tests).
+OBJECTIVE_TABLE: tuple[Objective, ...] = (
+    Objective("policy", _groups("blank", "s"), _groups("a"), _groups("s'", "V"), successes_only=True),
+    Objective("world_model", _groups("blank", "s", "a"), _groups("s'"), _groups("V")),
+    Objective("value", _groups("blank", "s", "a", "s'"), _groups("V")),
+    Objective("value_future_state", _groups("blank", "s'"), _groups("V")),
+    Objective("q_value", _groups("blank", "s", "a"), _groups("V")),
+)
+
+#: The objectives' names, in :data:`OBJECTIVE_TABLE` order.
+OBJECTIVES: tuple[str, ...] = tuple(o.name for o in OBJECTIVE_TABLE)
+
+
+def objective(name: str) -> Objective:
+    """The :class:`Objective` called ``name``.
+
+    Raises:
+        ValueError: unknown objective (the message lists the known ones).
+    """
+    for o in OBJECTIVE_TABLE:
+        if o.name == name:
+            return o
+    raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
+
+
+_objective = objective  # the masks' methods take an ``objective`` name argument
+
+
+def objective_index(name: str) -> int:
+    """Index of objective ``name`` in :data:`OBJECTIVES` (the batch's ``objective`` value).
+
+    Raises:
+        ValueError: unknown objective.
+    """
+    return OBJECTIVE_TABLE.index(objective(name))
 
 
 def value_objectives() -> tuple[str, ...]:
-    """The objectives that train the value function alone (the value is their only loss target): the
-    conditionings a planner may judge candidate actions with (docs/method.md §2, §7)."""
-    return tuple(o for o in OBJECTIVES if _LOSS[o] == (frozenset({"V"}), frozenset()))
+    """The objectives that train the value function alone (:attr:`Objective.judges_actions`)."""
+    return tuple(o.name for o in OBJECTIVE_TABLE if o.judges_actions)
 
 
 @dataclass(frozen=True)
@@ -159,19 +199,13 @@ class SequenceLayout:
         return [s.latent_index for s in self.slots if s.kind == kind and (time is None or s.time == time)]
 
     # ------------------------------------------------------------------ masks
-    @staticmethod
-    def _check_objective(objective: str) -> None:
-        if objective not in _CONDITIONED:
-            raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
-
     def conditioning_mask(self, objective: str) -> tuple[bool, ...]:
         """Per latent frame, True where the frame is clean conditioning for ``objective`` (docs/method.md §2).
 
         Raises:
             ValueError: unknown objective.
         """
-        self._check_objective(objective)
-        groups = _CONDITIONED[objective]
+        groups = _objective(objective).conditioned
         return tuple(s.group in groups for s in self.slots)
 
     def loss_mask(self, objective: str, auxiliary: bool = True) -> tuple[bool, ...]:
@@ -183,9 +217,8 @@ class SequenceLayout:
         Raises:
             ValueError: unknown objective.
         """
-        self._check_objective(objective)
-        main, aux = _LOSS[objective]
-        groups = main | aux if auxiliary else main
+        o = _objective(objective)
+        groups = o.targets | o.auxiliary if auxiliary else o.targets
         return tuple(s.group in groups for s in self.slots)
 
     # ------------------------------------------------------------------ export

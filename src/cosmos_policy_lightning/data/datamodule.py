@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader
 
 from ..embodiment import Embodiment
 from ..errors import CosmosPolicyError, DataError
-from ..layout import OBJECTIVES, SequenceLayout
+from ..layout import OBJECTIVE_TABLE, OBJECTIVES, SequenceLayout
 from ..inference_record import InferenceRecord
 from ..normalization import DatasetStats, Normalizer
 from . import schema as S
@@ -427,10 +427,12 @@ class CosmosDataModule(L.LightningDataModule):
             if total is not None and self.batch_size > total:
                 raise DataError(f"data: batch_size {self.batch_size} is larger than the training split of "
                                 f"{info.data_dir} ({total} samples); lower data.batch_size")
-            if self.objective_weights[OBJECTIVES.index("policy")] > 0 and train.has_success is False:
+            # the policy learns from successes only (layout.Objective.successes_only)
+            successes_only = sum(w for w, o in zip(self.objective_weights, OBJECTIVE_TABLE) if o.successes_only)
+            if successes_only > 0 and train.has_success is False:
                 raise DataError(f"{info.data_dir / S.MANIFEST}: the objective mix has policy samples but the training "
                                 f"split has no successful episode (set objective_mix.policy to 0)")
-            if train.has_failure is False and self.objective_weights[OBJECTIVES.index("policy")] < 1:
+            if train.has_failure is False and successes_only < 1:
                 warnings.warn(f"{info.data_dir}: no failed episodes in the training split; world-model and value "
                               f"samples all come from successes", stacklevel=2)
             self._fit_checked = True

@@ -32,13 +32,14 @@ from webdataset.filters import PipelineStage, shuffle
 
 from ..embodiment import Embodiment
 from ..errors import DataError
-from ..layout import OBJECTIVES
+from ..layout import OBJECTIVE_TABLE, OBJECTIVES
 from ..normalization import Normalizer
 from ..text import InstructionEmbeddings, pad_text_batch
 from . import schema as S
 from .augment import REFERENCE_AUGMENT, apply_uint8, center_crop_params, sample_params
 
-POLICY = OBJECTIVES.index("policy")
+#: Per objective index: drawn from successful episodes only (``layout.Objective.successes_only``).
+SUCCESSES_ONLY = tuple(o.successes_only for o in OBJECTIVE_TABLE)
 
 #: Batch keys and their per-sample dtypes (the batch contract of :mod:`.datamodule`).
 BATCH_KEYS = ("images", "future_images", "proprio", "future_proprio", "actions", "value", "objective",
@@ -197,13 +198,15 @@ class ObjectiveMixer(PipelineStage):
         self.epoch = -1
 
     def _check_policy(self, available: dict[bool, bool]) -> None:
-        if self.weights[POLICY] > 0 and not available[True]:
-            raise DataError("objective mix: the policy objective needs successful episodes, but the training "
-                            "shards hold none (set objective_mix.policy to 0 or add successful demonstrations)")
+        needy = [OBJECTIVES[i] for i, w in enumerate(self.weights) if w > 0 and SUCCESSES_ONLY[i]]
+        if needy and not available[True]:
+            raise DataError(f"objective mix: the {'/'.join(needy)} objective needs successful episodes, but the "
+                            f"training shards hold none (set objective_mix.{needy[0]} to 0 or add successful "
+                            f"demonstrations)")
 
     def _draw(self, rng: np.random.Generator, available: dict[bool, bool]) -> tuple[int, bool]:
         obj = int(rng.choice(len(self.weights), p=self.weights))
-        if obj == POLICY:
+        if SUCCESSES_ONLY[obj]:
             return obj, True
         want = bool(rng.random() < self.success_fraction)
         if not available[want]:
@@ -255,8 +258,8 @@ class RoundRobinObjectives(PipelineStage):
 
     The position in the cycle is ``shard index + position of the sample in its shard``, which does
     not depend on how shards are split over ranks and workers, so every run labels every held-out
-    sample the same way. A failed episode's sample never gets the policy objective: it takes the
-    next objective of the cycle instead, and is skipped when the policy is the only objective.
+    sample the same way. A failed episode's sample never gets a successes-only objective (the policy): it
+    takes the next objective of the cycle instead, and is skipped when no other objective is in the mix.
 
     Args:
         objectives: indices into ``OBJECTIVES`` with nonzero weight, in ``OBJECTIVES`` order.
@@ -279,7 +282,7 @@ class RoundRobinObjectives(PipelineStage):
             success = bool(read_meta(sample)["success"])
             for k in range(n):
                 obj = self.objectives[(slot + k) % n]
-                if obj != POLICY or success:
+                if success or not SUCCESSES_ONLY[obj]:
                     sample["__objective__"] = obj
                     yield sample
                     break

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import CosmosPolicyError
-from ..layout import OBJECTIVES, value_objectives
+from ..layout import value_objectives
 from ..model.sequence import encode_pixel_sequence, write_slot
 from ..processor import PolicyProcessor, value_to_unit
 from ..checkpoints.checkpoint_file import read_checkpoint_file
@@ -297,9 +297,7 @@ class CosmosPolicy:
 
     def condition_mask(self, objective: str, batch_size: int) -> torch.Tensor:
         """``(B, T)`` bool conditioning mask of ``objective`` (docs/method.md §2)."""
-        if objective not in OBJECTIVES:
-            raise CosmosPolicyError(f"policy: unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
-        return self.module.cond_table[OBJECTIVES.index(objective)].to(self.device).expand(batch_size, -1)
+        return self.module.conditioning(objective, batch_size).to(self.device)
 
     @torch.no_grad()
     def sample(self, clean: torch.Tensor, objective: str, text: torch.Tensor, text_mask: torch.Tensor,

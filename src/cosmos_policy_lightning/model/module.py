@@ -30,7 +30,7 @@ from torchmetrics.classification import BinaryAUROC
 
 from ..embodiment import Embodiment, load_embodiment
 from ..errors import CosmosPolicyError
-from ..layout import OBJECTIVES, SequenceLayout
+from ..layout import OBJECTIVES, SequenceLayout, objective_index
 from ..inference_record import InferenceRecord
 from ..normalization import DatasetStats, Normalizer
 from ..processor import PolicyProcessor, value_to_unit
@@ -321,6 +321,19 @@ class CosmosPolicyModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the shared forward pieces
     @torch.no_grad()
+    def conditioning(self, objective: str, batch_size: int) -> torch.Tensor:
+        """``(B, T)`` bool conditioning mask of ``objective`` (True = clean frame; docs/method.md §2), on the
+        module's device.
+
+        Raises:
+            CosmosPolicyError: unknown objective.
+        """
+        try:
+            index = objective_index(objective)
+        except ValueError as err:
+            raise CosmosPolicyError(f"policy: {err}") from None
+        return self.cond_table[index].expand(batch_size, -1)
+
     def encode_batch(self, batch: dict[str, Any]) -> torch.Tensor:
         """Clean latents ``(B, 16, T, h, w)`` of a batch: pixel sequence -> VAE -> injected vectors. A batch
         from the latent cache (``data/latent_cache.py``) brings the VAE's output as ``latents``."""
@@ -471,7 +484,7 @@ class CosmosPolicyModule(L.LightningModule):
             # Baseline: no motion (the future proprio is the current one).
             self.test_future_proprio_errors.update(units.replace("model", "baseline"),
                                                    (pred[f"proprio{name}"] - true).to(x0.device))
-        val = self.cond_table[OBJECTIVES.index("value")].expand(b, -1)
+        val = self.conditioning("value", b)
         value = self.read(self.generate(x0, val, text, text_mask, steps))["value"]
         self.test_value_mae.update((value - batch["value"].float()).abs())
         self.test_value_auroc.update(value_to_unit(value), success.long())

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from ..layout import OBJECTIVES
 
 
 
@@ -42,7 +41,7 @@ def predict_batch(module, batch: dict[str, Any], num_steps: int, x0: torch.Tenso
     """
     x0 = module.encode_batch(batch) if x0 is None else x0
     b = x0.shape[0]
-    cond = module.cond_table[OBJECTIVES.index("policy")].expand(b, -1)
+    cond = module.conditioning("policy", b)
     gen = module.read(module.generate(x0, cond, batch["text"], batch.get("text_mask"), num_steps))
     processor = module.processor
     predicted = processor.to_robot({k: gen[k] for k in ("actions", "future_proprio", "value")})
