@@ -50,6 +50,9 @@ from .sources.base import EpisodeRef
 from .sources.labels import LabelOptions
 
 WORK_DIR = ".work"
+#: The default latent-cache folder inside a dataset (``data/latent_cache.py``): derived data, deleted by
+#: ``--overwrite``.
+LATENTS_DIR = "latents"
 MANIFEST_VERSION = 1
 #: A shard never interleaves more episodes than this (one open spill file per episode while writing).
 MAX_EPISODES_PER_SHARD = 256
@@ -187,6 +190,12 @@ def convert(
         except (OSError, ValueError):
             running = {}
         if overwrite or running.get("settings_hash", settings_hash) != settings_hash:
+            if running.get("status") == "complete":
+                # A finished dataset's lock is held by a latent-cache build (it locks the dataset's folder
+                # first, data/latent_cache.py) or, for a moment, by a run that finds nothing to do.
+                raise DataError(f"{out}: another process is reading this dataset to build its latent cache (or "
+                                f"checking it); {'--overwrite' if overwrite else 'converting again'} now would "
+                                f"mix old and new data; wait for it or choose another --output")
             diff = next((k for k in settings if running.get("settings", {}).get(k) != settings[k]),
                         "embodiment or episode list")
             raise DataError(f"{out}: another process is converting into this folder with other settings "
@@ -346,6 +355,9 @@ class _Conversion:
             p.unlink()
         shutil.rmtree(self.work, ignore_errors=True)
         shutil.rmtree(self.out / S.TEXT_DIR, ignore_errors=True)
+        # The latent cache encodes the old shards: it goes with them (a cache elsewhere is refused by its
+        # content fingerprint).
+        shutil.rmtree(self.out / LATENTS_DIR, ignore_errors=True)
         for name in (S.STATS, S.MANIFEST):
             (self.out / name).unlink(missing_ok=True)
 
@@ -484,6 +496,9 @@ class _Conversion:
         (each output by its function in ``conversion_outputs.py``)."""
         good, bad = split_results(self.records, self.orders, self.out)
         fp = write_statistics(self.out / S.STATS, self.work, self.emb, good["train"])
+        from .integrity import file_sha256
+
+        stats_sha256 = file_sha256(self.out / S.STATS)  # checked by readers: statistics edited by hand are refused
         instructions = sorted({r["instruction"] for recs in good.values() for r in recs})
         identity = cache_text_embeddings(self.out / S.TEXT_DIR, instructions, text_encoder)
         # Shards in split order: with several workers a validation shard may be finished before the last
@@ -491,7 +506,7 @@ class _Conversion:
         self.manifest["shards"].sort(key=lambda sh: (S.SPLITS.index(sh["split"]), sh["name"]))
         counts, episodes = manifest_summary(good, bad, self.manifest["shards"])
         self.manifest.update(status="complete", counts=counts, episodes=episodes, bad_episodes=bad,
-                             instructions=instructions, stats_fingerprint=fp, text_encoder=identity,
+                             instructions=instructions, stats_fingerprint=fp, stats_sha256=stats_sha256, text_encoder=identity,
                              finished_episodes=len(episodes) + len(bad))
         self._save_manifest()
         shutil.rmtree(self.work, ignore_errors=True)

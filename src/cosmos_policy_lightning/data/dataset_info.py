@@ -201,6 +201,15 @@ def read_dataset_info(data_dir: str | Path, embodiment: str | Path | None = None
     if stats.fingerprint != expected:
         raise DataError(f"{stats_path}: fingerprint {stats.fingerprint} does not match stats_fingerprint {expected} "
                         f"of {manifest_path}; the statistics are stale -- re-run the conversion")
+    digest = manifest.get("stats_sha256")  # absent from datasets converted before it was recorded
+    if isinstance(digest, str):
+        from .integrity import file_sha256
+
+        got = file_sha256(stats_path)
+        if got != digest:
+            raise DataError(f"{stats_path}: content differs from the stats_sha256 recorded in {manifest_path} "
+                            f"(expected {digest[:16]}..., got {got[:16]}...): the statistics were changed after "
+                            f"the conversion -- re-run the conversion (--overwrite) instead of editing them")
     for modality, dim in (("action", robot.action.dim), ("proprio", robot.proprio.dim)):
         have = (stats.successful.get(modality) or stats.all.get(modality))
         if have is None or have.dim != dim:

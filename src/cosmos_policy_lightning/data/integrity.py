@@ -11,8 +11,15 @@ shard, its sample count (``samples``), its size in bytes (``bytes``) and the SHA
   the sample schema (``data/schema.py``), and a tar that ends inside a member becomes one line naming
   the shard instead of ``tarfile.ReadError`` -- this also covers shards changed after set-up and
   manifests that predate ``bytes``;
+* the first time a process reads a shard (:class:`CheckedTarSamples` given the manifest's ``sha256``), its
+  SHA-256, before any of its samples is yielded: a flipped byte is never trained on. The check reads the
+  shard once more per process (then it is in the page cache); ``tools/benchmark_train.py`` prints its cost
+  per training step;
 * on request (:func:`verify_checksums`; ``cosmos-policy verify DATA_DIR``, :func:`verify_dataset`), the
   SHA-256 and sample count of every shard (reads every byte).
+
+Every message ends with what to do (``fix``): for the converter's shards "convert the dataset again", for
+a latent cache's shards "rebuild the latent cache: cosmos-policy cache-latents ..." (the pixel data is fine).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from .dataset_info import load_json
 
 #: Read size of checksum computation.
 _CHUNK = 1 << 20
+#: What to do about a damaged shard of a conversion (the end of every message of this module by default).
+CONVERT_AGAIN = "convert the dataset again"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -42,12 +51,14 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def check_shard_sizes(shards: Iterable[tuple[str | Path, int | None]], manifest: str | Path) -> None:
+def check_shard_sizes(shards: Iterable[tuple[str | Path, int | None]], manifest: str | Path,
+                      fix: str = CONVERT_AGAIN) -> None:
     """Compare each shard's size on disk with the size its manifest recorded (cheap: one ``stat`` each).
 
     Args:
         shards: ``(path, expected bytes)``; an expected size of None (older manifests) is not checked.
         manifest: the manifest that lists them (named in the message).
+        fix: what the message tells the user to do.
 
     Raises:
         DataError: one line naming the shard: missing, ``truncated: expected N bytes, got M`` or
@@ -58,16 +69,17 @@ def check_shard_sizes(shards: Iterable[tuple[str | Path, int | None]], manifest:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise DataError(f"{path}: shard listed in {manifest} is missing") from None
+            raise DataError(f"{path}: shard listed in {manifest} is missing; {fix}") from None
         if expected is None or size == int(expected):
             continue
         what = "truncated" if size < int(expected) else "changed size"
         raise DataError(f"{path}: {what}: expected {int(expected)} bytes, got {size} (as recorded in {manifest}); "
-                        f"convert the dataset again")
+                        f"{fix}")
 
 
-def verify_checksums(shards: Iterable[tuple[str | Path, str | None]], manifest: str | Path) -> int:
-    """Compare each shard's SHA-256 with the manifest's ``sha256`` (reads every byte).
+def verify_checksums(shards: Iterable[tuple[str | Path, str | None]], manifest: str | Path,
+                     fix: str = CONVERT_AGAIN) -> int:
+    """Compare each shard's SHA-256 with the manifest's ``sha256`` (reads every byte); ``fix`` ends the message.
 
     Returns:
         the number of shards whose checksum was compared (entries without one are skipped).
@@ -82,7 +94,7 @@ def verify_checksums(shards: Iterable[tuple[str | Path, str | None]], manifest: 
         got = file_sha256(path)
         if got != expected:
             raise DataError(f"{path}: checksum mismatch: expected sha256 {expected[:16]}..., got {got[:16]}... "
-                            f"(as recorded in {manifest}); the shard is corrupt, convert the dataset again")
+                            f"(as recorded in {manifest}); the shard is corrupt, {fix}")
         n += 1
     return n
 
@@ -97,19 +109,41 @@ class CheckedTarSamples(PipelineStage):
       the number of samples read, not ``tarfile.ReadError``);
     * every sample holds ``required`` members (a shard cut between two members of a sample);
     * the number of samples equals ``counts[shard file name]`` when the shard was read to its end (a
-      shard cut at a sample boundary). Shards without a recorded count are not counted.
+      shard cut at a sample boundary). Shards without a recorded count are not counted;
+    * the shard's SHA-256 equals ``sha256[shard file name]``, the first time this instance (in each
+      process: data-loader workers get copies) reads the shard, before it yields any of its samples.
+      Shards without a recorded checksum are not hashed.
 
     Args:
         counts: shard file name -> samples recorded in the manifest (None = unknown).
         required: member names every sample must have (e.g. ``meta.json``, ``actions.npy``).
+        sha256: shard file name -> hex SHA-256 recorded in the manifest (None / missing = not checked).
+        manifest: the manifest, named in the messages.
+        fix: what the messages tell the user to do.
 
     Raises (while iterating):
         DataError: one line naming the shard and what is wrong.
     """
 
-    def __init__(self, counts: Mapping[str, int | None], required: Iterable[str] = ()):
+    def __init__(self, counts: Mapping[str, int | None], required: Iterable[str] = (),
+                 sha256: Mapping[str, str | None] | None = None, manifest: str | Path = "the manifest",
+                 fix: str = CONVERT_AGAIN):
         self.counts = {str(k): (None if v is None else int(v)) for k, v in counts.items()}
         self.required = tuple(sorted(set(required)))
+        self.sha256 = {str(k): v for k, v in (sha256 or {}).items() if v}
+        self.manifest, self.fix = str(manifest), fix
+        self._verified: set[str] = set()
+
+    def _verify(self, url: str, name: str) -> None:
+        """Hash the shard once per instance and process (see the class docstring)."""
+        want = self.sha256.get(name)
+        if want is None or url in self._verified:
+            return
+        try:
+            verify_checksums([(url, want)], self.manifest, self.fix)
+        except FileNotFoundError:
+            return  # reported as a missing shard by the reader below
+        self._verified.add(url)
 
     def _samples(self, shard: dict[str, Any]) -> Iterator[dict]:
         import webdataset as wds
@@ -118,6 +152,8 @@ class CheckedTarSamples(PipelineStage):
         name = Path(url).name
         expected = self.counts.get(name)
         n = 0
+        fix = self.fix
+        self._verify(url, name)
         stream = wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([dict(shard)]))
         try:
             for sample in stream:
@@ -125,18 +161,18 @@ class CheckedTarSamples(PipelineStage):
                 if missing:
                     raise DataError(f"{url}: sample {sample.get('__key__', n)} lacks member(s) {', '.join(missing)}: "
                                     f"truncated or corrupt shard (sample {n + 1} of "
-                                    f"{expected if expected is not None else '?'}); convert the dataset again")
+                                    f"{expected if expected is not None else '?'}); {fix}")
                 n += 1
                 yield sample
         except FileNotFoundError:
-            raise DataError(f"{url}: shard is missing (listed in the manifest); convert the dataset again") from None
+            raise DataError(f"{url}: shard is missing (listed in the manifest); {fix}") from None
         except (tarfile.TarError, EOFError) as err:
             reason = err.args[0] if err.args and isinstance(err.args[0], str) else type(err).__name__
             raise DataError(f"{url}: truncated or corrupt shard: tar read error ({reason}) after {n} of "
-                            f"{expected if expected is not None else '?'} samples; convert the dataset again") from None
+                            f"{expected if expected is not None else '?'} samples; {fix}") from None
         if expected is not None and n != expected:
             raise DataError(f"{url}: truncated: expected {expected} samples, read {n} (as recorded in the manifest); "
-                            f"convert the dataset again")
+                            f"{fix}")
 
     def run(self, src: Iterable[dict]) -> Iterator[dict]:
         for shard in src:
@@ -212,8 +248,9 @@ def verify_dataset(data_dir: Path, checksums: bool = True) -> None:
         for entry in entries:
             path = manifest.parent / entry["name"]
             checked += 1
+            fix = CONVERT_AGAIN if manifest.parent == data_dir else f"rebuild the latent cache: cosmos-policy cache-latents {data_dir}"
             try:
-                check_shard_sizes([(path, entry.get("bytes"))], manifest)
+                check_shard_sizes([(path, entry.get("bytes"))], manifest, fix)
                 if not checksums:
                     continue
                 found = scan_shard(path)
@@ -223,7 +260,7 @@ def verify_dataset(data_dir: Path, checksums: bool = True) -> None:
             for field, want in (("samples", entry.get("samples")), ("sha256", entry.get("sha256"))):
                 if want is not None and found[field] != want:
                     problems.append(f"{path}: {field} differs: expected {want}, got {found[field]} "
-                                    f"(as recorded in {manifest})")
+                                    f"(as recorded in {manifest}); {fix}")
     for line in problems:
         print(f"bad shard: {line}")
     if problems:
@@ -233,4 +270,4 @@ def verify_dataset(data_dir: Path, checksums: bool = True) -> None:
     print(f"{data_dir}: {checked} shards, {what} as recorded")
 
 
-__all__ = ["CheckedTarSamples", "check_shard_sizes", "file_sha256", "scan_shard", "verify_checksums", "verify_dataset"]
+__all__ = ["CONVERT_AGAIN", "CheckedTarSamples", "check_shard_sizes", "file_sha256", "scan_shard", "verify_checksums", "verify_dataset"]

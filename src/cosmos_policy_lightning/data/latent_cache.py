@@ -24,10 +24,20 @@ written from the vectors at batch time, so the statistics can change without re-
 pixel sample's ``proprio.npy``, ``future_proprio.npy``, ``actions.npy`` and ``meta.json`` unchanged.
 
 The fingerprint records the VAE (a hash of its weights and configuration), the layout, the image
-size, the augmentation settings and the pixel dataset's statistics fingerprint; the data module
-refuses a cache whose fingerprint differs from what it is asked for, and the preparation stage
+size, the augmentation settings, the pixel dataset's statistics fingerprint and the *content* of what it
+encodes (:func:`dataset_content`: every pixel shard's name, sample count and SHA-256 as the dataset's
+manifest records them, and the SHA-256 of ``stats.json``); the data module refuses a cache whose
+fingerprint differs from what it is asked for -- so a cache left from before ``convert --overwrite``, or
+built beside a conversion of other data, is never read -- and the preparation stage
 (``training/prepare.py``) refuses one made with another VAE than the model's
 (:func:`check_cache_matches_model`).
+
+The cache is derived data of its dataset: the build holds the dataset folder's lock (``locking.py``)
+and then the cache folder's, in that order, so ``convert`` and ``cache-latents`` on one dataset never
+run at the same time; ``convert --overwrite`` deletes ``<dataset>/latents``. A build with other options
+than a running one is refused at once. A build finding a finished cache checks every latent shard's
+size and SHA-256 and re-encodes the damaged ones; training checks them as it reads
+(``data/integrity.py``) and names the ``cache-latents`` command to run (:func:`rebuild_hint`).
 
 This module only reads and writes caches: the encoder comes in as an argument (the model's
 ``model/sequence.py`` ``PixelSequenceEncoder``), so the data package never imports the model.
@@ -39,6 +49,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -62,7 +73,7 @@ from .stages import decode_images
 LATENTS = "latents.npy"
 #: Members copied unchanged from the pixel sample.
 PASSTHROUGH = (S.PROPRIO, S.FUTURE_PROPRIO, S.ACTIONS, S.META)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the fingerprint holds the dataset content (dataset_content)
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -73,10 +84,42 @@ def kept_frames(layout: SequenceLayout) -> list[int]:
     return [i for i in range(layout.num_latent_frames) if i not in vector_slots]
 
 
+def dataset_content(info) -> str:
+    """Hash of the content a cache encodes: per pixel shard (both splits, manifest order) its name, sample
+    count and SHA-256 as the dataset's manifest records them (the size where an older manifest has no
+    checksum), and the SHA-256 of the dataset's ``stats.json`` bytes.
+
+    Args:
+        info: the dataset's :class:`~cosmos_policy_lightning.data.dataset_info.DatasetInfo`.
+
+    Returns:
+        16 hex characters of a SHA-256.
+    """
+    from .integrity import file_sha256
+
+    shards = [[Path(p).name, n, d or b] for split in S.SPLITS
+              for p, n, b, d in zip(info.splits[split].shards, info.splits[split].samples,
+                                    info.splits[split].bytes or (None,) * len(info.splits[split].shards),
+                                    info.splits[split].sha256 or (None,) * len(info.splits[split].shards))]
+    stats = file_sha256(Path(info.data_dir) / S.STATS)
+    return hashlib.sha256(json.dumps([shards, stats]).encode()).hexdigest()[:16]
+
+
+def rebuild_hint(data_dir: str | Path, cache_dir: str | Path | None = None, vae: Any = None) -> str:
+    """What to run to rebuild a damaged cache (the pixel data is fine), for the end of a message."""
+    cmd = f"cosmos-policy cache-latents {data_dir}"
+    if cache_dir is not None and Path(cache_dir) != Path(data_dir) / "latents":
+        cmd += f" --output {cache_dir}"
+    if isinstance(vae, (str, Path)):
+        cmd += f" --vae {vae}"
+    return f"rebuild the latent cache: {cmd}"
+
+
 def cache_fingerprint(layout: SequenceLayout, image_size: tuple[int, int], vae_hash: str, augment: bool,
-                      augment_views: int, seed: int, dtype: str, stats_fingerprint: str) -> dict[str, Any]:
+                      augment_views: int, seed: int, dtype: str, stats_fingerprint: str,
+                      content: str | None = None) -> dict[str, Any]:
     """Everything the stored latents depend on, as a JSON-able dict (compared key by key, in its JSON
-    form: tuples become lists)."""
+    form: tuples become lists). ``content`` is :func:`dataset_content` of the pixel dataset."""
     return json.loads(json.dumps({
         "version": CACHE_VERSION,
         "vae": vae_hash,
@@ -88,6 +131,7 @@ def cache_fingerprint(layout: SequenceLayout, image_size: tuple[int, int], vae_h
         "seed": int(seed),
         "dtype": dtype,
         "stats_fingerprint": stats_fingerprint,
+        "content": content,
     }))
 
 
@@ -117,6 +161,10 @@ def refuse_other_fingerprint(manifest: dict, want: dict, cache_dir: str | Path, 
     have = {k: v for k, v in (manifest.get("fingerprint") or {}).items() if k not in ignore}
     diff = fingerprint_difference(have, {k: v for k, v in want.items() if k not in ignore})
     if diff is not None:
+        if have.get("version") == want.get("version") and have.get("content") != want.get("content"):
+            raise DataError(f"{Path(cache_dir) / S.MANIFEST}: the latent cache is stale: it encodes other shards or "
+                            f"statistics than the dataset now holds (converted again?); delete {cache_dir} and "
+                            f"rebuild it (cosmos-policy cache-latents, or fit with latent_cache: true)")
         raise DataError(f"{Path(cache_dir) / S.MANIFEST}: a latent cache with another fingerprint is there: {diff}; "
                         f"delete {cache_dir} or choose another cache directory")
 
@@ -219,28 +267,83 @@ def build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None 
         batch_size: samples per VAE call (each brings its views).
         embodiment: embodiment YAML (default: the manifest's).
         progress: show a progress bar.
-        threads: torch threads while encoding (default: all cores; restored afterwards).
+        threads: torch threads while encoding (default: :func:`encode_threads`; restored afterwards).
 
     Returns:
         the cache directory.
 
     Raises:
         DataError: the dataset is missing or incomplete, or ``output`` holds a cache with another
-            fingerprint (one line naming what differs).
+            fingerprint (one line naming what differs), or another process builds it with other options
+            (refused at once).
     """
     if not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: dataset directory not found")
     out = Path(output) if output is not None else Path(data_dir) / "latents"
-    # Nothing else runs while the cache is built (training waits for it), so the VAE gets every core:
-    # 1.5x faster on 2 cores than the one thread a training process is usually given.
+
+    def refuse_other_options() -> None:
+        # Another process holds the lock: refuse at once when it builds this cache with other options (its
+        # manifest, written right after it took the lock, says so); wait when it converts or builds the same.
+        try:
+            info = read_dataset_info(data_dir, embodiment)
+            manifest = read_cache_manifest(out)
+        except DataError:
+            return  # a conversion is running: wait for it
+        if manifest is None or manifest.get("status") == "complete":
+            return
+        want = _fingerprint(info, encoder.fingerprint, augment, augment_views, seed, dtype)
+        diff = fingerprint_difference(manifest.get("fingerprint") or {}, want)
+        if diff is not None:
+            raise DataError(f"{out}: another process is building a latent cache here with other options ({diff}); "
+                            f"wait for it or choose another --output")
+
     previous = torch.get_num_threads()
-    torch.set_num_threads(int(threads or os.cpu_count() or 1))
+    torch.set_num_threads(int(threads or encode_threads()))
     try:
-        with folder_lock(out, "latent cache"):
+        # One lock order: the dataset's folder, then the cache's (the same folder lock convert takes).
+        with folder_lock(data_dir, "conversion or latent cache", refuse_other_options), \
+                folder_lock(out, "latent cache", refuse_other_options):
             return _build_latent_cache(data_dir, encoder, out, augment, augment_views, seed, dtype, batch_size,
                                        embodiment, progress)
     finally:
         torch.set_num_threads(previous)
+
+
+def encode_threads() -> int:
+    """Torch threads of a cache build: the cores this process may use minus the load other processes put
+    on them (``os.getloadavg``'s one-minute figure, rounded), at least 1.
+
+    OpenMP threads that outnumber the free cores spin against the other jobs (``tools/benchmark_cache.py``
+    measured it); with ``OMP_WAIT_POLICY=PASSIVE`` (set by the ``cosmos-policy`` command unless given)
+    waiting threads sleep instead.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except OSError:
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
+def _fingerprint(info, vae_hash: str, augment: bool, augment_views: int, seed: int, dtype: str) -> dict[str, Any]:
+    layout = SequenceLayout.from_embodiment(info.embodiment)
+    return cache_fingerprint(layout, info.embodiment.image_size, vae_hash, augment, augment_views, seed, dtype,
+                             info.stats.fingerprint, dataset_content(info))
+
+
+def _intact(path: Path, entry: dict) -> bool:
+    """Whether a finished latent shard still has its recorded size and SHA-256 (reads it)."""
+    from .integrity import file_sha256
+
+    try:
+        if path.stat().st_size != entry.get("bytes", path.stat().st_size):
+            return False
+    except FileNotFoundError:
+        return False
+    return entry.get("sha256") is None or file_sha256(path) == entry["sha256"]
 
 
 def _build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None = None, augment: bool = True,
@@ -256,20 +359,29 @@ def _build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None
     info = read_dataset_info(data_dir, embodiment)
     layout = SequenceLayout.from_embodiment(info.embodiment)
     out = Path(output) if output is not None else info.data_dir / "latents"
-    want = cache_fingerprint(layout, info.embodiment.image_size, encoder.fingerprint, augment,
-                             augment_views, seed, dtype, info.stats.fingerprint)
+    want = _fingerprint(info, encoder.fingerprint, augment, augment_views, seed, dtype)
     manifest = read_cache_manifest(out)
     if manifest is not None:
         refuse_other_fingerprint(manifest, want, out)
-        if manifest.get("status") == "complete":
-            return out
-    done = {e["name"]: e for e in (manifest or {}).get("shards", [])}
+    # Finished shards (of a complete or an interrupted build) are kept only while intact; a damaged one
+    # (truncated, flipped bytes, deleted) is encoded again.
+    done = {}
+    for e in (manifest or {}).get("shards", []):
+        if _intact(out / e["name"], e):
+            done[e["name"]] = e
+        else:
+            print(f"{out / e['name']}: latent shard damaged (size or SHA-256 differs from {out / S.MANIFEST}); "
+                  f"encoding it again", file=sys.stderr, flush=True)
+    if manifest is not None and manifest.get("status") == "complete" and len(done) == len(manifest["shards"]):
+        return out
     jobs = [(split, Path(p)) for split in S.SPLITS for p in info.splits[split].shards]
     counts = {Path(p).name: n for split in S.SPLITS for p, n in zip(info.splits[split].shards,
                                                                      info.splits[split].samples)}
     check_shard_sizes([(p, b) for split in S.SPLITS for p, b in zip(info.splits[split].shards,
                                                                     info.splits[split].bytes)],
                       info.data_dir / S.MANIFEST)
+    digests = {Path(p).name: d for split in S.SPLITS for p, d in zip(info.splits[split].shards,
+                                                                     info.splits[split].sha256)}
     total = sum(n or 0 for split in S.SPLITS for n in info.splits[split].samples)
     views = _ViewEncoder(info.embodiment, layout, encoder, augment, augment_views, seed)
     np_dtype = DTYPES[dtype]
@@ -287,8 +399,7 @@ def _build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None
     bar = tqdm(total=total or None, desc=f"cache-latents {info.data_dir.name}", unit="sample", disable=not progress,
                initial=sum(e["samples"] for e in done.values()))
     for split, shard in jobs:
-        if shard.name in done and (out / shard.name).is_file() and \
-                (out / shard.name).stat().st_size == done[shard.name].get("bytes", (out / shard.name).stat().st_size):
+        if shard.name in done:
             continue
         records, pending = [], []
 
@@ -304,7 +415,7 @@ def _build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None
             bar.update(len(pending))
             pending.clear()
 
-        for sample in wds.DataPipeline(wds.SimpleShardList([str(shard)]), CheckedTarSamples(counts, PASSTHROUGH)):
+        for sample in wds.DataPipeline(wds.SimpleShardList([str(shard)]), CheckedTarSamples(counts, PASSTHROUGH, digests, info.data_dir / S.MANIFEST)):
             key = sample["__key__"]
             missing = [m for m in PASSTHROUGH if m not in sample]
             if missing:
@@ -322,5 +433,5 @@ def _build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None
     return out
 
 
-__all__ = ["build_latent_cache", "cache_fingerprint", "check_cache_matches_model", "kept_frames",
-           "read_cache_manifest", "fingerprint_difference", "LATENTS"]
+__all__ = ["build_latent_cache", "cache_fingerprint", "check_cache_matches_model", "dataset_content", "encode_threads",
+           "kept_frames", "read_cache_manifest", "rebuild_hint", "fingerprint_difference", "LATENTS"]
