@@ -9,7 +9,10 @@ constant, with one warning naming the dimension. "Constant" includes *near*-cons
 ``ZERO_RANGE_EPS`` or below ``RELATIVE_RANGE_EPS`` times the dimension's magnitude (float noise on a
 fixed value; dividing by it would turn a slightly different observation into millions). Two more
 warnings guard the scale: a range dominated by outliers (min / max far beyond q01 / q99, e.g. one
-action of 1e38), and inference inputs far outside the training range. Statistics carry a fingerprint
+action of 1e38), and inference inputs far outside the training range. ``convert`` also checks the raw
+training values with a robust test that a cluster of outliers cannot defeat (:func:`robust_outliers`:
+distance from the median in units of the median absolute deviation), warns with the episode and step of
+the worst value, and refuses values that cannot be normalised (:func:`unnormalisable`). Statistics carry a fingerprint
 of the data they were computed on (dims, chunk size, episode ids) so a later stage refuses stale ones.
 """
 
@@ -39,6 +42,55 @@ OUTLIER_RANGE_RATIO = 10.0
 #: Inference inputs whose normalised value exceeds this in magnitude are "far outside" the training
 #: range (2 = half a range beyond its bound).
 FAR_OUTSIDE = 2.0
+
+
+#: A value is an outlier when it lies more than this many robust spreads (:func:`robust_spread`) from its
+#: dimension's median (a normal distribution has none beyond ~5.5 in a million draws).
+OUTLIER_SPREADS = 20.0
+#: Outliers that stretch a dimension's range to more than this multiple of the range of its other values
+#: cannot be normalised: min-max scaling would map every other value into a sliver 1e-6 wide, below the
+#: float16 resolution of the latent frames they are injected into (docs/method.md §4).
+UNNORMALISABLE_RATIO = 1e6
+#: Values beyond this magnitude are refused outright: the range of two of them overflows float32.
+ABSOLUTE_LIMIT = float(np.finfo(np.float32).max) / 4
+
+
+def robust_spread(x: np.ndarray) -> np.ndarray:
+    """Robust scale ``(D,)`` of the rows ``(N, D)`` of ``x``: ``1.4826 x MAD`` (the median absolute deviation,
+    scaled to a normal distribution's standard deviation); where that is 0 (more than half the values are
+    one value, e.g. a gripper), ``IQR / 1.349``; then ``(q99 - q01) / 4.65``; then the full range / 4.65.
+    A cluster of outliers has to hold more than half the values to move the MAD."""
+    x = np.asarray(x, dtype=np.float64)
+    median = np.median(x, axis=0)
+    spread = 1.4826 * np.median(np.abs(x - median), axis=0)
+    q = np.quantile(x, [0.01, 0.25, 0.75, 0.99], axis=0)
+    for fallback in ((q[2] - q[1]) / 1.349, (q[3] - q[0]) / 4.65, (x.max(0) - x.min(0)) / 4.65):
+        spread = np.where(spread > 0, spread, fallback)
+    return spread
+
+
+def robust_outliers(x: np.ndarray, spreads: float = OUTLIER_SPREADS) -> np.ndarray:
+    """Boolean ``(N, D)``: values of ``x`` ``(N, D)`` more than ``spreads`` robust spreads from their
+    dimension's median (:func:`robust_spread`); near-constant spreads never flag anything."""
+    x = np.asarray(x, dtype=np.float64)
+    median, spread = np.median(x, axis=0), robust_spread(x)
+    flat = near_constant(median - spread, median + spread) & (spread <= ZERO_RANGE_EPS)
+    return (np.abs(x - median) > spreads * np.maximum(spread, ZERO_RANGE_EPS)) & ~flat
+
+
+def unnormalisable(x: np.ndarray, outliers: np.ndarray) -> np.ndarray:
+    """Boolean ``(D,)``: dimensions of ``x`` ``(N, D)`` whose ``outliers`` (:func:`robust_outliers`) cannot be
+    normalised: beyond :data:`ABSOLUTE_LIMIT`, or stretching the range to more than
+    :data:`UNNORMALISABLE_RATIO` times the range of the other values."""
+    x = np.asarray(x, dtype=np.float64)
+    huge = (np.abs(x) > ABSOLUTE_LIMIT).any(axis=0)
+    inliers = np.where(outliers, np.nan, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no inliers
+        core = np.nanmax(inliers, axis=0) - np.nanmin(inliers, axis=0)
+    core = np.where(np.isfinite(core), core, 0.0)
+    stretched = (x.max(0) - x.min(0)) > UNNORMALISABLE_RATIO * np.maximum(core, ZERO_RANGE_EPS)
+    return huge | (stretched & outliers.any(axis=0))
 
 
 def near_constant(low: np.ndarray, high: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cosmos_policy_lightning.data.convert import convert
+from cosmos_policy_lightning.errors import DataError
 from cosmos_policy_lightning.processor import normalize_proprio
 from cosmos_policy_lightning.normalization import Normalizer, Stats, near_constant, outlier_dimensions
 
@@ -69,10 +70,30 @@ def test_convert_reports_an_outlier_dominated_action(tmp_path, capsys):
     emb = write_embodiment(tmp_path)
     specs = [EpisodeSpec(40, i) for i in range(4)]  # 160 rows: one outlier stays beyond q99
     big = episode_arrays(specs[2])["actions"].copy()
-    big[5, 2] = 1e38
+    big[5, 2] = 1000.0  # far from the others (0..3), still normalisable: warned (1e38 is refused, below)
     specs[2].override = {"actions": big}
     src = write_robomimic(tmp_path / "d.hdf5", specs)
     convert(str(src), output=str(tmp_path / "out"), embodiment=str(emb), val_fraction=0.0, text_encoder="none",
             progress=False)
     err = capsys.readouterr().err
-    assert "stats.json: action: range dominated by outliers in dimension(s) 2: min/max [0, 1e+38]" in err
+    assert "stats.json: action: range dominated by outliers in dimension(s) 2: min/max [0, 1000]" in err
+    assert "stats.json: action dimension 2: 1 value(s) far from the others (median 1.5), worst 1000 at episode " \
+           "demo_2 step 5" in err
+
+
+@pytest.mark.parametrize("rows", [1, 12])
+def test_a_cluster_of_outliers_cannot_defeat_the_range_check(tmp_path, rows):
+    """Finding 4: the guard ``max - min > 10 (q99 - q01)`` missed an action of 1e38 once the outliers were
+    more than 1 % of the values (12 of 160 rows here: q99 is then 1e38 itself). The robust check (median
+    absolute deviation) finds them however many there are, and values that cannot be normalised are refused
+    in one line naming the episode and step of the worst."""
+    emb = write_embodiment(tmp_path)
+    specs = [EpisodeSpec(40, i) for i in range(4)]
+    big = episode_arrays(specs[1])["actions"].copy()
+    big[3:3 + rows, 2] = 1e38
+    specs[1].override = {"actions": big}
+    src = write_robomimic(tmp_path / "d.hdf5", specs)
+    with pytest.raises(DataError, match=rf"stats.json: action dimension 2: {rows} value\(s\) cannot be normalised, "
+                                        rf"worst 1e\+38 at episode demo_1 step 3"):
+        convert(str(src), output=str(tmp_path / "out"), embodiment=str(emb), val_fraction=0.0, text_encoder="none",
+                progress=False)

@@ -69,7 +69,11 @@ def write_statistics(path: Path, work: Path, emb: Embodiment, train: Sequence[Re
         the statistics' fingerprint (dims, chunk size, training episode ids), stored in the manifest.
 
     Warnings are logged (not raised) when no training episode succeeded (normalisation then uses all
-    episodes) and when a dimension's range is dominated by outliers.
+    episodes), when a dimension's range is dominated by outliers and when values lie far from the others
+    (:func:`check_outliers`, with the episode and step of the worst).
+
+    Raises:
+        DataError: values that cannot be normalised (:func:`check_outliers`).
     """
     from ..normalization import DatasetStats, Stats, describe_outliers, fingerprint
 
@@ -78,6 +82,8 @@ def write_statistics(path: Path, work: Path, emb: Embodiment, train: Sequence[Re
         with np.load(work / f"{r['episode']}.npz") as z:
             arrays[r["episode"]] = {"actions": z["actions"], "proprio": z["proprio"]}
     modalities = (("action", "actions", emb.action.names), ("proprio", "proprio", emb.proprio.names))
+    for mod, key, names in modalities:
+        check_outliers({e: a[key] for e, a in arrays.items()}, mod, names, path)
 
     def stats_of(recs: Sequence[Record]) -> dict[str, Stats]:
         if not recs:
@@ -100,6 +106,50 @@ def write_statistics(path: Path, work: Path, emb: Embodiment, train: Sequence[Re
         if message:
             _log(f"warning: {path}: {message}")
     return fp
+
+
+def check_outliers(per_episode: Mapping[str, np.ndarray], modality: str, names: Sequence[str] | None,
+                   path: Path) -> None:
+    """The robust outlier check of ``normalization.py`` over the raw training values of one modality.
+
+    Args:
+        per_episode: episode id -> ``(T, D)`` values in robot units (steps in order).
+        modality: ``action`` or ``proprio`` (named in the messages).
+        names: dimension names (or None: indices).
+        path: the statistics file (named in the messages).
+
+    Logs a warning per dimension with values more than ``OUTLIER_SPREADS`` robust spreads from the median,
+    naming the count and the worst value with its episode and step.
+
+    Raises:
+        DataError: a dimension whose outliers cannot be normalised (``normalization.unnormalisable``),
+            naming the worst value, its episode and step.
+    """
+    from ..normalization import ABSOLUTE_LIMIT, UNNORMALISABLE_RATIO, robust_outliers, unnormalisable
+
+    ids = list(per_episode)
+    if not ids:
+        return
+    x = np.concatenate([np.asarray(per_episode[e], dtype=np.float64).reshape(len(per_episode[e]), -1) for e in ids])
+    if not x.size:
+        return
+    starts = np.cumsum([0] + [len(per_episode[e]) for e in ids])
+    flagged = robust_outliers(x)
+    refused = unnormalisable(x, flagged)
+    median = np.median(x, axis=0)
+    for d in np.flatnonzero(flagged.any(axis=0)):
+        rows = np.flatnonzero(flagged[:, d])
+        worst = int(rows[np.argmax(np.abs(x[rows, d] - median[d]))])
+        ep = int(np.searchsorted(starts, worst, side="right") - 1)
+        label = f"{d} ({names[d]})" if names and d < len(names) else f"{d}"
+        where = f"{x[worst, d]:.4g} at episode {ids[ep]} step {worst - starts[ep]}"
+        if refused[d]:
+            raise DataError(f"{path}: {modality} dimension {label}: {len(rows)} value(s) cannot be normalised, worst "
+                            f"{where} (beyond {ABSOLUTE_LIMIT:.3g}, or stretching the range over "
+                            f"{UNNORMALISABLE_RATIO:.0e} times that of the other values); fix or drop the episode "
+                            f"(--skip_bad does not cover it)")
+        _log(f"warning: {path}: {modality} dimension {label}: {len(rows)} value(s) far from the others (median "
+             f"{median[d]:.4g}), worst {where}")
 
 
 def cache_text_embeddings(text_dir: Path, instructions: Sequence[str], text_encoder: str) -> str | None:
