@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from .errors import CosmosPolicyError
+from .yaml_files import load_yaml_file
 
 #: Latent channels of the Wan2.1 VAE (docs/method.md §1).
 LATENT_CHANNELS = 16
@@ -165,21 +165,7 @@ class Embodiment:
                 names = ", ".join(shipped_embodiments()) or "none found"
                 raise EmbodimentError(f"{path}: file not found (shipped embodiments, by bare name: {names})")
             path = named
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise EmbodimentError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
-                                  f"{err.start}); save the file as UTF-8") from None
-        except OSError as err:
-            raise EmbodimentError(f"{path}: cannot read ({err.strerror or err})") from None
-        try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
-        except yaml.YAMLError as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise EmbodimentError(f"{path}: not valid YAML ({first})") from None
-        except _DuplicateKey as dup:
-            raise EmbodimentError(f"{path}: line {dup.line}: key {dup.key!r} appears twice in one mapping "
-                                  f"(YAML would silently keep the last value)") from None
+        data = load_yaml_file(path, EmbodimentError)
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -213,29 +199,6 @@ class Embodiment:
             "value": {"gamma": self.value.gamma},
             "normalization": dict(self.normalization),
         }
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: Any, line: int):
-        super().__init__(key, line)
-        self.key, self.line = key, line
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # an unhashable key: the base class reports it
-                continue
-            if duplicate:
-                raise _DuplicateKey(key, key_node.start_mark.line + 1)
-        return super().construct_mapping(node, deep=deep)
 
 
 def load_embodiment(spec: "str | Path | Embodiment | Mapping[str, Any]") -> Embodiment:

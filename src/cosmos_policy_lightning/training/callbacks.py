@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ThroughputMonitor
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..atomic import ensure_writable_dir, write_bytes_atomic
 
@@ -130,3 +131,32 @@ class InstructionEmbeddingsInCheckpoint(Callback):
         table = self._embeddings(trainer)
         if table:
             checkpoint.setdefault(CHECKPOINT_KEY, {})["text_embeddings"] = table
+
+
+class FinalCheckpoint(Callback):
+    """Writes the ``last`` checkpoint of every ``ModelCheckpoint(save_last=...)`` when training ends at a
+    step it has not saved: a ``max_time`` stop (Lightning's Timer), the end of ``max_steps`` between two
+    ``every_n_train_steps`` saves, SIGTERM (a pre-empted job: Lightning stops at the next batch boundary)
+    or Ctrl-C. ``--ckpt_path last`` then resumes from the step training reached, not the previous save
+    (Lightning's own ``on_train_end`` writes ``last`` only when no checkpoint was written at all).
+    ``cosmos-policy fit`` adds it (``training/cli.py``).
+    """
+
+    def _save(self, trainer, why: str) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == 0:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
+                continue
+            if callback._last_global_step_saved == trainer.global_step:
+                continue  # saved at this very step already
+            callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+            rank_zero_info(f"{why}: saved the final checkpoint at step {trainer.global_step} to "
+                           f"{callback.last_model_path}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer, "training stopped")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            self._save(trainer, type(exception).__name__)

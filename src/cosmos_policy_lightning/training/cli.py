@@ -11,11 +11,14 @@ was given). The preparation stage (``training/prepare.py``) runs first: the conv
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
 from ..data.datamodule import CosmosDataModule
 from ..checkpoints.checkpoint_file import check_checkpoint_file
+from ..errors import CosmosPolicyError
+from ..yaml_files import load_yaml_file
 from ..model.module import CosmosPolicyModule
 from .prepare import convert_if_missing, prepare_latent_cache
 
@@ -58,6 +61,11 @@ class CosmosPolicyCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._prepare("fit")
+        self._validate_across_epochs()
+        from .callbacks import FinalCheckpoint
+
+        if not any(isinstance(c, FinalCheckpoint) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(FinalCheckpoint())  # max_time / SIGTERM / Ctrl-C: last.ckpt resumes
         from .callbacks import InstructionEmbeddingsInCheckpoint
 
         if not any(isinstance(c, InstructionEmbeddingsInCheckpoint) for c in self.trainer.callbacks):
@@ -72,10 +80,29 @@ class CosmosPolicyCLI(LightningCLI):
     def before_predict(self) -> None:
         self._prepare("predict")
 
+    def _validate_across_epochs(self) -> None:
+        """An integer ``val_check_interval`` counts training steps of the endless stream: the shard "epoch" of
+        a small dataset is an artefact (``samples_per_epoch // batch_size`` batches), so an interval longer
+        than it validates every N global steps (Lightning's ``check_val_every_n_epoch=None``) instead of
+        Lightning's ValueError."""
+        trainer, dm = self.trainer, self.datamodule
+        interval = trainer.val_check_interval
+        if not isinstance(interval, int) or isinstance(interval, bool) or trainer.check_val_every_n_epoch is None:
+            return
+        if not hasattr(dm, "train_batches_per_epoch"):
+            return
+        if interval > dm.train_batches_per_epoch(max(1, trainer.world_size)):
+            trainer.check_val_every_n_epoch = None
+
     def _check_ckpt_path(self, subcommand: str) -> None:
         ckpt = getattr(self.config.get(subcommand), "ckpt_path", None)
         if ckpt == "last":
             ckpt = _last_checkpoint(self.trainer)
+            if ckpt is None and subcommand != "fit":  # fit starts from scratch (a first run of a resumable job)
+                dirs = sorted({str(c.dirpath) for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)})
+                raise CosmosPolicyError(f"--ckpt_path last: no last checkpoint found (looked in "
+                                        f"{', '.join(dirs) or 'no ModelCheckpoint directory'}); {subcommand} needs a "
+                                        f"trained model: train first, or give --ckpt_path PATH")
         if ckpt and ckpt not in ("best", "hpc", "registry") and "://" not in str(ckpt):
             check_checkpoint_file(ckpt)
 
@@ -100,9 +127,56 @@ def _embodiment_dict(dm) -> dict:
     return dm.embodiment.to_dict()
 
 
+def check_config_files(argv: list[str]) -> list[Path]:
+    """Read every YAML file of a LightningCLI command line strictly (``yaml_files.py``) before
+    jsonargparse does: the ``--config`` files, option values that are YAML files (``--data
+    datamodules/x.yaml``) and the YAML files they name (a recipe's ``data: ../datamodules/x.yaml``,
+    relative to the naming file).
+
+    Returns:
+        the files checked.
+
+    Raises:
+        CosmosPolicyError: a file that is not UTF-8, not YAML, or has a key twice in one mapping (one line
+            naming the file and line).
+    """
+    pending: list[Path] = []
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else (
+            argv[i + 1] if arg.startswith("--") and i + 1 < len(argv) else None)
+        if value and value.endswith((".yaml", ".yml")) and Path(value).is_file():
+            pending.append(Path(value))
+    checked: list[Path] = []
+    while pending:
+        path = pending.pop()
+        if path.resolve() in {c.resolve() for c in checked}:
+            continue
+        data = load_yaml_file(path)
+        checked.append(path)
+        stack = [data]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+            elif isinstance(node, str) and node.endswith((".yaml", ".yml")):
+                for candidate in (path.parent / node, Path(node)):
+                    if candidate.is_file():
+                        pending.append(candidate)
+                        break
+    return checked
+
+
 def run_lightning_cli(argv: list[str]) -> CosmosPolicyCLI:
-    """Run a LightningCLI subcommand with ``argv`` (e.g. ``["fit", "--config", "recipes/quickstart.yaml"]``)."""
+    """Run a LightningCLI subcommand with ``argv`` (e.g. ``["fit", "--config", "recipes/quickstart.yaml"]``).
+
+    Raises:
+        CosmosPolicyError: a YAML file of the command line is not UTF-8 or has a duplicate key
+            (:func:`check_config_files`), before jsonargparse reads it.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    check_config_files(argv)
     return CosmosPolicyCLI(
         CosmosPolicyModule,
         CosmosDataModule,
