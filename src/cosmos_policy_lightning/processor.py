@@ -30,14 +30,16 @@ def value_to_unit(value: torch.Tensor) -> torch.Tensor:
     return ((value + 1) / 2).clamp(0, 1)
 
 
-def normalize_proprio(proprio: Sequence[Any], normalizer: Normalizer, dim: int) -> torch.Tensor:
+def normalize_proprio(proprio: Sequence[Any], normalizer: Normalizer, dim: int,
+                      embodiment: str | None = None) -> torch.Tensor:
     """B proprio vectors in robot units -> float32 ``(B, P)`` normalised (docs/method.md §4).
 
     Warns (once per dimension and normalizer) when a value lies far outside the training range
     (:meth:`~cosmos_policy_lightning.normalization.Normalizer.warn_out_of_range`).
 
     Raises:
-        CosmosPolicyError: not numbers, wrong length or non-finite values (names the observation).
+        CosmosPolicyError: not numbers, wrong length (names ``embodiment``, the policy's robot: an observation
+            of another robot) or non-finite values (names the observation).
     """
     rows = []
     for b, raw in enumerate(proprio):
@@ -46,6 +48,10 @@ def normalize_proprio(proprio: Sequence[Any], normalizer: Normalizer, dim: int) 
         except (TypeError, ValueError):
             raise CosmosPolicyError(f"observation {b}: proprio must be numbers (robot units), got "
                                     f"{str(raw)[:60]!r}") from None
+        if p.shape != (dim,) and embodiment is not None:
+            raise CosmosPolicyError(f"observation {b}: proprio has {p.size} values, but this policy's embodiment "
+                                    f"{embodiment!r} has proprio.dim = {dim} (an observation of another robot?); "
+                                    f"got {p[:8].tolist()}")
         if p.shape != (dim,) or not np.isfinite(p).all():
             raise CosmosPolicyError(f"observation {b}: expected finite proprio of shape ({dim},), got "
                                     f"{np.asarray(raw).shape} {p[:8].tolist()}")
@@ -81,7 +87,8 @@ class PolicyProcessor:
 
     def normalize_proprio(self, proprio: Sequence[Any]) -> torch.Tensor:
         """B proprio vectors in robot units -> float32 ``(B, P)`` in [-1, 1] (:func:`normalize_proprio`)."""
-        return normalize_proprio(proprio, self.proprio_normalizer, self.record.embodiment.proprio.dim)
+        emb = self.record.embodiment
+        return normalize_proprio(proprio, self.proprio_normalizer, emb.proprio.dim, emb.name)
 
     def normalize_actions(self, actions: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Candidate action chunks ``(N, K, A)`` in robot units -> float32 normalised (e.g. another

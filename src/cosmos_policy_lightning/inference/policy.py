@@ -273,11 +273,28 @@ class CosmosPolicy:
         obs = [Observation.coerce(o, instruction) for o in observations]
         if not obs:
             raise CosmosPolicyError("policy: no observation given")
+        obs = [self._with_instruction(o, b) for b, o in enumerate(obs)]
         images = prepare_images(obs, self.embodiment, self.center_crop, self.jpeg_quality)
         proprio = self.processor.normalize_proprio([o.proprio for o in obs])
         text, mask = self.processor.text([o.instruction for o in obs])
         dev = self.device
         return PreparedBatch(images.to(dev), proprio.to(dev), text.to(dev), mask.to(dev))
+
+    def _with_instruction(self, obs: Observation, b: int) -> Observation:
+        """A missing instruction is refused on a text-conditioned model, as the server refuses it
+        (``inference/service.py``); a model without text takes ''.
+
+        Raises:
+            CosmosPolicyError: no instruction for a text-conditioned model.
+        """
+        if obs.instruction is not None:
+            return obs
+        identity = self.processor.record.text_encoder
+        if identity not in (None, "none"):
+            raise CosmosPolicyError(f"observation {b}: instruction missing; this model is conditioned on text "
+                                    f"({identity}): pass the task instruction (observation['instruction'] or "
+                                    f"instruction=...)")
+        return Observation(obs.images, obs.proprio, "")
 
     @torch.no_grad()
     def encode(self, batch: PreparedBatch) -> torch.Tensor:

@@ -32,12 +32,13 @@ class Observation:
         images: camera name -> ``(H, W, 3)`` uint8 RGB frame (any H x W; float frames in [0, 1] are
             accepted too). Every camera of the embodiment must be present.
         proprio: ``(P,)`` proprioception in robot units (the embodiment's ``proprio`` order).
-        instruction: the task instruction (ignored by a model trained without text).
+        instruction: the task instruction (ignored by a model trained without text); None: not given (a
+            text-conditioned policy refuses it, as the server does).
     """
 
     images: Mapping[str, np.ndarray]
     proprio: np.ndarray
-    instruction: str = ""
+    instruction: str | None = None
 
     @classmethod
     def coerce(cls, obs: "Observation | Mapping[str, Any]", instruction: str | None = None) -> "Observation":
@@ -52,8 +53,8 @@ class Observation:
         if not isinstance(obs, Mapping) or "images" not in obs or "proprio" not in obs:
             raise CosmosPolicyError("observation: expected an Observation or a dict with 'images' (camera -> "
                                     "HxWx3 uint8) and 'proprio' (robot units)")
-        text = instruction if instruction is not None else obs.get("instruction", "")
-        return cls(obs["images"], obs["proprio"], str(text or ""))
+        text = instruction if instruction is not None else obs.get("instruction", obs.get("prompt"))
+        return cls(obs["images"], obs["proprio"], None if text is None else str(text))
 
 
 def prepare_image(frame: Any, size_hw: tuple[int, int], where: str, jpeg_quality: int | None = 95) -> np.ndarray:
@@ -86,11 +87,17 @@ def prepare_images(observations: Sequence[Observation], embodiment: Embodiment, 
     (``center_crop``), the docs/method.md §4 test-time centre crop.
 
     Raises:
-        CosmosPolicyError: a camera is missing or a frame is malformed.
+        CosmosPolicyError: a camera is missing, one the embodiment does not have is given (misnamed, or
+            another robot's), or a frame is malformed.
     """
     names = embodiment.camera_names
     out = np.empty((len(observations), len(names), *embodiment.image_size, 3), dtype=np.uint8)
     for b, obs in enumerate(observations):
+        extra = [str(c) for c in obs.images if c not in names]
+        if extra:
+            raise CosmosPolicyError(f"observation {b}: camera {extra[0]!r} is not a camera of embodiment "
+                                    f"{embodiment.name!r} (cameras {', '.join(names)}): misnamed, or an observation "
+                                    f"of another robot")
         missing = [c for c in names if c not in obs.images]
         if missing:
             raise CosmosPolicyError(f"observation {b}: camera {missing[0]!r} missing; embodiment {embodiment.name} "

@@ -189,6 +189,10 @@ class PolicyService:
             what = "missing" if images is None else f"a {type(images).__name__}"
             raise BadRequest("images", f"expected a map camera -> ({h}, {w}, 3) uint8 for {', '.join(names)}; "
                                        f"got {what}")
+        extra = [str(c) for c in images if c not in names]
+        if extra:
+            raise BadRequest(f"images.{extra[0]}", f"not a camera of embodiment {emb.name!r} (cameras "
+                                                   f"{', '.join(names)}): misnamed, or an observation of another robot")
         out = {}
         for cam in names:
             field = f"images.{cam}"
@@ -223,7 +227,9 @@ class PolicyService:
             raise BadRequest("proprio", f"expected numbers of shape {expected}, got "
                                         f"{type(data['proprio']).__name__}") from None
         if p.shape != (dim,):
-            raise BadRequest("proprio", f"expected shape {expected}, got {p.shape}")
+            raise BadRequest("proprio", f"expected shape {expected}, got {p.shape}: this policy's embodiment "
+                                        f"{self.embodiment.name!r} has proprio.dim = {dim} (an observation of another "
+                                        f"robot?)")
         bad = np.flatnonzero(~np.isfinite(p))
         if bad.size:
             raise BadRequest("proprio", f"contains NaN or inf at index {', '.join(map(str, bad[:8]))}")

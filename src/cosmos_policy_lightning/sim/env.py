@@ -145,10 +145,12 @@ def check_embodiment(embodiment: Any, simulator_name: str, *, proprio_dim: int, 
     """
     got = (int(embodiment.proprio.dim), int(embodiment.action.dim))
     if got != (proprio_dim, action_dim):
+        field, a, b = ("proprio.dim", got[0], proprio_dim) if got[0] != proprio_dim else ("action.dim", got[1],
+                                                                                           action_dim)
         raise CosmosPolicyError(
             f"{embodiment.source}: embodiment {embodiment.name!r} has {got[0]}-d proprio and {got[1]}-d actions; "
-            f"the {simulator_name} simulator takes {proprio_dim}-d proprio and {action_dim}-d actions (a checkpoint "
-            f"of another robot? use {hint})")
+            f"the {simulator_name} simulator takes {proprio_dim}-d proprio and {action_dim}-d actions, the "
+            f"embodiment of {hint} ({field}: {a} vs {b}; a checkpoint of another robot? use {hint})")
 
 
 def simulator(name: str) -> Simulator:

@@ -475,6 +475,51 @@ def _stats(episodes: list[dict]) -> dict[str, Any]:
             "mean_length": float(np.mean([e["length"] for e in episodes])) if n else 0.0}
 
 
+def _check_given_embodiment(given: Any, used: Any, where: str) -> None:
+    """``--embodiment`` with a checkpoint or a server: the policy's own embodiment is what runs; a given one
+    must describe the same robot, else it is refused (it used to be ignored silently).
+
+    Raises:
+        CosmosPolicyError: one line naming both embodiments and the first differing field.
+    """
+    from ..embodiment import load_embodiment
+
+    other = load_embodiment(given)
+    for field, a, b in _robot_fields(other, used):
+        if a != b:
+            raise CosmosPolicyError(f"--embodiment {given}: embodiment {other.name!r} has {field} = {a}, but the policy "
+                                    f"({where}) was trained for embodiment {used.name!r} with {field} = {b}; the "
+                                    f"policy's embodiment is what runs: drop --embodiment, or evaluate a policy of "
+                                    f"that robot")
+
+
+def _robot_fields(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
+    """The fields that make two embodiments one robot: ``(field, a's value, b's value)``."""
+    return [("cameras", list(a.camera_names), list(b.camera_names)), ("image_size", list(a.image_size), list(b.image_size)),
+            ("proprio.dim", a.proprio.dim, b.proprio.dim), ("action.dim", a.action.dim, b.action.dim),
+            ("action.chunk_size", a.action.chunk_size, b.action.chunk_size)]
+
+
+def _check_default_embodiment(sim: Any, name: str, emb: Any, where: str) -> None:
+    """For an adapter without ``check_embodiment``: the policy's proprio and action dims must be those of the
+    simulator's ``default_embodiment`` (skipped when that one cannot be loaded).
+
+    Raises:
+        CosmosPolicyError: one line naming both embodiments and the differing field.
+    """
+    from ..embodiment import load_embodiment
+
+    try:
+        native = load_embodiment(sim.default_embodiment)
+    except (CosmosPolicyError, AttributeError, TypeError):
+        return
+    for field, a, b in _robot_fields(emb, native)[2:4]:
+        if a != b:
+            raise CosmosPolicyError(f"{where}: embodiment {emb.name!r} has {field} = {a}, but the {name} "
+                                    f"simulator's embodiment {native.name!r} ({sim.default_embodiment}) has {field} = "
+                                    f"{b} (a checkpoint of another robot?)")
+
+
 def evaluate(
     simulator: str,
     checkpoint: Path | None = None,
@@ -653,8 +698,13 @@ def evaluate(
         from ..embodiment import load_embodiment
 
         emb = load_embodiment(embodiment or sim.default_embodiment)
+    if embodiment is not None and (remote is not None or policy == "model"):
+        _check_given_embodiment(embodiment, emb, "the server" if remote is not None else str(checkpoint))
     if hasattr(sim, "check_embodiment"):  # another robot's checkpoint: one line, before any episode starts
         sim.check_embodiment(emb)
+    else:
+        _check_default_embodiment(sim, simulator, emb, str(checkpoint) if policy == "model" and remote is None
+                                  else (server or str(emb.source)))
     execute = execute_steps or emb.action.execute_steps
     if policy == "model" and not 1 <= execute <= emb.action.chunk_size:
         raise CosmosPolicyError(f"{name}: execute_steps must be in [1, {emb.action.chunk_size}], got {execute}")
