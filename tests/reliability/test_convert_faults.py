@@ -314,3 +314,28 @@ def test_contradictory_labels_are_refused(tmp_path, success, score, fragment):
     with pytest.raises(DataError, match=rf"demo_1.*{fragment}"):
         convert(str(src), output=str(tmp_path / "out"), embodiment=str(emb), val_fraction=0.0, text_encoder="none",
                 progress=False)
+
+
+def test_lerobot_video_window_shorter_than_the_rows_is_refused(tmp_path):
+    """Issue 22, finding 8: a LeRobot v3 episode whose video window (``to_timestamp``) is shorter than its rows
+    converted without a word (its last rows read the next episode's frames)."""
+    import pyarrow.parquet as pq
+
+    from ..fixtures.lerobot_factory import write_lerobot_specs
+
+    emb = write_embodiment(tmp_path)
+    src = write_lerobot_specs(tmp_path / "ds", [EpisodeSpec(6, 1), EpisodeSpec(5, 2)], version="v3.0",
+                              episodes_per_file=2)
+    meta = next((src / "meta" / "episodes").glob("**/*.parquet"))
+    table = pq.read_table(meta)
+    column = "videos/observation.images.front/to_timestamp"
+    ends = table[column].to_pylist()
+    ends[0] -= 2 / 10  # two frames short at 10 fps
+    import pyarrow as pa
+
+    field = table.schema.get_field_index(column)
+    pq.write_table(table.set_column(field, column, pa.array(ends, type=table.schema.field(column).type)), meta)
+    with pytest.raises(DataError, match=r"episode episode_000000: key observation.images.front: video window "
+                                        r"from_timestamp 0 .. to_timestamp 0.4 .* is shorter than the episode's 6 rows"):
+        convert(str(src), output=str(tmp_path / "out"), embodiment=str(emb), format="lerobot", val_fraction=0.0,
+                text_encoder="none", progress=False)

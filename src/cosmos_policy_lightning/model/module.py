@@ -44,7 +44,7 @@ from .schedule import lr_multiplier
 from .skill import ErrorTable, skill_metrics
 from .value_report import TaskValueReport
 from .sequence import encode_pixel_sequence, inject_vectors, read_vectors, unit_range_to_images
-from .rng import rank_generator, run_seed
+from .rng import rank_generator, run_seed, sample_generator
 from .warm_start import load_dit_weights
 from . import lora as lora_adapters
 
@@ -402,15 +402,25 @@ class CosmosPolicyModule(L.LightningModule):
         return diffusion.sample(diffusion.Denoiser(self._network(cond, text, text_mask), clean, cond), noise,
                                 num_steps)
 
-    def _noised_step(self, batch: dict[str, Any]):
+    def _noised_step(self, batch: dict[str, Any], held_out: bool = False):
+        """Noise the batch at training sigmas, denoise, and score (docs/method.md §3). Training draws from
+        this rank's generator; ``held_out`` (validation / test) draws every sample's sigma and noise from
+        its own generator (``rng.sample_generator``), so held-out losses do not depend on the world size."""
         x0 = self.encode_batch(batch)
         b, t = x0.shape[0], x0.shape[2]
         obj = batch["objective"]
         cond, loss_mask = self.cond_table[obj], self.loss_table[obj]
-        gen = self.noise_generator(x0.device)
-        sigma = diffusion.sample_sigma(b, t, generator=gen, device=x0.device)
-        x_sigma = x0 + sigma.view(b, 1, 1, 1, 1) * torch.randn(x0.shape, generator=gen, device=x0.device,
-                                                               dtype=x0.dtype)
+        if held_out and "episode" in batch:
+            gens = [sample_generator(run_seed(), ep, int(st), x0.device)
+                    for ep, st in zip(batch["episode"], batch["step"].tolist())]
+            sigma = torch.cat([diffusion.sample_sigma(1, t, generator=g, device=x0.device) for g in gens])
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=x0.device, dtype=x0.dtype)
+                                 for g in gens])
+        else:
+            gen = self.noise_generator(x0.device)
+            sigma = diffusion.sample_sigma(b, t, generator=gen, device=x0.device)
+            noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        x_sigma = x0 + sigma.view(b, 1, 1, 1, 1) * noise
         x0_pred = self.denoise(x_sigma, sigma, cond, x0, batch["text"], batch.get("text_mask"))
         loss = diffusion.diffusion_loss(x0_pred, x0, sigma, loss_mask)
         return x0, x0_pred, loss, obj
@@ -443,7 +453,7 @@ class CosmosPolicyModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        x0, x0_pred, loss, obj = self._noised_step(batch)
+        x0, x0_pred, loss, obj = self._noised_step(batch, held_out=True)
         self.val_loss.update(loss, weight=x0.shape[0])
         for name, values in self._l1_by_objective(x0, x0_pred, obj):
             self.val_l1[name].update(values)
@@ -459,7 +469,7 @@ class CosmosPolicyModule(L.LightningModule):
         the action chunk and future proprio from parallel decoding of the policy objective (action
         error on successful episodes only), and the value from the value objective, with the AUROC of
         the predicted value separating successes from failures."""
-        x0, x0_pred, _, obj = self._noised_step(batch)
+        x0, x0_pred, _, obj = self._noised_step(batch, held_out=True)
         for name, values in self._l1_by_objective(x0, x0_pred, obj):
             self.test_l1[name].update(values)
         b = x0.shape[0]

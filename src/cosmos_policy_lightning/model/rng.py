@@ -10,11 +10,17 @@ The seed of a rank is mixed with numpy's ``SeedSequence`` (a hash, rather than `
 rank 1 of a run with seed 0 does not replay rank 0 of a run with seed 1). The generator is created at
 the first training step and also mixes in the optimizer step it was created at: a run resumed from a
 checkpoint continues with fresh noise instead of replaying the noise of the first steps.
+
+Held-out noise is the opposite case: validation and test losses should not depend on how many processes
+share the held-out set, so each held-out sample draws its noise from a generator of its own, seeded from
+the run's seed, its episode id and its step (:func:`sample_generator`). The same checkpoint then gives
+the same validation loss on one process or on two nodes (``tests/training/test_multinode.py``).
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 import torch
@@ -63,3 +69,17 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
 def rank_generator(seed: int, rank: int, device: torch.device | str, step: int = 0) -> torch.Generator:
     """A ``torch.Generator`` on ``device`` seeded with :func:`rank_seed` ``(seed, rank, step)``."""
     return torch.Generator(device=torch.device(device)).manual_seed(rank_seed(seed, rank, step))
+
+
+def sample_generator(seed: int, episode: str, step: int, device: torch.device | str) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` for one held-out sample: seeded from the run's seed, the episode id
+    (its CRC-32) and the step, so the sample is noised the same way whichever rank or batch it lands in.
+
+    Raises:
+        ValueError: negative step.
+    """
+    if step < 0:
+        raise ValueError(f"sample_generator: expected step >= 0, got {step}")
+    words = np.random.SeedSequence([int(seed) % 2**64, zlib.crc32(str(episode).encode()), int(step), 1]
+                                   ).generate_state(2, np.uint32)
+    return torch.Generator(device=torch.device(device)).manual_seed((int(words[0]) << 31) ^ int(words[1]))

@@ -291,6 +291,29 @@ class LeRobotDataset:
         return str(tasks[0]) if tasks else None
 
 
+def _check_video_window(ds: "LeRobotDataset", index: int, key: str, timestamps: np.ndarray, tolerance_s: float,
+                        where: str) -> None:
+    """v3.0: the episode's video window (``videos/<key>/from_timestamp`` .. ``to_timestamp``) must hold a frame
+    for every row: the last row's frame, presented for ``1 / fps`` s from ``from_timestamp + timestamp[-1]``,
+    must start at least half a frame before ``to_timestamp`` (beyond it lie the next episode's frames of a
+    shared mp4).
+
+    Raises:
+        DataError: a window shorter than the rows, naming the episode, key, window and row count.
+    """
+    if ds.version == 2 or not len(timestamps):
+        return
+    _, _, start, end = ds.episodes[index]["videos"][key]
+    if start is None or end is None:
+        return
+    window = float(end) - float(start)
+    if float(timestamps[-1]) + 0.5 / ds.fps > window + tolerance_s:
+        raise DataError(f"{where}: key {key}: video window from_timestamp {float(start):.4g} .. to_timestamp "
+                        f"{float(end):.4g} ({window:.3f} s, {ds.episodes[index]['meta']}) is shorter than the episode's "
+                        f"{len(timestamps)} rows (last timestamp {float(timestamps[-1]):.3f} s at {ds.fps} fps): the "
+                        f"last rows would read frames outside the episode")
+
+
 # ---------------------------------------------------------------------------------------------- columns
 def column_matrix(column: Any, where: str) -> np.ndarray:
     """A numeric parquet column as ``(T, D)`` (list / fixed-size-list columns) or ``(T,)`` (scalars).
@@ -459,6 +482,7 @@ class LeRobotReader(SourceReader):
         for cam, key in self.keys.cameras.items():
             if key in video_keys:
                 video, start = ds.video_file(index, key)
+                _check_video_window(ds, index, key, timestamps, self.tolerance_s, where)
                 cameras[cam] = (key, VideoFrames(video, timestamps, f"{where}: key {key}", from_timestamp=start,
                                                  tolerance_s=self.tolerance_s, handles=self._handles))
             else:
