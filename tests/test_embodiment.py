@@ -213,3 +213,23 @@ def test_new_robot_costs_one_file(tmp_path):
     assert emb.latent_frame_shape == (16, 4, 6)
     assert emb.action.execute_steps == 8  # defaults to the chunk size
     assert emb.normalization == {"action": "minmax", "proprio": "minmax"}
+
+
+def test_one_compatibility_rule_per_use():
+    """Embodiment.difference: the one "same robot?" rule of data, checkpoints, inference and simulators."""
+    import dataclasses
+
+    from cosmos_policy_lightning.embodiment import COMPATIBILITY, load_embodiment
+
+    base = load_embodiment("aloha_sim")
+    swapped = dataclasses.replace(base, cameras=base.cameras[::-1])
+    assert swapped.difference(base, "data") is None          # shards store images by camera name
+    assert swapped.difference(base, "checkpoint")[0] == "cameras"   # each camera is a latent slot
+    other_gamma = dataclasses.replace(base, value=dataclasses.replace(base.value, gamma=0.99))
+    assert other_gamma.difference(base, "checkpoint") == ("value.gamma", 0.99, 0.998)
+    assert other_gamma.difference(base, "inference") is None  # acting and ranking values do not use it
+    metaworld = load_embodiment("metaworld")
+    assert metaworld.difference(base, "simulator") == ("proprio.dim", 4, 14)
+    assert set(COMPATIBILITY) == {"data", "checkpoint", "inference", "simulator"}
+    with pytest.raises(KeyError):
+        base.difference(base, "dance")

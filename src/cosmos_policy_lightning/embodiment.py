@@ -38,8 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
-
+from typing import Any, Literal, Mapping
 
 from .errors import CosmosPolicyError
 from .yaml_files import load_yaml_file
@@ -146,6 +145,28 @@ class Embodiment:
         """The first camera with role ``primary`` (validation guarantees there is one)."""
         return next(c for c in self.cameras if c.role == "primary")
 
+    # ------------------------------------------------------------------ same robot?
+    def difference(self, other: "Embodiment", use: "CompatibilityUse" = "checkpoint") -> tuple[str, Any, Any] | None:
+        """The first field, among those that matter for ``use`` (:data:`COMPATIBILITY`), in which ``other``
+        describes another robot than ``self``; None when they are the same robot for that use.
+
+        Args:
+            other: the embodiment to compare with.
+            use: ``data`` (shards), ``checkpoint`` (weights + statistics), ``inference`` (a policy run with
+                another embodiment object, or two models of one planner) or ``simulator`` (an env's robot).
+
+        Returns:
+            ``(field, self's value, other's value)``, e.g. ``("action.dim", 4, 14)``.
+
+        Raises:
+            KeyError: unknown ``use``.
+        """
+        for name in COMPATIBILITY[use]:
+            a, b = _robot_field(self, name), _robot_field(other, name)
+            if a != b:
+                return name, a, b
+        return None
+
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Embodiment":
@@ -199,6 +220,34 @@ class Embodiment:
             "value": {"gamma": self.value.gamma},
             "normalization": dict(self.normalization),
         }
+
+
+CompatibilityUse = Literal["data", "checkpoint", "inference", "simulator"]
+
+#: Which fields make two embodiments the same robot, per use (checked in this order by
+#: :meth:`Embodiment.difference`), and why:
+#:
+#: - ``data``: what is baked into converted shards: the camera *set* (images are stored by camera name and
+#:   batched in the reading embodiment's order), image size, dims, chunk size and the discount of the stored
+#:   values;
+#: - ``checkpoint``: what weights and statistics depend on: cameras *in order* (each is a latent slot),
+#:   image size, dims, chunk size and the discount the value was trained with;
+#: - ``inference``: what a policy's inputs and outputs depend on; the discount is left out (acting and
+#:   comparing values do not depend on it: a planner ranks one model's values against each other);
+#: - ``simulator``: what an env exchanges with a policy, the proprio and action vectors.
+COMPATIBILITY: dict[str, tuple[str, ...]] = {
+    "data": ("camera_set", "image_size", "proprio.dim", "action.dim", "action.chunk_size", "value.gamma"),
+    "checkpoint": ("cameras", "image_size", "proprio.dim", "action.dim", "action.chunk_size", "value.gamma"),
+    "inference": ("cameras", "image_size", "proprio.dim", "action.dim", "action.chunk_size"),
+    "simulator": ("proprio.dim", "action.dim"),
+}
+
+
+def _robot_field(emb: Embodiment, name: str) -> Any:
+    return {"camera_set": lambda: sorted(emb.camera_names), "cameras": lambda: list(emb.camera_names),
+            "image_size": lambda: list(emb.image_size), "proprio.dim": lambda: emb.proprio.dim,
+            "action.dim": lambda: emb.action.dim, "action.chunk_size": lambda: emb.action.chunk_size,
+            "value.gamma": lambda: emb.value.gamma}[name]()
 
 
 def load_embodiment(spec: "str | Path | Embodiment | Mapping[str, Any]") -> Embodiment:

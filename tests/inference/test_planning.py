@@ -223,6 +223,21 @@ def test_planner_refuses_bad_sizes(policy):
         Planner(policy, num_proposals=0)
 
 
+def test_planner_refuses_a_planning_model_of_another_robot(policy):
+    """The planner uses the embodiment's "inference" rule: image size counts (both models see the same
+    encoded observation), the discount does not."""
+    import dataclasses
+
+    class Judge:  # a planning model only needs .embodiment and evaluate_actions (inference/planning.py)
+        def __init__(self, embodiment):
+            self.embodiment = embodiment
+
+    emb = policy.embodiment
+    with pytest.raises(CosmosPolicyError, match="planning model was trained for embodiment .* with image_size"):
+        Planner(policy, Judge(dataclasses.replace(emb, image_size=(emb.image_size[0] * 2, emb.image_size[1]))))
+    Planner(policy, Judge(dataclasses.replace(emb, value=dataclasses.replace(emb.value, gamma=0.5))))
+
+
 # ----------------------------------------------------------------------------- the planning fine-tune's start
 def test_init_from_checkpoint_copies_the_dit_weights_only(ckpt_a, policy):
     from cosmos_policy_lightning.model.module import CosmosPolicyModule

@@ -107,17 +107,11 @@ def _check_same_robot(given: Embodiment, stored: Embodiment, manifest_path: Path
     """Refuse shards written for another robot: everything baked into the shards must agree (camera
     set, image size, dims, chunk size, discount of the stored values). Camera *order* may differ:
     images are stored by camera name and batched in the given embodiment's order."""
-    checks = [
-        ("cameras", sorted(given.camera_names), sorted(stored.camera_names)),
-        ("image_size", list(given.image_size), list(stored.image_size)),
-        ("proprio.dim", given.proprio.dim, stored.proprio.dim),
-        ("action.dim", given.action.dim, stored.action.dim),
-        ("action.chunk_size", given.action.chunk_size, stored.action.chunk_size),
-        ("value.gamma", given.value.gamma, stored.value.gamma),
-    ]
-    for name, mine, theirs in checks:
-        if mine != theirs:
-            raise DataError(f"{manifest_path}: shards were written for embodiment {stored.name!r} with {name} = "
+    diff = given.difference(stored, "data")  # the one rule (embodiment.COMPATIBILITY)
+    if diff is not None:
+        name, mine, theirs = diff
+        name = "cameras" if name == "camera_set" else name
+        raise DataError(f"{manifest_path}: shards were written for embodiment {stored.name!r} with {name} = "
                             f"{theirs}, but embodiment {given.source} has {name} = {mine}")
 
 

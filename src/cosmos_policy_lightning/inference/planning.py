@@ -168,13 +168,13 @@ class Planner:
         self.policy = policy
         self.planning_model = planning_model if planning_model is not None else policy
         other = getattr(self.planning_model, "embodiment", None)
-        if other is not None and other is not policy.embodiment:
-            mine = (policy.embodiment.camera_names, policy.embodiment.action.dim, policy.embodiment.action.chunk_size,
-                    policy.embodiment.proprio.dim)
-            theirs = (other.camera_names, other.action.dim, other.action.chunk_size, other.proprio.dim)
-            if mine != theirs:
-                raise CosmosPolicyError(f"planning: the planning model's robot (cameras, action dim, chunk size, "
-                                        f"proprio dim) = {theirs} differs from the policy's {mine}")
+        diff = None if other is None or other is policy.embodiment else \
+            policy.embodiment.difference(other, "inference")  # the one rule (embodiment.COMPATIBILITY)
+        if diff is not None:
+            field, mine, theirs = diff
+            raise CosmosPolicyError(f"planning: the planning model was trained for embodiment {other.name!r} with "
+                                    f"{field} = {theirs}, but the policy's embodiment {policy.embodiment.name!r} has "
+                                    f"{field} = {mine}")
         self.num_proposals, self.num_futures, self.num_values = num_proposals, num_futures, num_values
         self.aggregation, self.threshold, self.lcb_k = aggregation, float(threshold), float(lcb_k)
         self.policy_steps, self.world_model_steps, self.value_steps = policy_steps, world_model_steps, value_steps

@@ -72,14 +72,10 @@ def refuse_other_robot(stored: dict, embodiment: Embodiment, where: Any = None) 
         CosmosPolicyError: one line naming the checkpoint and the first field that differs.
     """
     theirs = Embodiment.from_dict(stored, source=f"{where or 'checkpoint'}:embodiment")
-    for name, a, b in (("cameras", list(theirs.camera_names), list(embodiment.camera_names)),
-                       ("image_size", list(theirs.image_size), list(embodiment.image_size)),
-                       ("proprio.dim", theirs.proprio.dim, embodiment.proprio.dim),
-                       ("action.dim", theirs.action.dim, embodiment.action.dim),
-                       ("action.chunk_size", theirs.action.chunk_size, embodiment.action.chunk_size),
-                       ("value.gamma", theirs.value.gamma, embodiment.value.gamma)):
-        if a != b:
-            raise CosmosPolicyError(f"{where or 'checkpoint'}: trained for embodiment {theirs.name!r} with {name} = "
+    diff = theirs.difference(embodiment, "checkpoint")  # the one rule (embodiment.COMPATIBILITY)
+    if diff is not None:
+        name, a, b = diff
+        raise CosmosPolicyError(f"{where or 'checkpoint'}: trained for embodiment {theirs.name!r} with {name} = "
                                     f"{a}, but the data and model are for {embodiment.name!r} with {name} = {b}; use "
                                     f"a checkpoint of this robot (model.init_from_checkpoint starts a new one)")
 

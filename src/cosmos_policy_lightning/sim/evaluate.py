@@ -485,19 +485,13 @@ def _check_given_embodiment(given: Any, used: Any, where: str) -> None:
     from ..embodiment import load_embodiment
 
     other = load_embodiment(given)
-    for field, a, b in _robot_fields(other, used):
-        if a != b:
-            raise CosmosPolicyError(f"--embodiment {given}: embodiment {other.name!r} has {field} = {a}, but the policy "
+    diff = other.difference(used, "inference")  # the one rule (embodiment.COMPATIBILITY)
+    if diff is not None:
+        field, a, b = diff
+        raise CosmosPolicyError(f"--embodiment {given}: embodiment {other.name!r} has {field} = {a}, but the policy "
                                     f"({where}) was trained for embodiment {used.name!r} with {field} = {b}; the "
                                     f"policy's embodiment is what runs: drop --embodiment, or evaluate a policy of "
                                     f"that robot")
-
-
-def _robot_fields(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
-    """The fields that make two embodiments one robot: ``(field, a's value, b's value)``."""
-    return [("cameras", list(a.camera_names), list(b.camera_names)), ("image_size", list(a.image_size), list(b.image_size)),
-            ("proprio.dim", a.proprio.dim, b.proprio.dim), ("action.dim", a.action.dim, b.action.dim),
-            ("action.chunk_size", a.action.chunk_size, b.action.chunk_size)]
 
 
 def _check_default_embodiment(sim: Any, name: str, emb: Any, where: str) -> None:
@@ -513,11 +507,12 @@ def _check_default_embodiment(sim: Any, name: str, emb: Any, where: str) -> None
         native = load_embodiment(sim.default_embodiment)
     except (CosmosPolicyError, AttributeError, TypeError):
         return
-    for field, a, b in _robot_fields(emb, native)[2:4]:
-        if a != b:
-            raise CosmosPolicyError(f"{where}: embodiment {emb.name!r} has {field} = {a}, but the {name} "
-                                    f"simulator's embodiment {native.name!r} ({sim.default_embodiment}) has {field} = "
-                                    f"{b} (a checkpoint of another robot?)")
+    diff = emb.difference(native, "simulator")
+    if diff is not None:
+        field, a, b = diff
+        raise CosmosPolicyError(f"{where}: embodiment {emb.name!r} has {field} = {a}, but the {name} "
+                                f"simulator's embodiment {native.name!r} ({sim.default_embodiment}) has {field} = "
+                                f"{b} (a checkpoint of another robot?)")
 
 
 def evaluate(
