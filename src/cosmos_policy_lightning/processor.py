@@ -49,9 +49,9 @@ def normalize_proprio(proprio: Sequence[Any], normalizer: Normalizer, dim: int,
             raise CosmosPolicyError(f"observation {b}: proprio must be numbers (robot units), got "
                                     f"{str(raw)[:60]!r}") from None
         if p.shape != (dim,) and embodiment is not None:
-            raise CosmosPolicyError(f"observation {b}: proprio has {p.size} values, but this policy's embodiment "
-                                    f"{embodiment!r} has proprio.dim = {dim} (an observation of another robot?); "
-                                    f"got {p[:8].tolist()}")
+            raise CosmosPolicyError(f"observation {b}: expected proprio of shape ({dim},), got {p.size} values "
+                                    f"{p[:8].tolist()}: this policy's embodiment {embodiment!r} has proprio.dim = "
+                                    f"{dim} (an observation of another robot?)")
         if p.shape != (dim,) or not np.isfinite(p).all():
             raise CosmosPolicyError(f"observation {b}: expected finite proprio of shape ({dim},), got "
                                     f"{np.asarray(raw).shape} {p[:8].tolist()}")

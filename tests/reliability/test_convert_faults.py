@@ -339,3 +339,23 @@ def test_lerobot_video_window_shorter_than_the_rows_is_refused(tmp_path):
                                         r"from_timestamp 0 .. to_timestamp 0.4 .* is shorter than the episode's 6 rows"):
         convert(str(src), output=str(tmp_path / "out"), embodiment=str(emb), format="lerobot", val_fraction=0.0,
                 text_encoder="none", progress=False)
+
+
+def test_the_held_out_split_keeps_successes_and_failures_in_proportion(tmp_path, capsys):
+    """Issue 22, finding 15: the split ignored outcomes; the three-task recipe held out no failure, so the
+    held-out value AUROC was undefined. Now each outcome is held out in proportion (at least one of each
+    class that has two episodes), for every seed; a class too small to hold out is reported."""
+    emb = write_embodiment(tmp_path)
+    specs = [EpisodeSpec(4, i, success=i not in (3, 7)) for i in range(10)]  # 8 successes, 2 failures
+    src = write_robomimic(tmp_path / "d.hdf5", specs)
+    for seed in range(5):
+        manifest = convert(str(src), output=str(tmp_path / f"out{seed}"), embodiment=str(emb), val_fraction=0.2,
+                           seed=seed, text_encoder="none", progress=False)
+        held_out = manifest["counts"]["validation"]
+        assert (held_out["successes"], held_out["failures"]) == (1, 1), (seed, held_out)
+    one = write_robomimic(tmp_path / "one.hdf5", [EpisodeSpec(4, i, success=i != 2) for i in range(6)])
+    capsys.readouterr()
+    manifest = convert(str(one), output=str(tmp_path / "one"), embodiment=str(emb), val_fraction=0.3,
+                       text_encoder="none", progress=False)
+    assert manifest["counts"]["train"]["failures"] == 1 and manifest["counts"]["validation"]["failures"] == 0
+    assert "the only failed episode stays in training; no failed episode is held out" in capsys.readouterr().err

@@ -117,8 +117,8 @@ def test_an_unknown_camera_is_refused_by_the_python_api_and_the_server(toy_ckpt)
     with pytest.raises(BadRequest, match=r"bad request: images.side: not a camera of embodiment 'toy'"):
         service.parse(packb(obs))
     # another robot's proprio names the policy's robot and the field
-    with pytest.raises(CosmosPolicyError, match=r"proprio has 4 values, but this policy's embodiment 'toy' has "
-                                                r"proprio.dim = 3"):
+    with pytest.raises(CosmosPolicyError, match=r"expected proprio of shape \(3,\), got 4 values .*this policy's "
+                                                r"embodiment 'toy' has proprio.dim = 3"):
         policy.predict({**_observation(), "proprio": np.zeros(4)}, num_steps=1)
     with pytest.raises(BadRequest, match=r"embodiment 'toy' has proprio.dim = 3"):
         service.parse(packb({**_observation(), "proprio": np.zeros(4)}))

@@ -163,7 +163,8 @@ def convert(
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DataError(f"{source}: episode id {dup!r} occurs twice")
-    val_ids = choose_validation(refs, val_fraction, val_episodes, seed)
+    outcomes = episode_outcomes(reader, refs) if val_fraction > 0 and not val_episodes and len(refs) >= 2 else None
+    val_ids = choose_validation(refs, val_fraction, val_episodes, seed, outcomes)
     orders = split_orders(ids, val_ids, seed)
 
     settings = {
@@ -236,12 +237,31 @@ def _check_options(val_fraction: float, shard_size_mb: float, workers: int, jpeg
         raise DataError(f"--jpeg_quality: expected 1..100, got {jpeg_quality}")
 
 
-def choose_validation(refs: list[EpisodeRef], fraction: float, names: list[str] | None, seed: int) -> set[str]:
+def episode_outcomes(reader, refs: list[EpisodeRef]) -> dict[str, bool | None]:
+    """Each episode's success label (None where the episode cannot be read: it is reported, or skipped
+    with ``--skip_bad``, when converted), for the stratified split. Reads every episode's labels and
+    low-dimensional arrays once (images stay lazy)."""
+    out: dict[str, bool | None] = {}
+    for ref in refs:
+        try:
+            with reader.open(ref) as episode:
+                out[ref.episode_id] = bool(episode.success)
+        except DataError:
+            out[ref.episode_id] = None
+    return out
+
+
+def choose_validation(refs: list[EpisodeRef], fraction: float, names: list[str] | None, seed: int,
+                      outcomes: dict[str, bool | None] | None = None) -> set[str]:
     """Ids of the validation episodes.
 
     ``names`` (ids or any alias: group name, file name, stem) win over ``fraction``; otherwise
     ``round(fraction * N)`` episodes (at least 1 when ``fraction > 0`` and N >= 2, never all) are
-    drawn with ``seed``.
+    drawn with ``seed``, stratified by outcome when ``outcomes`` (episode id -> success, None =
+    unknown) holds more than one class: each class gives ``round(fraction * n_class)`` episodes (largest
+    remainders, summing to the total), at least one of every class with two or more episodes, so held-out
+    metrics that need both outcomes (the value AUROC) are defined. A class too small to hold out (one
+    episode, which training keeps) is reported on stderr. With one class the draw is the unstratified one.
 
     Raises:
         DataError: a name matches no episode, or every episode would be held out.
@@ -266,7 +286,31 @@ def choose_validation(refs: list[EpisodeRef], fraction: float, names: list[str] 
         k = 0
     ids = sorted(r.episode_id for r in refs)
     rng = np.random.default_rng(seed)
-    return {ids[i] for i in rng.choice(n, size=k, replace=False)} if k else set()
+    classes = sorted({outcomes.get(i) for i in ids}, key=lambda c: (c is None, c is False)) if outcomes else []
+    if len(classes) <= 1 or not k:
+        return {ids[i] for i in rng.choice(n, size=k, replace=False)} if k else set()
+    members = {c: [i for i in ids if outcomes.get(i) == c and (outcomes.get(i) is None) == (c is None)]
+               for c in classes}
+    exact = {c: fraction * len(members[c]) for c in classes}
+    take = {c: int(np.floor(exact[c])) for c in classes}
+    for c in sorted(classes, key=lambda c: exact[c] - take[c], reverse=True)[:max(0, k - sum(take.values()))]:
+        take[c] += 1
+    names_of = {True: "successful", False: "failed", None: "unreadable"}
+    for c in classes:
+        if len(members[c]) >= 2:
+            take[c] = min(max(take[c], 1), len(members[c]) - 1)
+        elif c is not None:
+            take[c] = 0
+            _log(f"--val_fraction {fraction}: the only {names_of[c]} episode stays in training; no {names_of[c]} "
+                 f"episode is held out (held-out metrics that need both outcomes, e.g. the value AUROC, are undefined)")
+    while sum(take.values()) > k and max(take.values()) > 1:  # the minimum of one came from the largest class
+        take[max(classes, key=lambda c: (take[c], len(members[c])))] -= 1
+    chosen: set[str] = set()
+    for c in classes:
+        group = members[c]
+        if take[c]:
+            chosen |= {group[i] for i in rng.choice(len(group), size=take[c], replace=False)}
+    return chosen
 
 
 def split_orders(ids: list[str], val_ids: set[str], seed: int) -> dict[str, list[str]]:
