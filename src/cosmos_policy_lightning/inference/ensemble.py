@@ -19,6 +19,10 @@ from ..errors import CosmosPolicyError
 EnsembleSteps = Literal["linspace", "equal"]
 ENSEMBLE_STEPS = ("linspace", "equal")
 
+#: How a proposal's ``F x V`` ensemble values become one score (``inference/planning.py`` ``aggregate``).
+Aggregation = Literal["majority_mean", "mean", "lcb"]
+AGGREGATIONS = ("majority_mean", "mean", "lcb")
+
 
 def member_steps(steps: int, members: int, mode: EnsembleSteps = "linspace") -> list[int]:
     """Denoising steps of each of ``members`` ensemble members.

@@ -32,17 +32,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import CosmosPolicyError
-from .ensemble import ENSEMBLE_STEPS, EnsembleSteps
+from .ensemble import AGGREGATIONS, ENSEMBLE_STEPS, Aggregation, EnsembleSteps
 from .policy import CosmosPolicy, Observation
-
-Aggregation = Literal["majority_mean", "mean", "lcb"]
-AGGREGATIONS = ("majority_mean", "mean", "lcb")
 
 #: Majority-mean threshold of the reference (docs/method.md §5).
 MAJORITY_THRESHOLD = 0.05

@@ -41,7 +41,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from websockets.asyncio.server import ServerConnection, serve as ws_serve
 from websockets.exceptions import ConnectionClosed
@@ -49,6 +48,7 @@ from websockets.http11 import Request as HttpRequest, Response as HttpResponse
 
 from ..client import API_KEY_ENV, packb
 from ..errors import CosmosPolicyError
+from .options import PolicyOptions, build_policy, takes_policy_options
 from .service import BadRequest, PolicyService, Request
 
 logger = logging.getLogger("cosmos_policy_lightning.serve")
@@ -314,31 +314,20 @@ def _respond(connection: ServerConnection, status: http.HTTPStatus, text: str) -
     return response
 
 
+@takes_policy_options
 def serve(
     checkpoint: Path,
     *,
-    planning_checkpoint: Path | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
-    num_steps: int = 5,
     seed: int | None = None,
-    decoding: Literal["parallel", "autoregressive"] = "parallel",
-    planning: bool = False,
-    num_proposals: int = 8,
-    num_futures: int = 3,
-    num_values: int = 5,
-    aggregation: Literal["majority_mean", "mean", "lcb"] = "majority_mean",
-    world_model_steps: int | None = None,
-    value_steps: int | None = None,
-    ensemble_steps: Literal["linspace", "equal"] = "linspace",
-    device: str = "cpu",
-    dtype: str = "float32",
     max_batch_size: int = 8,
     batch_window_ms: float = 5.0,
     return_images: bool = False,
     instruction: str | None = None,
     any_image_size: bool = False,
+    options: PolicyOptions,
 ) -> None:
     """Serve a checkpoint to robots over a websocket, in openpi's protocol (``docs/deploy.md``).
 
@@ -347,29 +336,14 @@ def serve(
 
     Args:
         checkpoint: ``.ckpt`` of ``cosmos-policy fit`` (the policy).
-        planning_checkpoint: checkpoint predicting futures and values for best-of-N planning (dual
-            deployment); giving it turns planning on. Default with ``--planning``: the policy itself.
         host: interface to bind. Default 127.0.0.1 (this computer only); the robot network's address
             or 0.0.0.0 to serve other computers (then set an API key).
         port: TCP port (0: any free port, printed at start).
         api_key: clients must send ``Authorization: Api-Key <key>``; default: the
             ``COSMOS_POLICY_API_KEY`` environment variable (no key if unset). Prefer the variable:
             command lines are visible to other users.
-        num_steps: denoising steps of the policy (5 in the paper's runs).
         seed: requests without a ``seed`` get ``seed + n`` (n-th request); default: random seeds.
             Every reply reports its seed.
-        decoding: parallel (one run) or autoregressive (action, future state, value) for the direct policy.
-        planning: best-of-N planning instead of the direct policy (``docs/planning.md``).
-        num_proposals: N, action chunks proposed per planning step (paper: 8).
-        num_futures: F, future states predicted per proposal (paper: 3).
-        num_values: V, values predicted per future state (paper: 5).
-        aggregation: majority_mean (reference), mean or lcb.
-        world_model_steps: denoising steps of the planning future-state stage (default ``num_steps``).
-        value_steps: denoising steps of the planning value stage (default ``num_steps``).
-        ensemble_steps: ``linspace`` (the reference: ensemble member i of a stage gets
-            ``linspace(1, steps, members)[i]`` steps and seed + i) or ``equal`` (every member all steps).
-        device: torch device of the model(s), e.g. cpu or cuda.
-        dtype: float32 or bfloat16 (GPU).
         max_batch_size: most simultaneous requests run as one forward pass (1: no batching).
         batch_window_ms: how long the first request of a batch may wait for other clients' requests
             (only while another connected client has none in flight; 0: never wait).
@@ -378,13 +352,12 @@ def serve(
         instruction: instruction for requests that carry none.
         any_image_size: accept frames of any size and resize them here (default: frames must have
             the model's image size, which saves bandwidth).
+        options: device, sampling and planning options (:class:`~.options.PolicyOptions`, one place for
+            ``serve`` and ``evaluate``).
 
     Raises:
         CosmosPolicyError: bad arguments, unreadable checkpoint, or the port cannot be bound.
     """
-    from ..dtypes import dtype_from_name
-    from .policy import CosmosPolicy
-
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
@@ -392,22 +365,13 @@ def serve(
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
     if host not in ("127.0.0.1", "localhost", "::1") and not key:
         logger.warning("serving on %s without an API key: anyone on that network can drive the policy", host)
-    torch_dtype = dtype_from_name(dtype)
-    policy = CosmosPolicy.from_checkpoint(checkpoint, device=device, dtype=torch_dtype)
-    planner = None
-    if planning or planning_checkpoint is not None:
-        from .planning import Planner
-
-        judge = policy if planning_checkpoint is None else CosmosPolicy.from_checkpoint(
-            planning_checkpoint, device=device, dtype=torch_dtype)
-        planner = Planner(policy, judge, num_proposals=num_proposals, num_futures=num_futures, num_values=num_values,
-                          aggregation=aggregation, policy_steps=num_steps,
-                          world_model_steps=world_model_steps or num_steps, value_steps=value_steps or num_steps,
-                          ensemble_steps=ensemble_steps)
-    service = PolicyService(policy, planner, num_steps=num_steps, decoding=decoding, seed=seed,
+    built = build_policy(checkpoint, options)
+    policy = built.policy
+    service = PolicyService(policy, built.planner, num_steps=options.num_steps, decoding=options.decoding, seed=seed,
                             return_images=return_images, default_instruction=instruction,
                             any_image_size=any_image_size, checkpoint=str(checkpoint),
-                            planning_checkpoint=None if planning_checkpoint is None else str(planning_checkpoint))
+                            planning_checkpoint=None if options.planning_checkpoint is None
+                            else str(options.planning_checkpoint))
     if service.text_conditioned:  # load the text encoder now, not on the first robot request
         policy.text.get(instruction or "")
     server = PolicyServer(service, host=host, port=port, api_key=key, max_batch_size=max_batch_size,

@@ -31,6 +31,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,7 @@ import numpy as np
 
 from ..atomic import ensure_writable_dir, write_json_atomic
 from ..errors import CosmosPolicyError, user_message
+from ..inference.options import PolicyOptions, takes_policy_options
 from .env import SIMULATORS, Observation, SimEnv
 from .env import simulator as simulator_class
 from ..value_calibration import reliability_figure
@@ -515,6 +517,7 @@ def _check_default_embodiment(sim: Any, name: str, emb: Any, where: str) -> None
                                 f"{b} (a checkpoint of another robot?)")
 
 
+@takes_policy_options
 def evaluate(
     simulator: str,
     checkpoint: Path | None = None,
@@ -526,27 +529,15 @@ def evaluate(
     policy: Literal["model", "expert", "random", "noop"] = "model",
     num_envs: int = 1,
     resume: bool = True,
-    planning: bool = False,
-    planning_checkpoint: Path | None = None,
-    num_proposals: int = 8,
-    num_futures: int = 3,
-    num_values: int = 5,
-    aggregation: Literal["majority_mean", "mean", "lcb"] = "majority_mean",
-    num_steps: int = 5,
-    world_model_steps: int | None = None,
-    value_steps: int | None = None,
-    ensemble_steps: Literal["linspace", "equal"] = "linspace",
-    decoding: Literal["parallel", "autoregressive"] = "parallel",
     execute_steps: int | None = None,
     max_steps: int | None = None,
     output: Path = Path("runs/evaluate"),
     record_hdf5: bool = False,
     videos: int = 2,
-    device: str = "cpu",
-    dtype: str = "float32",
     embodiment: Path | None = None,
     server: str | None = None,
     api_key: str | None = None,
+    options: PolicyOptions,
 ) -> dict[str, Any]:
     """Run a checkpoint (or the simulator's expert, a random policy, the no-op action) closed-loop in a simulator.
 
@@ -558,6 +549,12 @@ def evaluate(
     ``values-<task>.png`` (predicted value over each episode) and, with ``record_hdf5``,
     ``rollouts/<task>/<task>-epNNN.hdf5`` per episode (per-episode rollout layout with a ``success`` attribute,
     for ``cosmos-policy convert --format episode_hdf5``). Task names with ``/`` become ``-`` in file names.
+
+    The steps: check the arguments (:func:`_check_arguments`, before any model loads), build what chooses the
+    chunks (:func:`_build_acting`: the checkpoint through :func:`~cosmos_policy_lightning.inference.options.build_policy`,
+    a server, or a baseline), record the settings (:func:`_settings`), run the episodes not yet done
+    (:func:`_run_baselines` or :func:`_run_policy`, each finished one written by :class:`_EpisodeFiles`) and
+    summarise them (:func:`_results`).
 
     Args:
         simulator: registered simulator name (``sim/env.py`` ``SIMULATORS``): ``metaworld``, ``aloha``, ``libero``.
@@ -576,31 +573,15 @@ def evaluate(
             policy on privileged state; one action per step), ``random`` (uniform actions inside the env's
             action bounds) or ``noop`` (the simulator's no-op action every step).
         num_envs: simulator worker processes run in parallel (1: the env runs in this process); each round,
-            the envs that need a chunk are served by one batched policy call. Results do not depend on it.
+            the envs that need a chunk are served by one batched policy call (the planner runs once per env of
+            the round). Results do not depend on it.
         resume: skip episodes already in ``output/episodes`` with the same settings (false: run them again).
-        planning: best-of-N planning instead of the direct policy (docs/method.md §3, ``inference/planning.py``;
-            with several envs the planner runs once per env of the round).
-        planning_checkpoint: checkpoint predicting futures and values (dual deployment); default: the
-            policy checkpoint itself.
-        num_proposals: N, action chunks proposed per planning step (docs/method.md §5: 8).
-        num_futures: F, future states predicted per proposal (docs/method.md §5: 3).
-        num_values: V, values predicted per future state (docs/method.md §5: 5).
-        aggregation: majority_mean (reference), mean or lcb.
-        num_steps: denoising steps of the policy (docs/method.md §3: 5; the LIBERO reference's
-            ``num_denoising_steps_action = 5``).
-        world_model_steps: denoising steps of the planning future-state stage (default ``num_steps``).
-        value_steps: denoising steps of the planning value stage (default ``num_steps``).
-        ensemble_steps: ``linspace`` (the reference: ensemble member i of a stage gets
-            ``linspace(1, steps, members)[i]`` steps and seed + i) or ``equal`` (every member all steps).
-        decoding: parallel (one run) or autoregressive (action, future state, value) for the direct policy.
         execute_steps: actions executed per chunk (default: the embodiment's ``action.execute_steps``).
         max_steps: episode time limit in steps, capped at the simulator's own limit (default: the simulator's
             ``default_max_steps``, else 200; LIBERO: its suite's step limit, Meta-World: 200 of its 500).
         output: output directory (created).
         record_hdf5: save every rollout as a per-episode HDF5.
         videos: GIF strips saved per task (the first episodes).
-        device: torch device of the model(s), e.g. cpu or cuda.
-        dtype: float32 or bfloat16 (GPU).
         embodiment: embodiment YAML for the baselines (default: the checkpoint's or the simulator's
             ``default_embodiment``, for Meta-World ``embodiments/metaworld.yaml``).
         server: ``ws://HOST:PORT`` of ``cosmos-policy serve``: run the policy there instead of loading
@@ -608,6 +589,8 @@ def evaluate(
             from its metadata). Each call sends its seed, so the same seeds give the same rollouts
             as in-process.
         api_key: the server's API key (default: the ``COSMOS_POLICY_API_KEY`` environment variable).
+        options: device, sampling and planning options (:class:`~cosmos_policy_lightning.inference.options.PolicyOptions`,
+            the same as ``serve``'s).
 
     Returns:
         the results dict written to ``results.json``.
@@ -618,6 +601,63 @@ def evaluate(
             for a simulator without expert, an output holding episodes of other settings.
     """
     sim = simulator_class(simulator)
+    task_list, max_steps = _check_arguments(sim, simulator, checkpoint, suite, tasks, episodes, policy, num_envs,
+                                            max_steps, videos, server, options)
+    acting = _build_acting(sim, simulator, checkpoint, policy, options, embodiment, server, api_key)
+    emb = acting.embodiment
+    execute = execute_steps or emb.action.execute_steps
+    if policy == "model" and not 1 <= execute <= emb.action.chunk_size:
+        raise CosmosPolicyError(f"evaluate {simulator}: execute_steps must be in [1, {emb.action.chunk_size}], "
+                                f"got {execute}")
+    if policy != "model":
+        execute = 1  # the baselines act step by step
+
+    output = ensure_writable_dir(output, "--output")  # now, not after the episodes have run
+    config = _settings(simulator, checkpoint, policy, suite, task_list, episodes, seed, execute, max_steps, num_envs,
+                       server, acting)
+    run = {k: config.get(k) for k in _RUN_KEYS}
+    todo = [(task, ep) for task in task_list for ep in range(episodes)]
+    done = _read_done(output, todo, run, resume)
+    pending = deque(x for x in todo if x not in done)
+    files = _EpisodeFiles(output, task_list, done, run, videos, record_hdf5, seed, config["policy"], checkpoint,
+                          scale=max(1, round(192 / max(emb.image_size))))
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), initial=len(done), unit="episode", desc=f"evaluate {config['policy']} x{num_envs}",
+               dynamic_ncols=True)
+    pool = None
+    timing = _Timing()
+    try:
+        if pending:
+            pool = WorkerPool(SIMULATORS[simulator], emb, seed, max_steps, min(num_envs, len(pending)))
+        workers = pool.workers if pool else []
+        if policy != "model":
+            _run_baselines(workers, pending, policy, seed, files, bar)
+        else:
+            _run_policy(workers, pending, acting.controller, seed, execute, files, bar, timing)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+        if acting.remote is not None:
+            acting.remote.close()
+
+    results = _results(sim, config, todo, files, task_list, episodes, max_steps, emb.value.gamma, output, timing,
+                       len(done))
+    write_json_atomic(output / "results.json", results)
+    _print_table(results, output)
+    return results
+
+
+def _check_arguments(sim: Any, simulator: str, checkpoint: Path | None, suite: str | None, tasks: Any, episodes: int,
+                     policy: str, num_envs: int, max_steps: int | None, videos: int, server: str | None,
+                     options: PolicyOptions) -> tuple[list[str], int]:
+    """Step 1 of :func:`evaluate`: the arguments checked before any model loads (a typo or a missing
+    renderer fails in seconds). Returns the task names and the episode limit ``max_steps``.
+
+    Raises:
+        CosmosPolicyError: one line naming the argument.
+    """
     name = f"evaluate {simulator}"
     if isinstance(tasks, str):
         tasks = tasks.split(",")
@@ -636,204 +676,254 @@ def evaluate(
                                 f"{episodes}, {max_steps}, {videos}, {num_envs}")
     if policy not in ("model", *_BASELINES):
         raise CosmosPolicyError(f"{name}: --policy must be model, expert, random or noop, got {policy!r}")
-    if server is not None and (checkpoint is not None or policy != "model" or planning):
+    if server is not None and (checkpoint is not None or policy != "model" or options.plans):
         raise CosmosPolicyError(f"{name}: --server runs the server's policy: give no --checkpoint and no "
-                                "--planning (start the server with `cosmos-policy serve --planning true` instead)")
+                                "--planning / --planning_checkpoint (start the server with `cosmos-policy serve "
+                                "--planning true` instead)")
     if policy == "model" and checkpoint is None and server is None:
         raise CosmosPolicyError(f"{name}: --checkpoint is required with --policy model (or --server "
                                 "ws://HOST:PORT of `cosmos-policy serve`)")
-    if planning and policy != "model":
-        raise CosmosPolicyError(f"{name}: --planning needs --policy model")
-    for task in task_list:  # before any model loads: a typo or a missing renderer fails in seconds
+    if options.plans and policy != "model":
+        raise CosmosPolicyError(f"{name}: --planning (or --planning_checkpoint) needs --policy model")
+    for task in task_list:
         sim.check_task(task)
+    return task_list, max_steps
 
+
+@dataclass
+class _Acting:
+    """What chooses the chunks of an evaluation (step 2 of :func:`evaluate`).
+
+    Attributes:
+        embodiment: the robot the envs render and the policy acts for.
+        controller: the batched policy (in-process or behind a server); None for the baselines.
+        options: the sampling and planning options as they apply (a server's own for ``--server``).
+        remote: the :class:`~cosmos_policy_lightning.client.PolicyClient` of ``--server`` (closed at the end).
+        policy_view: the adapter prepares the frames itself (``policy_view``; the policy's JPEG and crop off).
+    """
+
+    embodiment: Any
+    controller: BatchController | None
+    options: PolicyOptions
+    remote: Any | None = None
+    policy_view: bool = False
+
+
+def _build_acting(sim: Any, simulator: str, checkpoint: Path | None, policy: str, options: PolicyOptions,
+                  embodiment: Path | None, server: str | None, api_key: str | None) -> _Acting:
+    """Step 2 of :func:`evaluate`: a policy server's client, the checkpoint's policy (and planner) through
+    :func:`~cosmos_policy_lightning.inference.options.build_policy`, or a baseline's embodiment; then the
+    embodiment is checked against ``--embodiment`` and the simulator, before any episode starts.
+
+    Raises:
+        CosmosPolicyError: an unreachable server, an unreadable checkpoint, an embodiment of another robot.
+    """
     # An adapter may prepare the frames the way its reference evaluation does (LIBERO: JPEG round trip and the
     # authors' integer centre crop): the policy's own JPEG and crop are then turned off.
     policy_view = getattr(sim, "policy_view", None)
-    jpeg_quality = None if policy_view is not None else 95
-    remote = None
-    batch_controller: BatchController | None = None
     if server is not None:
+        import dataclasses
+
         from ..client import PolicyClient
         from ..embodiment import Embodiment
 
         remote = PolicyClient(server, api_key=api_key, timeout=600.0)
         meta = remote.metadata
-        emb = Embodiment.from_dict(meta["embodiment_config"], source=server)
         sampling = meta.get("sampling", {})
-        num_steps, decoding = sampling.get("num_steps", num_steps), sampling.get("decoding", decoding)
-        device, dtype = sampling.get("device", device), sampling.get("dtype", dtype)
-        batch_controller = per_observation(remote_controller(remote))
+        options = dataclasses.replace(options, **{k: sampling[k] for k in ("num_steps", "decoding", "device", "dtype")
+                                                  if sampling.get(k) is not None})
+        acting = _Acting(Embodiment.from_dict(meta["embodiment_config"], source=server),
+                         per_observation(remote_controller(remote)), options, remote, policy_view is not None)
     elif policy == "model":
-        from ..dtypes import dtype_from_name
-        from ..inference.policy import CosmosPolicy
+        from ..inference.options import build_policy
 
-        model = CosmosPolicy.from_checkpoint(checkpoint, device=device, dtype=dtype_from_name(dtype),
-                                             jpeg_quality=jpeg_quality)
-        emb = model.embodiment
-        crop = model.center_crop
-        batch_controller = batch_policy_controller(model, num_steps, decoding)
-        judge = model
-        if planning:
-            from ..inference.planning import Planner
-
-            judge = model if planning_checkpoint is None else CosmosPolicy.from_checkpoint(
-                planning_checkpoint, device=device, dtype=dtype_from_name(dtype), jpeg_quality=jpeg_quality)
-            batch_controller = per_observation(planner_controller(Planner(
-                model, judge, num_proposals=num_proposals, num_futures=num_futures, num_values=num_values,
-                aggregation=aggregation, policy_steps=num_steps, world_model_steps=world_model_steps or num_steps,
-                value_steps=value_steps or num_steps, ensemble_steps=ensemble_steps)))
+        built = build_policy(checkpoint, options, jpeg_quality=None if policy_view is not None else 95)
+        model, judge, crop = built.policy, built.judge, built.policy.center_crop
+        controller = (per_observation(planner_controller(built.planner)) if built.planner is not None
+                      else batch_policy_controller(model, options.num_steps, options.decoding))
         if policy_view is not None:
             model.center_crop = judge.center_crop = False  # policy_view crops as the simulator's reference does
-            inner = batch_controller
+            inner = controller
 
-            def batch_controller(observations, seeds, _inner=inner, _crop=crop):
+            def controller(observations, seeds, _inner=inner, _crop=crop):
                 return _inner([policy_view(o, _crop) for o in observations], seeds)
+        acting = _Acting(model.embodiment, controller, options, None, policy_view is not None)
     else:
         from ..embodiment import load_embodiment
 
-        emb = load_embodiment(embodiment or sim.default_embodiment)
-    if embodiment is not None and (remote is not None or policy == "model"):
-        _check_given_embodiment(embodiment, emb, "the server" if remote is not None else str(checkpoint))
+        acting = _Acting(load_embodiment(embodiment or sim.default_embodiment), None, options, None,
+                         policy_view is not None)
+    emb = acting.embodiment
+    if embodiment is not None and (server is not None or policy == "model"):
+        _check_given_embodiment(embodiment, emb, "the server" if server is not None else str(checkpoint))
     if hasattr(sim, "check_embodiment"):  # another robot's checkpoint: one line, before any episode starts
         sim.check_embodiment(emb)
     else:
-        _check_default_embodiment(sim, simulator, emb, str(checkpoint) if policy == "model" and remote is None
+        _check_default_embodiment(sim, simulator, emb, str(checkpoint) if policy == "model" and server is None
                                   else (server or str(emb.source)))
-    execute = execute_steps or emb.action.execute_steps
-    if policy == "model" and not 1 <= execute <= emb.action.chunk_size:
-        raise CosmosPolicyError(f"{name}: execute_steps must be in [1, {emb.action.chunk_size}], got {execute}")
-    if policy != "model":
-        execute = 1  # the baselines act step by step
+    return acting
 
-    output = ensure_writable_dir(output, "--output")  # now, not after the episodes have run
-    from tqdm import tqdm
 
-    label = "planning" if planning or (remote is not None and remote.metadata.get("planning")) else policy
+def _settings(simulator: str, checkpoint: Path | None, policy: str, suite: str | None, task_list: list[str],
+              episodes: int, seed: int, execute: int, max_steps: int, num_envs: int, server: str | None,
+              acting: _Acting) -> dict[str, Any]:
+    """Step 3 of :func:`evaluate`: the settings written as ``results.json``'s ``config`` (those of
+    :data:`_RUN_KEYS` also into every episode file, the resume check). ``policy`` is ``planning`` when the
+    policy plans (here or on the server)."""
+    opts, remote = acting.options, acting.remote
+    plans = opts.plans or (remote is not None and bool(remote.metadata.get("planning")))
     config: dict[str, Any] = {
         "simulator": simulator,
         "checkpoint": None if checkpoint is None else str(checkpoint), "planning_checkpoint":
-            None if planning_checkpoint is None else str(planning_checkpoint), "policy": label, "suite": suite,
-        "tasks": task_list, "episodes": episodes, "seed": seed, "num_steps": num_steps, "decoding": decoding,
-        "execute_steps": execute, "max_steps": max_steps, "device": device, "dtype": dtype, "embodiment": emb.name,
-        "num_envs": num_envs, "policy_view": policy_view is not None,
-        **({"num_proposals": num_proposals, "num_futures": num_futures, "num_values": num_values,
-            "aggregation": aggregation, "world_model_steps": world_model_steps or num_steps,
-            "value_steps": value_steps or num_steps, "ensemble_steps": ensemble_steps} if planning else {})}
+            None if opts.planning_checkpoint is None else str(opts.planning_checkpoint),
+        "policy": "planning" if plans else policy, "suite": suite,
+        "tasks": task_list, "episodes": episodes, "seed": seed, "num_steps": opts.num_steps, "decoding": opts.decoding,
+        "execute_steps": execute, "max_steps": max_steps, "device": opts.device, "dtype": opts.dtype,
+        "embodiment": acting.embodiment.name, "num_envs": num_envs, "policy_view": acting.policy_view}
+    if opts.plans:
+        config.update({k: v for k, v in opts.planner_settings().items() if k != "policy_steps"})
     if remote is not None:  # what the server runs
         meta = remote.metadata
         config.update({"server": server, "checkpoint": meta.get("checkpoint"),
                        "planning_checkpoint": meta.get("planning_checkpoint"), **(meta.get("planning") or {})})
     if policy != "model":  # the sampling settings play no part in a baseline's episodes
         config.update(num_steps=None, decoding=None)
-    run = {k: config.get(k) for k in _RUN_KEYS}
-    todo = [(task, ep) for task in task_list for ep in range(episodes)]
-    done = _read_done(output, todo, run, resume)
-    pending = deque(x for x in todo if x not in done)
-    records: dict[tuple[str, int], dict] = dict(done)
-    rollouts_by_task: dict[str, list[Rollout]] = {t: [] for t in task_list}
-    warmup: float | None = None
-    call_seconds: list[float] = []
-    batch_sizes: list[int] = []
-    scale = max(1, round(192 / max(emb.image_size)))  # GIF magnification: small model images enlarged
+    return config
 
-    def finish(r: Rollout, seconds: float, limit: int | None = None) -> None:
-        task, ep = r.task, r.episode
+
+class _EpisodeFiles:
+    """What :func:`evaluate` keeps of each finished episode: ``episodes/<task>-epNNN.json`` (the resume point),
+    the GIF of the first ``videos`` episodes of a task, the rollout HDF5 (``record_hdf5``); the records and the
+    rollouts (frames freed) for :func:`_results`.
+
+    Args:
+        done: the records of episodes finished by an earlier run (``_read_done``).
+        scale: GIF magnification (small model images enlarged).
+    """
+
+    def __init__(self, output: Path, task_list: list[str], done: dict[tuple[str, int], dict], run: dict[str, Any],
+                 videos: int, record_hdf5: bool, seed: int, label: str, checkpoint: Path | None, scale: int):
+        self.output, self.run, self.videos, self.record_hdf5 = output, run, videos, record_hdf5
+        self.seed, self.label, self.checkpoint, self.scale = seed, label, checkpoint, scale
+        self.records: dict[tuple[str, int], dict] = dict(done)
+        self.rollouts: dict[str, list[Rollout]] = {t: [] for t in task_list}
+
+    def record_images(self, episode: int) -> bool:
+        """Whether an episode's frames are kept (for its GIF or HDF5)."""
+        return self.record_hdf5 or episode < self.videos
+
+    def finish(self, r: Rollout, seconds: float, limit: int | None = None) -> None:
+        """Write episode ``r`` (its wall-clock ``seconds``, the env's step ``limit``) and free its frames."""
+        task, ep, output = r.task, r.episode, self.output
         stem = f"{file_stem(task)}-ep{ep:03d}"
-        if ep < videos:
+        if ep < self.videos:
             # at most ~120 frames: a 520-step LIBERO episode stays a few MB
-            save_gif(output / "videos" / f"{stem}.gif", r, scale=scale, every=max(1, math.ceil(r.length / 120)))
-        if record_hdf5:
+            save_gif(output / "videos" / f"{stem}.gif", r, scale=self.scale, every=max(1, math.ceil(r.length / 120)))
+        if self.record_hdf5:
             write_rollout_hdf5(output / "rollouts" / file_stem(task) / f"{stem}.hdf5", r, attrs={
-                "seed": seed, "policy": label, "checkpoint": str(checkpoint or "")})
+                "seed": self.seed, "policy": self.label, "checkpoint": str(self.checkpoint or "")})
         rec = {"task": task, "episode": ep, "success": r.success, "length": r.length, "success_step": r.success_step,
                "seconds": seconds, "values": [[s, v] for s, v in r.values], "latencies": list(r.latencies),
-               "limit": limit, "run": run}
+               "limit": limit, "run": self.run}
         write_json_atomic(_episode_path(output, task, ep), rec)
-        records[(task, ep)] = rec
+        self.records[(task, ep)] = rec
         r.images = {}  # free the frames
-        rollouts_by_task[task].append(r)
+        self.rollouts[task].append(r)
 
-    bar = tqdm(total=len(todo), initial=len(done), unit="episode", desc=f"evaluate {label} x{num_envs}",
-               dynamic_ncols=True)
-    pool = None
-    try:
-        if pending:
-            pool = WorkerPool(SIMULATORS[simulator], emb, seed, max_steps, min(num_envs, len(pending)))
-        workers = pool.workers if pool else []
-        if policy != "model":
-            while pending:
-                batch = [(w, pending.popleft()) for w in workers if pending]
-                starts = []
-                for w, (task, ep) in batch:
-                    images = record_hdf5 or ep < videos
-                    # Baselines need camera frames only for GIFs / HDF5: a non-rendering env runs faster.
-                    starts.append(time.perf_counter())  # before send: an in-process host runs the episode in it
-                    w.send("rollout", policy, task, images, ep, images, seed)
-                for (w, _), t0 in zip(batch, starts):
-                    finish(w.recv(), time.perf_counter() - t0)
-                    bar.update(1)
-        else:
-            active: dict[int, dict[str, Any]] = {}  # worker index -> the episode it runs
-            while pending or active:
-                starting = []
-                for i, w in enumerate(workers):
-                    if i not in active and pending:
-                        task, ep = pending.popleft()
-                        starting.append((i, task, ep, time.perf_counter()))  # the episode's time includes its reset
-                        w.send("reset", task, True, ep)
-                for i, task, ep, t0 in starting:
-                    obs, info = workers[i].recv()
-                    images = record_hdf5 or ep < videos
-                    active[i] = {"rollout": Rollout(task, ep, info["instruction"],
-                                                    images={c: [] for c in info["cameras"]} if images else {}),
-                                 "obs": obs, "call": 0, "images": images, "t0": t0,
-                                 "limit": int(info["max_steps"])}
-                if warmup is None:
-                    # One call outside the statistics: loads the text encoder, allocates buffers. Calls are
-                    # seeded individually, so it changes no episode.
-                    first = next(iter(active.values()))
-                    start = time.perf_counter()
-                    batch_controller([first["obs"]], [0])
-                    warmup = time.perf_counter() - start
-                order = sorted(active)
-                seeds = [call_seed(seed, active[i]["rollout"].episode, active[i]["call"]) for i in order]
-                start = time.perf_counter()
-                chunks = batch_controller([active[i]["obs"] for i in order], seeds)
-                seconds = time.perf_counter() - start
-                call_seconds.append(seconds)
-                batch_sizes.append(len(order))
-                for i, (chunk, value) in zip(order, chunks):
-                    st = active[i]
-                    st["call"] += 1
-                    r = st["rollout"]
-                    r.latencies.append(seconds)
-                    if value is not None:
-                        r.values.append((r.length, float(value)))
-                    workers[i].send("run", np.asarray(chunk, dtype=np.float32)[:execute], st["images"])
-                for i in order:
-                    res = workers[i].recv()
-                    st = active[i]
-                    r = st["rollout"]
-                    for cam, frames in res["images"].items():
-                        r.images[cam].extend(frames)
-                    r.proprio.extend(res["proprio"])
-                    r.actions.extend(res["actions"])
-                    st["obs"] = res["obs"]
-                    if res["done"]:
-                        if res["success"]:
-                            r.success, r.success_step = True, r.length - 1
-                        finish(r, time.perf_counter() - st["t0"], st["limit"])
-                        del active[i]
-                        bar.update(1)
-                        bar.set_postfix(successes=sum(bool(x["success"]) for x in records.values()), refresh=False)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-        if remote is not None:
-            remote.close()
+    def successes(self) -> int:
+        return sum(bool(x["success"]) for x in self.records.values())
 
+
+@dataclass
+class _Timing:
+    """The policy calls of an evaluation: the warm-up call's seconds, each batched call's seconds and size."""
+
+    warmup: float | None = None
+    call_seconds: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+def _run_baselines(workers: list[Any], pending: deque, baseline: str, seed: int, files: _EpisodeFiles, bar) -> None:
+    """Step 4 for ``--policy expert | random | noop``: whole episodes inside the workers, one per worker at a time."""
+    while pending:
+        batch = [(w, pending.popleft()) for w in workers if pending]
+        starts = []
+        for w, (task, ep) in batch:
+            images = files.record_images(ep)
+            # Baselines need camera frames only for GIFs / HDF5: a non-rendering env runs faster.
+            starts.append(time.perf_counter())  # before send: an in-process host runs the episode in it
+            w.send("rollout", baseline, task, images, ep, images, seed)
+        for (w, _), t0 in zip(batch, starts):
+            files.finish(w.recv(), time.perf_counter() - t0)
+            bar.update(1)
+
+
+def _run_policy(workers: list[Any], pending: deque, controller: BatchController, seed: int, execute: int,
+                files: _EpisodeFiles, bar, timing: _Timing) -> None:
+    """Step 4 for the policy: every round, each worker without an episode starts the next one; the envs'
+    observations go to one batched ``controller`` call (seeded per episode and call, :func:`call_seed`); each
+    worker executes the first ``execute`` actions of its chunk; finished episodes go to ``files``."""
+    active: dict[int, dict[str, Any]] = {}  # worker index -> the episode it runs
+    while pending or active:
+        starting = []
+        for i, w in enumerate(workers):
+            if i not in active and pending:
+                task, ep = pending.popleft()
+                starting.append((i, task, ep, time.perf_counter()))  # the episode's time includes its reset
+                w.send("reset", task, True, ep)
+        for i, task, ep, t0 in starting:
+            obs, info = workers[i].recv()
+            images = files.record_images(ep)
+            active[i] = {"rollout": Rollout(task, ep, info["instruction"],
+                                            images={c: [] for c in info["cameras"]} if images else {}),
+                         "obs": obs, "call": 0, "images": images, "t0": t0, "limit": int(info["max_steps"])}
+        if timing.warmup is None:
+            # One call outside the statistics: loads the text encoder, allocates buffers. Calls are
+            # seeded individually, so it changes no episode.
+            first = next(iter(active.values()))
+            start = time.perf_counter()
+            controller([first["obs"]], [0])
+            timing.warmup = time.perf_counter() - start
+        order = sorted(active)
+        seeds = [call_seed(seed, active[i]["rollout"].episode, active[i]["call"]) for i in order]
+        start = time.perf_counter()
+        chunks = controller([active[i]["obs"] for i in order], seeds)
+        seconds = time.perf_counter() - start
+        timing.call_seconds.append(seconds)
+        timing.batch_sizes.append(len(order))
+        for i, (chunk, value) in zip(order, chunks):
+            st = active[i]
+            st["call"] += 1
+            r = st["rollout"]
+            r.latencies.append(seconds)
+            if value is not None:
+                r.values.append((r.length, float(value)))
+            workers[i].send("run", np.asarray(chunk, dtype=np.float32)[:execute], st["images"])
+        for i in order:
+            res = workers[i].recv()
+            st = active[i]
+            r = st["rollout"]
+            for cam, frames in res["images"].items():
+                r.images[cam].extend(frames)
+            r.proprio.extend(res["proprio"])
+            r.actions.extend(res["actions"])
+            st["obs"] = res["obs"]
+            if res["done"]:
+                if res["success"]:
+                    r.success, r.success_step = True, r.length - 1
+                files.finish(r, time.perf_counter() - st["t0"], st["limit"])
+                del active[i]
+                bar.update(1)
+                bar.set_postfix(successes=files.successes(), refresh=False)
+
+
+def _results(sim: Any, config: dict[str, Any], todo: list[tuple[str, int]], files: _EpisodeFiles, task_list: list[str],
+             episodes: int, max_steps: int, gamma: float, output: Path, timing: _Timing,
+             resumed: int) -> dict[str, Any]:
+    """Step 5 of :func:`evaluate`: ``results.json``'s content: per task the success rate, latency and, when the
+    policy predicts values, the closed-loop value AUROC, calibration and ranking (with their plots in
+    ``output``); per suite; overall."""
+    label, records = config["policy"], files.records
     episodes_out = [records[x] for x in todo]
     results: dict[str, Any] = {"config": config, "tasks": {}, "episodes": [
         {k: v for k, v in e.items() if k not in ("run", "latencies", "limit")} for e in episodes_out]}
@@ -849,7 +939,7 @@ def evaluate(
                                  values=[(int(s), float(v)) for s, v in e["values"]]) for e in recs],
                         f"{task}: predicted value ({label})")
             # is a predicted 0.8 worth 0.8 of the return, and does the value rank outcomes at equal time
-            curve = closed_loop_calibration(recs, emb.value.gamma)[task]
+            curve = closed_loop_calibration(recs, gamma)[task]
             results["tasks"][task]["value_calibration"] = curve.to_json() if curve else None
             results["tasks"][task]["value_ranking"] = ranking_accuracy(recs)[task]
             if curve is not None:
@@ -860,11 +950,9 @@ def evaluate(
         for e in episodes_out:
             groups.setdefault(sim.suite_of(e["task"]), []).append(e)
         results["suites"] = {s: _stats(g) for s, g in groups.items()}
-    results["overall"] = {**_stats(episodes_out), "latency": latency_summary(call_seconds), "warmup_s": warmup,
-                          "resumed_episodes": len(done),
-                          "mean_batch": float(np.mean(batch_sizes)) if batch_sizes else None}
-    write_json_atomic(output / "results.json", results)
-    _print_table(results, output)
+    results["overall"] = {**_stats(episodes_out), "latency": latency_summary(timing.call_seconds),
+                          "warmup_s": timing.warmup, "resumed_episodes": resumed,
+                          "mean_batch": float(np.mean(timing.batch_sizes)) if timing.batch_sizes else None}
     return results
 
 
