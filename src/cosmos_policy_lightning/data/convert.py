@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..atomic import WRITE_PROBE_PREFIX, ensure_writable_dir
+from ..atomic import WRITE_PROBE_PREFIX, ensure_writable_dir, write_json_atomic
 from ..embodiment import Embodiment
 from ..errors import DataError
 from ..locking import LOCK_NAME, folder_lock
@@ -423,8 +423,6 @@ class _Conversion:
         return records
 
     def _save_manifest(self) -> None:
-        from ..normalization import write_json_atomic
-
         write_json_atomic(self.out / S.MANIFEST, self.manifest)
 
     def _needs_work(self, eid: str, in_shard: bool) -> bool:
