@@ -96,7 +96,7 @@ def test_shipped_files_resolve_inside_the_installed_package(installed):
     python, elsewhere = installed
     code = (
         "import json\n"
-        "from cosmos_policy_lightning.model.module import resolve_path\n"
+        "from cosmos_policy_lightning.shipped import resolve_path\n"
         "from cosmos_policy_lightning.model.vae import VideoVAE\n"
         "from cosmos_policy_lightning.sim.metaworld import DEFAULT_EMBODIMENT\n"
         "from cosmos_policy_lightning.embodiment import Embodiment\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 #: The folders copied into the wheel, relative to the repository root (setup.py reads this list too).
 SHIPPED_FOLDERS = ("embodiments", "assets/tiny_wan_vae")
@@ -46,6 +47,23 @@ def checkout_path(relative: str | Path) -> Path | None:
     ``pyproject.toml``) and the path exists there; else None (an installed wheel has no checkout)."""
     path = CHECKOUT_ROOT / relative
     return path if (CHECKOUT_ROOT / "pyproject.toml").is_file() and path.exists() else None
+
+
+def resolve_path(source: Any) -> Any:
+    """A relative path that does not exist from the working directory is looked up among the shipped files
+    (``assets/tiny_wan_vae``, ``embodiments/...``: inside the installed package, or the source checkout,
+    :func:`shipped_path`), then in the source checkout (:func:`checkout_path`), so recipes and checkpoints
+    naming ``assets/...`` work from any directory and from a wheel install.
+
+    Returns:
+        the found path as a ``str``; ``source`` itself when it exists, is absolute, is found nowhere, or is
+        not a string (Hub ids and dicts pass through).
+    """
+    if isinstance(source, str) and not Path(source).is_absolute() and not Path(source).exists():
+        found = shipped_path(source) or checkout_path(source)
+        if found is not None:
+            return str(found)
+    return source
 
 
 def shipped_embodiments() -> dict[str, Path]:

@@ -185,7 +185,7 @@ def _portable_vae(vae: Any, folder: Path, override: str | None) -> tuple[Any, st
     """
     import shutil
 
-    from ..model.module import resolve_path
+    from ..shipped import resolve_path
     from ..shipped import shipped_path
 
     vae = override if override is not None else vae

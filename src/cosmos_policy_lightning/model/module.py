@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -34,7 +33,7 @@ from ..layout import OBJECTIVES, SequenceLayout, objective_index
 from ..inference_record import InferenceRecord
 from ..normalization import DatasetStats, Normalizer
 from ..processor import PolicyProcessor, value_to_unit
-from ..shipped import checkout_path, shipped_path
+from ..shipped import resolve_path
 from ..text import T5_MAX_TOKENS, pad_text_tokens, uses_padded_text
 from . import diffusion
 from .dit import VideoDiT
@@ -49,18 +48,6 @@ from .warm_start import load_dit_weights
 from . import lora as lora_adapters
 
 CHECKPOINT_KEY = "cosmos_policy"
-
-
-def resolve_path(source: Any) -> Any:
-    """A relative path that does not exist from the working directory is looked up among the shipped files
-    (``assets/tiny_wan_vae``, ``embodiments/...``: inside the installed package, or the source checkout; see
-    ``shipped.py``), then in the source checkout, so recipes and checkpoints naming ``assets/...`` work from
-    any directory and from a wheel install. Hub ids and dicts pass through."""
-    if isinstance(source, str) and not Path(source).is_absolute() and not Path(source).exists():
-        found = shipped_path(source) or checkout_path(source)
-        if found is not None:
-            return str(found)
-    return source
 
 
 def refuse_other_robot(stored: dict, embodiment: Embodiment, where: Any = None) -> None:

@@ -22,9 +22,9 @@ from ..data.datamodule import check_convert_from
 from ..data.dataset_info import is_converted
 from ..data.latent_cache import build_latent_cache, check_cache_matches_model, read_cache_manifest
 from ..layout import SequenceLayout
-from ..model.module import resolve_path
 from ..model.sequence import PixelSequenceEncoder
 from ..model.vae import VideoVAE
+from ..shipped import resolve_path
 
 
 def convert_if_missing(data_dir: str | Path, embodiment: str | None, convert_from: dict[str, Any] | None) -> bool:
