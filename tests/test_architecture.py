@@ -100,3 +100,57 @@ def test_tests_mirror_the_packages_and_share_only_fixtures():
                     node.module.split(".")[-1].startswith("test_"):
                 offenders.append(f"{path.relative_to(tests)} imports {node.module}")
     assert not offenders, offenders
+
+
+#: Import cycles not removed yet, each with where it is left (the test fails on any other).
+KNOWN_CYCLES = {
+    # dataset_info lazily imports integrity.file_sha256, integrity imports dataset_info.load_json (data/ is
+    # being reworked for issue 22; remove the entry with the cycle)
+    frozenset({f"{NAME}.data.dataset_info", f"{NAME}.data.integrity"}),
+}
+
+
+def _cycles(modules: list[Path], package_root: Path = PACKAGE) -> list[frozenset[str]]:
+    """The strongly connected components of more than one module of the import graph (lazy imports included)."""
+    names = {_module_name(p, package_root): p for p in modules}
+    graph = {m: sorted(i for i in _imports(p, package_root) if i in names and i != m) for m, p in names.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[frozenset[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = {stack.pop()}
+            while v not in component:
+                component.add(stack.pop())
+            if len(component) > 1:
+                found.append(frozenset(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle():
+    """No two modules import each other, directly or through others, even lazily inside a function."""
+    cycles = [sorted(c) for c in _cycles(MODULES) if c not in KNOWN_CYCLES]
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_cycle_check_sees_a_cycle(tmp_path):
+    root = tmp_path / NAME
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "a.py").write_text("from .b import x\n")
+    (root / "model" / "b.py").write_text("def x():\n    from .a import y\n")
+    (root / "model" / "c.py").write_text("from .a import y\n")
+    assert _cycles(sorted(root.rglob("*.py")), root) == [frozenset({f"{NAME}.model.a", f"{NAME}.model.b"})]

@@ -29,7 +29,8 @@ from ..errors import CosmosPolicyError
 from ..inference_record import InferenceRecord
 from ..layout import SequenceLayout
 from ..model.vae import WAN21_VAE
-from ..model.reference_weights import fetch_file, load_reference_transformer
+from ..model.dit import load_reference_transformer
+from ..model.reference_weights import fetch_file
 from ..text import T5_MAX_TOKENS, TextEmbeddingCache
 from .reference import REFERENCE_T5_IDENTITY, PrecomputedTextEncoder, read_reference_stats, read_t5_embeddings
 

@@ -27,6 +27,8 @@ from torch import nn
 
 from ..errors import CosmosPolicyError
 from .loading import diffusers_module, from_pretrained
+from .reference_weights import (is_reference_checkpoint, load_state_strict, read_reference_state_dict,
+                                reference_to_diffusers, resolve_reference_file)
 from .vae import LATENT_CHANNELS
 
 #: DiT input channels: 16 latent + 1 condition mask + 1 padding mask (docs/method.md §2, §6).
@@ -184,8 +186,6 @@ def build_transformer(
         subfolder = subfolder or default_subfolder
     else:
         source = os.fspath(pretrained)
-        from .reference_weights import is_reference_checkpoint, load_reference_transformer
-
         if is_reference_checkpoint(source):
             model = load_reference_transformer(source, config, text_embed_dim, torch_dtype=torch_dtype or torch.float32)
             return model.to(device) if device is not None else model
@@ -193,6 +193,33 @@ def build_transformer(
     _check_architecture(model.config, kwargs, source)
     adapt_input_channels_(model)
     return model.to(device) if device is not None else model
+
+
+def load_reference_transformer(source: str | os.PathLike, config: str | Mapping[str, Any] = "cosmos-predict2-2b",
+                               text_embed_dim: int | None = None, ema: bool = False,
+                               torch_dtype: torch.dtype | None = torch.float32, trust_pickle: bool = False):
+    """A ``CosmosTransformer3DModel`` with the weights of a reference checkpoint (read and key-converted by
+    ``model/reference_weights.py``, loaded strictly into a model of our configuration).
+
+    Args:
+        source: local ``.pt`` / ``.pth`` file or Hub file ``<org>/<repo>/<path>``.
+        config: our transformer configuration (``model/dit.py``; 18 input channels).
+        text_embed_dim: overrides the configuration's text width.
+        ema: take the EMA weights (``net_ema.``).
+        torch_dtype: parameter dtype (float32 for training; None keeps the file's, e.g. bfloat16).
+        trust_pickle: see :func:`~.reference_weights.read_reference_state_dict`.
+
+    Returns:
+        the model, in eval mode on the CPU.
+
+    Raises:
+        CosmosPolicyError: file not found / unreadable, or weights not matching the configuration.
+    """
+    path = resolve_reference_file(source)
+    state = reference_to_diffusers(read_reference_state_dict(path, trust_pickle), ema=ema, source=os.fspath(source))
+    model = build_transformer(config, text_embed_dim=text_embed_dim, device="meta")
+    load_state_strict(model, state, os.fspath(source), torch_dtype)
+    return model.eval()
 
 
 def _check_architecture(loaded: Mapping[str, Any], requested: Mapping[str, Any], source: str) -> None:

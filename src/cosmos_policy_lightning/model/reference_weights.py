@@ -12,7 +12,8 @@ Key names are mapped to diffusers' ``CosmosTransformer3DModel`` by diffusers' ow
 conversion for Cosmos 2.0 (``diffusers.loaders.single_file_utils.
 convert_cosmos_transformer_checkpoint_to_diffusers``, the mapping behind ``from_single_file``), which
 also drops the weightless buffers; no rename table is kept here. ``from_single_file`` itself is not
-used because it fetches a configuration from the Hub and loads non-strictly; here the model is built
+used because it fetches a configuration from the Hub and loads non-strictly; instead
+``model/dit.py`` (``load_reference_transformer``, and ``build_transformer`` for a ``.pt``) builds the model
 from our configuration (18 input channels: the released patch embedding has 18 x 1 x 2 x 2 = 72
 columns in our channel order -- 16 latent, condition mask, padding mask) and every weight must match.
 """
@@ -193,31 +194,3 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         tensors[key] = value.to(torch_dtype) if torch_dtype is not None else value
     meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(tensors, strict=True, assign=meta)
-
-
-def load_reference_transformer(source: str | os.PathLike, config: str | Mapping[str, Any] = "cosmos-predict2-2b",
-                               text_embed_dim: int | None = None, ema: bool = False,
-                               torch_dtype: torch.dtype | None = torch.float32, trust_pickle: bool = False):
-    """A ``CosmosTransformer3DModel`` with the weights of a reference checkpoint.
-
-    Args:
-        source: local ``.pt`` / ``.pth`` file or Hub file ``<org>/<repo>/<path>``.
-        config: our transformer configuration (``model/dit.py``; 18 input channels).
-        text_embed_dim: overrides the configuration's text width.
-        ema: take the EMA weights (``net_ema.``).
-        torch_dtype: parameter dtype (float32 for training; None keeps the file's, e.g. bfloat16).
-        trust_pickle: see :func:`read_reference_state_dict`.
-
-    Returns:
-        the model, in eval mode on the CPU.
-
-    Raises:
-        CosmosPolicyError: file not found / unreadable, or weights not matching the configuration.
-    """
-    from .dit import build_transformer
-
-    path = resolve_reference_file(source)
-    state = reference_to_diffusers(read_reference_state_dict(path, trust_pickle), ema=ema, source=os.fspath(source))
-    model = build_transformer(config, text_embed_dim=text_embed_dim, device="meta")
-    load_state_strict(model, state, os.fspath(source), torch_dtype)
-    return model.eval()
