@@ -154,3 +154,14 @@ def test_the_cycle_check_sees_a_cycle(tmp_path):
     (root / "model" / "b.py").write_text("def x():\n    from .a import y\n")
     (root / "model" / "c.py").write_text("from .a import y\n")
     assert _cycles(sorted(root.rglob("*.py")), root) == [frozenset({f"{NAME}.model.a", f"{NAME}.model.b"})]
+
+
+def test_every_module_is_in_the_module_map():
+    """CONTRIBUTING's "Where things are" table names every module (``data/sources/`` as one folder), so a
+    newcomer finds each concept there."""
+    table = "\n".join(line for line in (PACKAGE.parents[1] / "CONTRIBUTING.md").read_text().splitlines()
+                      if line.startswith("|"))
+    missing = [rel for rel in (p.relative_to(PACKAGE).as_posix() for p in MODULES)
+               if not rel.endswith("__init__.py") and f"`{rel}`" not in table
+               and not (rel.startswith("data/sources/") and "`data/sources/`" in table)]
+    assert not missing, f"add to CONTRIBUTING.md's module map: {missing}"

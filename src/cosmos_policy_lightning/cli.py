@@ -40,7 +40,7 @@ TOOLS: dict[tuple[str, ...], tuple[str, str, str]] = {
                              "turn a released reference .pt (local or <org>/<repo>/<file>.pt) into a .ckpt"),
     ("export",): ("cosmos_policy_lightning.checkpoints.export", "export",
                   "a LoRA checkpoint as a merged plain checkpoint (--merge, default) or a peft adapter folder"),
-    ("push-to-hub",): ("cosmos_policy_lightning.checkpoints.hub", "push_to_hub",
+    ("push-to-hub",): ("cosmos_policy_lightning.checkpoints.policy_folder", "push_to_hub",
                        "write a checkpoint as a Hub model folder and upload it (or --local_dir only)"),
 }
 

@@ -2,7 +2,7 @@
 
 One typed record travels from the data module (which knows the dataset) through the model (which
 stores it in every checkpoint under ``checkpoint["cosmos_policy"]``) to deployment (``inference/``),
-the policy server and the Hub folder (``checkpoints/hub.py``). Nothing downstream reads the data
+the policy server and the Hub folder (``checkpoints/policy_folder.py``). Nothing downstream reads the data
 module's settings or the dataset again: the record is the one metadata channel.
 
 =====================  ======================================================================

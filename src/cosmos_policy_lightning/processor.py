@@ -7,7 +7,7 @@ means the same thing on both sides: proprio and candidate actions are normalised
 record's statistics, instructions are looked up and padded like training batches
 (``text.InstructionEmbeddings``, ``text.pad_text_batch``), and generated vectors go back to robot
 units (actions clamped to the normalised range first) with the value mapped to [0, 1]
-(docs/method.md §1, §4). Camera frames are prepared in ``inference/preprocess.py`` (training reads
+(docs/method.md §1, §4). Camera frames are prepared in ``inference/observation.py`` (training reads
 them already prepared from the shards).
 """
 

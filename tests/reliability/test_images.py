@@ -11,7 +11,7 @@ import pytest
 from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.data.convert import convert
 from cosmos_policy_lightning.errors import CosmosPolicyError, DataError
-from cosmos_policy_lightning.inference.preprocess import prepare_image
+from cosmos_policy_lightning.inference.observation import prepare_image
 
 from ..fixtures.factories import EpisodeSpec, episode_arrays, read_split, write_embodiment, write_robomimic
 from .faults import one_line_error

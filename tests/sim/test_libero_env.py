@@ -88,7 +88,7 @@ def test_observation_equals_the_reference_processing(env):
         assert diff.max() <= 1 and (diff == 0).mean() > 0.999, (cam, diff.max(), (diff > 0).mean())
         assert np.array_equal(lb.LiberoEnv.policy_view(obs, center_crop=False)["images"][cam], before)
     # the policy's processor passes the prepared view through unchanged (no second JPEG, no second crop)
-    from cosmos_policy_lightning.inference.preprocess import Observation, prepare_images
+    from cosmos_policy_lightning.inference.observation import Observation, prepare_images
 
     view = lb.LiberoEnv.policy_view(obs, center_crop=True)
     emb = load_embodiment(EMBODIMENTS / "libero.yaml")

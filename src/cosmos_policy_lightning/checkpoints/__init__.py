@@ -1,2 +1,3 @@
 """Checkpoints from and for elsewhere: the reference's released ``.pt`` files and side files
-(``reference.py``, ``importer.py``), and policies shared on the Hugging Face Hub (``hub.py``)."""
+(``reference_side_files.py``, ``importer.py``), and policies shared on the Hugging Face Hub as portable
+folders (``policy_folder.py``)."""

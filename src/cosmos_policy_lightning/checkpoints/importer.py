@@ -11,7 +11,7 @@ wherever a trained checkpoint does:
 * ``cosmos-policy fit ... --model.init_args.init_from_checkpoint OUT.ckpt`` to fine-tune on your robot.
 
 The DiT weights are read with ``model/reference_weights.py`` (diffusers' Cosmos key conversion,
-strict); the statistics JSON and T5 pickle with ``checkpoints/reference.py``.
+strict); the statistics JSON and T5 pickle with ``checkpoints/reference_side_files.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from ..model.vae import WAN21_VAE
 from ..model.dit import load_reference_transformer
 from ..model.reference_weights import fetch_file
 from ..text import T5_MAX_TOKENS, TextEmbeddingCache
-from .reference import REFERENCE_T5_IDENTITY, PrecomputedTextEncoder, read_reference_stats, read_t5_embeddings
+from .reference_side_files import (REFERENCE_T5_IDENTITY, PrecomputedTextEncoder, read_reference_stats,
+                                   read_t5_embeddings)
 
 #: Key of the embedded instruction embeddings inside ``checkpoint["cosmos_policy"]``.
 TEXT_EMBEDDINGS_KEY = "text_embeddings"

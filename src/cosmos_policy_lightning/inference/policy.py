@@ -44,7 +44,7 @@ from ..model.sequence import encode_pixel_sequence, write_slot
 from ..processor import PolicyProcessor, value_to_unit
 from ..checkpoints.checkpoint_file import read_checkpoint_file
 from .ensemble import EnsembleSteps, group_members, member_seeds, member_steps
-from .preprocess import Observation, prepare_images
+from .observation import Observation, prepare_images
 
 Decoding = Literal["parallel", "autoregressive"]
 
@@ -221,13 +221,13 @@ class CosmosPolicy:
     def from_pretrained(cls, source: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, **kwargs) -> "CosmosPolicy":
         """Load a policy shared on the Hugging Face Hub (``org/name``) or its folder (written by
-        ``cosmos-policy push-to-hub``; layout in ``checkpoints/hub.py``). A Hub id is downloaded once
+        ``cosmos-policy push-to-hub``; layout in ``checkpoints/policy_folder.py``). A Hub id is downloaded once
         into the Hub cache (``HF_HUB_OFFLINE=1`` reads only the cache).
 
         Raises:
             CosmosPolicyError: not a policy folder / reachable Hub repository, or a missing file.
         """
-        from ..checkpoints.hub import load_policy_folder
+        from ..checkpoints.policy_folder import load_policy_folder
 
         module, text_embeddings = load_policy_folder(source)
         kwargs.setdefault("text_embeddings", text_embeddings)
@@ -260,7 +260,7 @@ class CosmosPolicy:
     # ------------------------------------------------------------------ building blocks
     def prepare(self, observations: Sequence[Observation | Mapping[str, Any]],
                 instruction: str | None = None) -> PreparedBatch:
-        """Observations -> :class:`PreparedBatch` on the policy's device (see ``inference/preprocess.py``).
+        """Observations -> :class:`PreparedBatch` on the policy's device (see ``inference/observation.py``).
 
         Args:
             observations: B observations (``Observation`` or dicts with ``images``, ``proprio``,

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..client import unpackb
 from ..errors import CosmosPolicyError
-from .preprocess import Observation
+from .observation import Observation
 
 #: Largest camera frame side accepted with ``any_image_size`` (a guard against absurd allocations).
 MAX_IMAGE_SIDE = 4096

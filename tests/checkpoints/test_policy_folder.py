@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from cosmos_policy_lightning.checkpoints.hub import read_text_embeddings
+from cosmos_policy_lightning.checkpoints.policy_folder import read_text_embeddings
 from cosmos_policy_lightning.checkpoints.importer import import_checkpoint
 from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.errors import CosmosPolicyError
@@ -94,7 +94,7 @@ def test_round_trip_by_hub_id_from_a_prefilled_cache_offline(trained, folder, tm
                                                       if p.is_file()})
     script = ("import json, sys, numpy as np\n"
               "from cosmos_policy_lightning.inference.policy import CosmosPolicy\n"
-              "from tests.checkpoints.test_hub import _predict\n"
+              "from tests.checkpoints.test_policy_folder import _predict\n"
               "policy = CosmosPolicy.from_pretrained('someone/toy-policy')\n"
               "print(json.dumps(_predict(policy, 'open the top drawer slowly').tolist()))\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
