@@ -59,18 +59,8 @@ from ..inference_record import InferenceRecord
 from ..normalization import DatasetStats, Normalizer
 from . import schema as S
 from .dataset_info import DatasetInfo, is_converted, read_dataset_info
-from .integrity import CONVERT_AGAIN, CheckedTarSamples, check_shard_sizes
-from .latent_cache import (
-    LATENTS,
-    PASSTHROUGH,
-    cache_fingerprint,
-    dataset_content,
-    read_cache_manifest,
-    rebuild_hint,
-    refuse_other_fingerprint,
-)
+from .latent_cache import cache_fingerprint, dataset_content, read_cache_manifest, refuse_other_fingerprint
 from .stages import (
-    LatentSampleDecoder,
     ObjectiveMixer,
     RoundRobinObjectives,
     SampleDecoder,
@@ -80,6 +70,7 @@ from .stages import (
     TakeShare,
     collate,
 )
+from .training_source import PixelShards, training_source
 
 #: The pre-training mix of docs/method.md §2; the planning fine-tune uses ``{"policy": 0.1, "world_model": 0.45,
 #: "value": 0.45}``.
@@ -242,6 +233,7 @@ class CosmosDataModule(L.LightningDataModule):
         self.latent_dtype = latent_dtype
         self.check_sha256 = bool(check_sha256)
         self._cache_manifest: dict | None = None
+        self._source: PixelShards | None = None
         # The model's hparams hold the embodiment as a dict; Lightning refuses to merge differing values.
         self.save_hyperparameters(ignore=["embodiment"])
         self._info: DatasetInfo | None = None
@@ -350,61 +342,18 @@ class CosmosDataModule(L.LightningDataModule):
                                max_text_tokens=self.max_text_tokens, objective_mix=self.objective_mix,
                                test_transform="center_crop" if self.center_crop else "none")
 
-    def _shards(self, split: str) -> list[str]:
-        """Shard paths of ``split``: the pixel shards, or their latent-cache counterparts."""
-        shards = list(self.info.splits[split].shards)
-        if self.latent_cache:
-            return [str(self.cache_dir / Path(p).name) for p in shards]
-        return shards
+    @property
+    def source(self) -> PixelShards:
+        """Where batches come from, chosen once: the latent cache (``latent_cache``) or the pixel shards
+        (``data/training_source.py``: shards, decoder, required members, sizes and checksums)."""
+        if self._source is None:
+            self._source = training_source(self.info, self.cache_manifest, self.cache_dir, self.vae)
+        return self._source
 
     def _decoder(self, mode: str, rank: int = 0, position: StreamPosition | None = None) -> SampleDecoder:
         info = self.info
-        args = (info.embodiment, self.normalizers, str(info.data_dir / S.TEXT_DIR), self.max_text_tokens, mode)
-        if self.latent_cache:
-            manifest = self.cache_manifest
-            return LatentSampleDecoder(*args, layout_frames=manifest["frames"],
-                                       num_latent_frames=manifest["fingerprint"]["layout"]["num_latent_frames"],
-                                       seed=self.seed, rank=rank, position=position)
-        return SampleDecoder(*args, seed=self.seed, rank=rank, position=position)
-
-    def _reader(self, split: str) -> CheckedTarSamples:
-        """Tar -> samples with the manifest's sample counts and the members every sample must hold
-        checked while reading (``data/integrity.py``)."""
-        info = self.info
-        counts = {Path(p).name: n for p, n in zip(info.splits[split].shards, info.splits[split].samples)}
-        if self.latent_cache:
-            required = (LATENTS, *PASSTHROUGH)
-            digests = {e.get("name"): e.get("sha256") for e in (self.cache_manifest or {}).get("shards", [])
-                       if isinstance(e, dict)}
-            manifest = self.cache_dir / S.MANIFEST
-        else:
-            required = (S.META, S.PROPRIO, S.FUTURE_PROPRIO, S.ACTIONS,
-                        *(S.image_member(c, f) for c in info.embodiment.camera_names for f in (False, True)))
-            digests = {Path(p).name: d for p, d in zip(info.splits[split].shards, info.splits[split].sha256)}
-            manifest = info.data_dir / S.MANIFEST
-        return CheckedTarSamples(counts, required, digests if self.check_sha256 else None, manifest, self._fix)
-
-    @property
-    def _fix(self) -> str:
-        """What a message about a damaged shard tells the user to do: rebuild the cache (the pixel data
-        is fine) or convert again."""
-        if self.latent_cache:
-            return rebuild_hint(self.data_dir, self.cache_dir, self.vae)
-        return CONVERT_AGAIN
-
-    def _check_shard_files(self) -> None:
-        """Every shard that will be read has the size its manifest recorded (one ``stat`` each)."""
-        info = self.info
-        if self.latent_cache:
-            entries = {e.get("name"): e for e in (self.cache_manifest or {}).get("shards", []) if isinstance(e, dict)}
-            listed = [(self.cache_dir / Path(p).name, (entries.get(Path(p).name) or {}).get("bytes"))
-                      for split in S.SPLITS for p in info.splits[split].shards]
-            check_shard_sizes(listed, self.cache_dir / S.MANIFEST, self._fix)
-        else:
-            listed = [(p, b) for split in S.SPLITS
-                      for p, b in zip(info.splits[split].shards, info.splits[split].bytes or
-                                      (None,) * len(info.splits[split].shards))]
-            check_shard_sizes(listed, info.data_dir / S.MANIFEST)
+        return self.source.decoder((info.embodiment, self.normalizers, str(info.data_dir / S.TEXT_DIR),
+                                    self.max_text_tokens, mode), seed=self.seed, rank=rank, position=position)
 
     @property
     def objective_mix(self) -> dict[str, float]:
@@ -417,7 +366,7 @@ class CosmosDataModule(L.LightningDataModule):
         info = self.info
         _ = self.normalizers
         if not self._files_checked:
-            self._check_shard_files()
+            self.source.check_files()
             self._files_checked = True
         if stage in (None, "fit") and not self._fit_checked:
             train = info.splits["train"]
@@ -481,9 +430,9 @@ class CosmosDataModule(L.LightningDataModule):
         pipeline = _SizedPipeline(
             # Every worker of every rank draws shards independently with replacement, so no node /
             # worker splitting is needed (and no rank can run out of data).
-            wds.ResampledShards(self._shards("train"), seed=self.seed, deterministic=True,
+            wds.ResampledShards(self.source.shards("train"), seed=self.seed, deterministic=True,
                                 worker_seed=functools.partial(_resample_seed, rank, position)),
-            self._reader("train"),
+            self.source.reader("train", self.check_sha256),
             Shuffle(self.shuffle_buffer, self.seed, rank, position),
             ObjectiveMixer(self.objective_weights, self.success_fraction, train.has_success, train.has_failure,
                            seed=self.seed, rank=rank, pool_size=self.shuffle_buffer,
@@ -504,10 +453,10 @@ class CosmosDataModule(L.LightningDataModule):
             return []
         objectives = [i for i, w in enumerate(self.objective_weights) if w > 0]
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self._shards("validation")),
+            wds.SimpleShardList(self.source.shards("validation")),
             SplitByRank(rank, world),
             wds.split_by_worker,
-            self._reader("validation"),
+            self.source.reader("validation", self.check_sha256),
             RoundRobinObjectives(objectives, [Path(p).name for p in val.shards]),
             self._decoder("center" if self.augment else "none"),
             wds.batched(self.val_batch_size, collation_fn=collate, partial=True),

@@ -56,7 +56,7 @@ class CosmosPolicyCLI(LightningCLI):
 
     def _prepare(self, subcommand: str) -> None:
         self._check_ckpt_path(subcommand)
-        if hasattr(self.datamodule, "latent_cache"):
+        if isinstance(self.datamodule, CosmosDataModule):  # another data module brings its own batches
             prepare_latent_cache(self.datamodule, self.model.vae)
 
     def before_fit(self) -> None:
