@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from .fixtures.markdown_blocks import bash_commands as readme_commands
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 SHIPPED_FOLDERS = ("embodiments/", "recipes/", "datamodules/", "samples/", "assets/")
@@ -36,27 +38,6 @@ SKIPPED = {
     "tensorboard": "a long-running web server; the log directory it shows is written by the fit command above",
     "python": "`python -m pytest` is this test suite itself",
 }
-
-
-def readme_commands(text: str) -> list[list[str]]:
-    """The shell commands of every ```bash block of a Markdown text, as argument lists.
-
-    Returns:
-        one ``argv`` per command, in README order; leading ``VAR=value`` assignments removed.
-    """
-    commands: list[list[str]] = []
-    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
-        joined = re.sub(r"\\\n\s*", " ", block)
-        for line in joined.splitlines():
-            tokens = shlex.split(line, comments=True)
-            while tokens:
-                cut = tokens.index("&&") if "&&" in tokens else len(tokens)
-                argv, tokens = tokens[:cut], tokens[cut + 1:]
-                while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):
-                    argv = argv[1:]
-                if argv:
-                    commands.append(argv)
-    return commands
 
 
 COMMANDS = readme_commands(README.read_text())
