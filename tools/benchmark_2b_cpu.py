@@ -98,15 +98,16 @@ class _FlashAttentionSaves(torch.autograd.Function):
         raise NotImplementedError
 
 
-def activation_bytes_per_sample(frames: int, latent_hw: int) -> dict[str, float]:
+def activation_bytes_per_sample(frames: int, latent_hw: int, dit=None) -> dict[str, float]:
     """Bytes autograd saves for backward, per sample, bf16 compute: per block, outside the blocks, and a
     block's input (what activation checkpointing keeps instead).
 
     Counted from the storages of the tensors autograd saves in a meta-device forward (each storage once,
     whatever views of it are saved). Weights saved by matmuls (and their transposed views) are
     parameters, not activations, and are left out; attention saves what flash attention saves.
+    ``dit``: a meta-device DiT to count (default: the plain 2B; ``tools/memory_model.py`` passes a LoRA one).
     """
-    dit = _meta_dit()
+    dit = _meta_dit() if dit is None else dit
     x, t, cond, text = _meta_inputs(frames, latent_hw)
     tokens = frames * (latent_hw // 2) ** 2
     current = {"where": "outside"}

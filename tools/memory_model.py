@@ -69,42 +69,12 @@ def _inputs(frames: int, latent_hw: int):
 
 
 def activation_bytes(dit, frames: int, latent_hw: int) -> dict[str, float]:
-    """Per sample: saved bytes per block (max), outside the blocks, and a block's input (bf16)."""
-    from benchmark_2b_cpu import _FlashAttentionSaves
+    """Per sample with activation checkpointing: every block's input, what one block saves while it is
+    recomputed, and what is saved outside the blocks (bf16; counted by ``tools/benchmark_2b_cpu.py``)."""
+    from benchmark_2b_cpu import activation_bytes_per_sample
 
-    x, t, cond, text = _inputs(frames, latent_hw)
-    tokens = frames * (latent_hw // 2) ** 2
-    where = {"now": "outside"}
-    totals: dict[str, float] = {"outside": 0.0}
-    seen: set[int] = set()
-    weights = {tuple(p.shape) for p in dit.parameters()} | {tuple(p.shape[::-1]) for p in dit.parameters()}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage._cdata not in seen and not (tensor.dim() == 2 and tuple(tensor.shape) in weights):
-            seen.add(storage._cdata)
-            totals[where["now"]] = totals.get(where["now"], 0.0) + storage.nbytes()
-        return tensor
-
-    def flash(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        return _FlashAttentionSaves.apply(query, key, value)
-
-    hooks = []
-    for i, block in enumerate(dit.blocks):
-        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: where.update(now=f"block{i}")))
-        hooks.append(block.register_forward_hook(lambda m, a, o: where.update(now="outside")))
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = flash
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            dit(x, t, cond, text, None)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = sdpa
-        for h in hooks:
-            h.remove()
-    blocks = [v for k, v in totals.items() if k.startswith("block")]
-    per_sample = len(blocks) * tokens * 2048 * 2 + totals["outside"] + max(blocks)
-    return {"per_sample": per_sample, "tokens": tokens}
+    a = activation_bytes_per_sample(frames, latent_hw, dit)
+    return {"per_sample": a["num_blocks"] * a["block_input"] + a["outside"] + a["per_block"], "tokens": a["tokens"]}
 
 
 def train_flops(dit, frames: int, latent_hw: int) -> float:
