@@ -128,6 +128,10 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cosmos-policy`` console script. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Waiting OpenMP threads sleep instead of spinning: on a machine shared with other jobs, spinning threads
+    # slowed the latent-cache build 5-10x (tools/benchmark_cache.py). Read by OpenMP when torch loads, which
+    # the subcommands below do; a value the user set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2

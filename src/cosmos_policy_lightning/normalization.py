@@ -56,17 +56,19 @@ ABSOLUTE_LIMIT = float(np.finfo(np.float32).max) / 4
 
 
 def robust_spread(x: np.ndarray) -> np.ndarray:
-    """Robust scale ``(D,)`` of the rows ``(N, D)`` of ``x``: ``1.4826 x MAD`` (the median absolute deviation,
-    scaled to a normal distribution's standard deviation); where that is 0 (more than half the values are
-    one value, e.g. a gripper), ``IQR / 1.349``; then ``(q99 - q01) / 4.65``; then the full range / 4.65.
-    A cluster of outliers has to hold more than half the values to move the MAD."""
+    """Robust scale ``(D,)`` of the rows ``(N, D)`` of ``x``: the largest of ``1.4826 x MAD`` (the median
+    absolute deviation, scaled to a normal distribution's standard deviation), ``IQR / 1.349`` and
+    ``(q90 - q10) / 2.563`` (each equals the standard deviation of a normal distribution); the full range /
+    4.65 where all three are 0. A cluster of outliers moves none of them unless it holds more than 10 % of
+    the values (and values beyond :data:`ABSOLUTE_LIMIT` are refused however many there are), while a second
+    mode that holds more than 10 % (a gripper closed part of the time) widens the spread instead of being
+    flagged."""
     x = np.asarray(x, dtype=np.float64)
     median = np.median(x, axis=0)
-    spread = 1.4826 * np.median(np.abs(x - median), axis=0)
-    q = np.quantile(x, [0.01, 0.25, 0.75, 0.99], axis=0)
-    for fallback in ((q[2] - q[1]) / 1.349, (q[3] - q[0]) / 4.65, (x.max(0) - x.min(0)) / 4.65):
-        spread = np.where(spread > 0, spread, fallback)
-    return spread
+    q = np.quantile(x, [0.10, 0.25, 0.75, 0.90], axis=0)
+    spread = np.maximum.reduce([1.4826 * np.median(np.abs(x - median), axis=0), (q[2] - q[1]) / 1.349,
+                                (q[3] - q[0]) / 2.563])
+    return np.where(spread > 0, spread, (x.max(0) - x.min(0)) / 4.65)
 
 
 def robust_outliers(x: np.ndarray, spreads: float = OUTLIER_SPREADS) -> np.ndarray:
