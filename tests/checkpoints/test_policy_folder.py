@@ -25,17 +25,10 @@ from cosmos_policy_lightning.model.dit import build_transformer
 from ..fixtures.checkpoint_factory import make_checkpoint, tiny_vae_dir
 from ..conftest import REPO
 from ..fixtures.reference_factory import write_reference_checkpoint, write_reference_stats, write_t5_pickle
-from ..fixtures.shard_factory import TOY_EMBODIMENT, HashTextEncoder
+from ..fixtures.shard_factory import TOY_EMBODIMENT, HashTextEncoder, toy_observation as observation
 from ..fixtures.hub_cache import write_hub_cache
 
 INSTRUCTIONS = ["push the block", "open the top drawer slowly"]
-
-
-def observation(seed=0, instruction="push the block"):
-    rng = np.random.default_rng(seed)
-    return {"images": {"wrist": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
-                       "front": rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)},
-            "proprio": rng.uniform(-2, 3, 3), "instruction": instruction}
 
 
 @pytest.fixture(scope="module")

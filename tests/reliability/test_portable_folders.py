@@ -15,16 +15,9 @@ from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.inference.policy import CosmosPolicy
 
 from ..fixtures.checkpoint_factory import make_checkpoint
-from ..fixtures.shard_factory import HashTextEncoder
+from ..fixtures.shard_factory import HashTextEncoder, toy_observation as observation
 
 INSTRUCTIONS = ["push the block", "open the top drawer slowly"]
-
-
-def observation(seed=0, instruction="push the block"):
-    rng = np.random.default_rng(seed)
-    return {"images": {"wrist": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
-                       "front": rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)},
-            "proprio": rng.uniform(-2, 3, 3), "instruction": instruction}
 
 
 def _predict(policy, instruction):

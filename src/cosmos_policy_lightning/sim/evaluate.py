@@ -551,10 +551,10 @@ def evaluate(
     for ``cosmos-policy convert --format episode_hdf5``). Task names with ``/`` become ``-`` in file names.
 
     The steps: check the arguments (:func:`_check_arguments`, before any model loads), build what chooses the
-    chunks (:func:`_build_acting`: the checkpoint through :func:`~cosmos_policy_lightning.inference.options.build_policy`,
-    a server, or a baseline), record the settings (:func:`_settings`), run the episodes not yet done
-    (:func:`_run_baselines` or :func:`_run_policy`, each finished one written by :class:`_EpisodeFiles`) and
-    summarise them (:func:`_results`).
+    chunks (:func:`_build_acting`: the checkpoint through ``inference.options.build_policy``, a server, or a
+    baseline), record the settings (:func:`_settings`), run the episodes not yet done (:func:`_run_baselines`
+    or :func:`_run_policy`, each finished one written by :class:`_EpisodeFiles`) and summarise them
+    (:func:`_results`).
 
     Args:
         simulator: registered simulator name (``sim/env.py`` ``SIMULATORS``): ``metaworld``, ``aloha``, ``libero``.
@@ -589,8 +589,8 @@ def evaluate(
             from its metadata). Each call sends its seed, so the same seeds give the same rollouts
             as in-process.
         api_key: the server's API key (default: the ``COSMOS_POLICY_API_KEY`` environment variable).
-        options: device, sampling and planning options (:class:`~cosmos_policy_lightning.inference.options.PolicyOptions`,
-            the same as ``serve``'s).
+        options: device, sampling and planning options (``inference.options.PolicyOptions``, the same as
+            ``serve``'s).
 
     Returns:
         the results dict written to ``results.json``.
