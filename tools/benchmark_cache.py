@@ -15,6 +15,12 @@ loads) on the same converted dataset, and times the build alone (not the imports
 
 "loaded" starts one pure-Python busy loop (one core's worth of load) beside the build. The machine's
 load average before each run is printed: on a shared machine "idle" means "no busy loop of ours".
+
+``--integrity`` measures instead the cost of the training path's checksum (``data.check_sha256``): the
+SHA-256 rate of the dataset's shards, and the time of the first ``--batches`` training batches of a fresh
+data module (online images, batch 8) with the check on and off, alternating, each in this process:
+
+    python tools/benchmark_cache.py --integrity
 """
 
 from __future__ import annotations
@@ -71,6 +77,37 @@ def _run(data: Path, work: Path, name: str, threads: int | None, passive: bool, 
     return result
 
 
+def _integrity(data: Path, batches: int) -> None:
+    """Print the SHA-256 rate over the dataset's shards and the first ``batches`` training batches' time with
+    ``check_sha256`` on and off (three alternating rounds; the first round warms the page cache)."""
+    import torch
+
+    from cosmos_policy_lightning.data.datamodule import CosmosDataModule
+    from cosmos_policy_lightning.data.integrity import file_sha256
+
+    torch.set_num_threads(1)
+    shards = sorted(data.glob("*.tar"))
+    size = sum(p.stat().st_size for p in shards)
+    started = time.perf_counter()
+    for p in shards:
+        file_sha256(p)
+    hashing = time.perf_counter() - started
+    print(f"SHA-256 of {len(shards)} shards, {size / 1e6:.1f} MB: {hashing * 1e3:.0f} ms ({size / 1e6 / hashing:.0f} MB/s)")
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(3):
+        for check in (True, False):
+            dm = CosmosDataModule(str(data), batch_size=8, num_workers=0, shuffle_buffer=64, check_sha256=check)
+            dm.setup("fit")
+            started = time.perf_counter()
+            for _ in zip(range(batches), dm.train_dataloader()):
+                pass
+            times[check].append(time.perf_counter() - started)
+    on, off = min(times[True][1:]), min(times[False][1:])
+    print(f"first {batches} batches of 8 (decode + augment, no model): check on {on:.2f} s, off {off:.2f} s; "
+          f"difference {(on - off) * 1e3 / batches:+.1f} ms per batch, {(on - off) * 1e3:+.0f} ms in all (once per "
+          f"shard and process)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -79,6 +116,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--views", type=int, default=1, help="augmented views per training sample")
     parser.add_argument("--step_stride", type=int, default=4)
+    parser.add_argument("--integrity", action="store_true", help="measure the checksum cost on the training path")
+    parser.add_argument("--batches", type=int, default=40)
     args = parser.parse_args()
     if args.child:
         _child(args)
@@ -93,6 +132,9 @@ def main() -> None:
         convert(str(REPO / "samples" / "metaworld" / "reach-v3.hdf5"), output=str(data),
                 embodiment=str(shipped_path("embodiments/metaworld.yaml")), val_fraction=0.2,
                 text_encoder="none", progress=False, step_stride=args.step_stride)
+        if args.integrity:
+            _integrity(data, args.batches)
+            return
         settings = [("before (all cores, spinning)", cores, False), ("after (encode_threads, PASSIVE)", None, True),
                     ("1 thread, PASSIVE", 1, True)]
         rows = []

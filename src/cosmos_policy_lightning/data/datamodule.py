@@ -169,7 +169,7 @@ class CosmosDataModule(L.LightningDataModule):
         check_sha256: hash every shard (pixel or latent) the first time a process reads it and refuse one
             whose SHA-256 differs from its manifest's, before any of its samples is used
             (``data/integrity.py``; one extra read per shard and process, measured by
-            ``tools/benchmark_train.py``). False: sizes and sample counts only (``cosmos-policy verify``
+            ``tools/benchmark_cache.py --integrity``). False: sizes and sample counts only (``cosmos-policy verify``
             then checks the bytes).
 
     Raises:

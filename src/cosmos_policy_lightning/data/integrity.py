@@ -13,7 +13,7 @@ shard, its sample count (``samples``), its size in bytes (``bytes``) and the SHA
   manifests that predate ``bytes``;
 * the first time a process reads a shard (:class:`CheckedTarSamples` given the manifest's ``sha256``), its
   SHA-256, before any of its samples is yielded: a flipped byte is never trained on. The check reads the
-  shard once more per process (then it is in the page cache); ``tools/benchmark_train.py`` prints its cost
+  shard once more per process (then it is in the page cache); ``tools/benchmark_cache.py --integrity`` prints its cost
   per training step;
 * on request (:func:`verify_checksums`; ``cosmos-policy verify DATA_DIR``, :func:`verify_dataset`), the
   SHA-256 and sample count of every shard (reads every byte).
