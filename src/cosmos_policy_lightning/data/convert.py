@@ -50,6 +50,8 @@ from .sources.base import EpisodeRef
 from .sources.labels import LabelOptions
 
 WORK_DIR = ".work"
+#: Status of a part's manifest once its episodes are encoded (``--part``); the merge writes the shards.
+PART_COMPLETE = "part_complete"
 #: The default latent-cache folder inside a dataset (``data/latent_cache.py``): derived data, deleted by
 #: ``--overwrite``.
 LATENTS_DIR = "latents"
@@ -88,6 +90,9 @@ def convert(
     revision: str | None = None,
     tolerance_s: float = 1e-4,
     step_stride: int = 1,
+    part: int = 0,
+    num_parts: int = 1,
+    merge: bool = False,
 ) -> dict[str, Any]:
     """Convert HDF5 / Zarr / LeRobot demonstrations (failed episodes included) into WebDataset shards.
 
@@ -138,9 +143,18 @@ def convert(
             instead of every step; chunks, future frames and values still come from the full-rate episode
             and the statistics from all steps. For long episodes (ALOHA: 400 steps, three cameras) it
             divides conversion, latent-cache time and size by about ``s`` without dropping episodes.
+        part: with ``num_parts`` > 1, convert only part ``part`` (0-based) of the episodes: episode ``k`` of
+            the source's (deterministic) list belongs to part ``k % num_parts``. The split and the shard order
+            are decided from the whole list, so every part agrees. The part's encoded episodes go to
+            ``<output>/part-<part>-of-<num_parts>/``; run the parts on any machines that see ``output``
+            (a shared filesystem), then ``--merge true``.
+        num_parts: number of parts the conversion is split into (1: the whole conversion here).
+        merge: with ``num_parts`` > 1 and the parts' options: gather every finished part, write the shards,
+            statistics, text embeddings and manifest, byte for byte those of a one-machine conversion
+            (statistics are computed from all training episodes, not averaged), and remove the part folders.
 
     Returns:
-        the final manifest (also written to output/manifest.json).
+        the final manifest (also written to output/manifest.json); for a part, the part's manifest.
 
     Raises:
         DataError: bad input; the message is one line naming the file, episode and key.
@@ -148,6 +162,7 @@ def convert(
     reader_cls = reader_class(format)  # the registry's one-line error for an unknown name
     emb = Embodiment.from_yaml(embodiment)
     _check_options(val_fraction, shard_size_mb, workers, jpeg_quality)
+    _check_parts(part, num_parts, merge)
     if isinstance(step_stride, bool) or not isinstance(step_stride, int) or step_stride < 1:
         raise DataError(f"--step_stride: expected an integer >= 1, got {step_stride!r}")
     if not 0.0 < float_image_max < float("inf"):
@@ -203,6 +218,25 @@ def convert(
                             f"(first difference: {diff}{', or --overwrite' if overwrite else ''}); wait for it "
                             f"or choose another --output")
 
+    def encoding(job: _Conversion) -> EncodeSettings:
+        return EncodeSettings(str(job.work), tuple(emb.image_size), emb.action.chunk_size, emb.value.gamma,
+                              jpeg_quality, swap_rb, skip_bad, float_image_max, step_stride)
+
+    by_id = {r.episode_id: r for r in refs}
+    if num_parts > 1 and not merge:
+        # A part encodes its episodes into its own folder (own lock); shards are written by the merge.
+        part_dir = ensure_writable_dir(out / part_dir_name(part, num_parts), "--output")
+        mine = {eid for k, eid in enumerate(ids) if k % num_parts == part}
+        with folder_lock(part_dir, "conversion", refuse_other_writer):
+            job = _Conversion(part_dir, emb, embodiment, source, settings, orders, overwrite)
+            job.run(reader, by_id, encoding(job), workers, progress, only=mine)
+            job.manifest.update(status=PART_COMPLETE, part={"index": part, "of": num_parts,
+                                                             "episodes": sorted(mine)})
+            job._save_manifest()
+            _log(f"{part_dir}: part {part} of {num_parts} converted ({len(mine)} episodes); merge with "
+                 f"--num_parts {num_parts} --merge true once every part is done")
+            return job.manifest
+
     # One writer per folder (locking.py): a second run with the same options waits, then reuses the result.
     with folder_lock(out, "conversion", refuse_other_writer):
         job = _Conversion(out, emb, embodiment, source, settings, orders, overwrite)
@@ -210,10 +244,14 @@ def convert(
             _log(f"{output}: already converted ({job.manifest['counts']['train']['samples']} train samples); "
                  f"nothing to do")
             return job.manifest
-        encode = EncodeSettings(str(job.work), tuple(emb.image_size), emb.action.chunk_size, emb.value.gamma,
-                                jpeg_quality, swap_rb, skip_bad, float_image_max, step_stride)
-        job.run(reader, {r.episode_id: r for r in refs}, encode, workers, progress)
-        return job.finish(text_encoder)
+        if merge:
+            gather_parts(out, job.work, num_parts, settings_hash)
+            job.records = job._load_records()
+        job.run(reader, by_id, encoding(job), workers, progress)
+        manifest = job.finish(text_encoder)
+        for i in range(num_parts if merge else 0):
+            shutil.rmtree(out / part_dir_name(i, num_parts), ignore_errors=True)
+        return manifest
 
 
 # The --format help lists the registered formats (cosmos-policy convert --help reads this docstring).
@@ -235,6 +273,49 @@ def _check_options(val_fraction: float, shard_size_mb: float, workers: int, jpeg
         raise DataError(f"--workers: expected at least 1, got {workers}")
     if not 1 <= jpeg_quality <= 100:
         raise DataError(f"--jpeg_quality: expected 1..100, got {jpeg_quality}")
+
+
+def _check_parts(part: int, num_parts: int, merge: bool) -> None:
+    for name, v in (("--part", part), ("--num_parts", num_parts)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise DataError(f"{name}: expected an integer, got {v!r}")
+    if num_parts < 1 or not 0 <= part < num_parts:
+        raise DataError(f"--part / --num_parts: expected 0 <= part < num_parts, got part {part} of {num_parts}")
+    if merge and num_parts < 2:
+        raise DataError("--merge: give the --num_parts the parts were converted with (>= 2)")
+
+
+def part_dir_name(part: int, num_parts: int) -> str:
+    """Folder (inside ``--output``) of part ``part`` of ``num_parts``: ``part-<i>-of-<n>``."""
+    return f"part-{part}-of-{num_parts}"
+
+
+def gather_parts(out: Path, work: Path, num_parts: int, settings_hash: str) -> None:
+    """Move the encoded episodes of every finished part into the merge's work directory.
+
+    Idempotent: a merge killed while moving finds the moved files in ``work`` and the rest in the parts.
+
+    Raises:
+        DataError: a part folder missing, unfinished or converted with other options (one line naming it).
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    for i in range(num_parts):
+        folder = out / part_dir_name(i, num_parts)
+        try:
+            manifest = json.loads((folder / S.MANIFEST).read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        if manifest.get("status") not in (PART_COMPLETE, "merged"):
+            raise DataError(f"{folder}: part {i} of {num_parts} is not finished; run the same convert command "
+                            f"with --part {i} --num_parts {num_parts} first")
+        if manifest.get("settings_hash") != settings_hash:
+            raise DataError(f"{folder}: part {i} was converted with other options or another episode list than "
+                            f"this merge; merge with the options of the parts")
+        for path in sorted((folder / WORK_DIR).glob("*")):
+            if not path.name.startswith("."):  # half-written temporary files of a killed part
+                shutil.move(str(path), str(work / path.name))
+        manifest["status"] = "merged"
+        write_json_atomic(folder / S.MANIFEST, manifest)
 
 
 def episode_outcomes(reader, refs: list[EpisodeRef]) -> dict[str, bool | None]:
@@ -324,6 +405,11 @@ def split_orders(ids: list[str], val_ids: set[str], seed: int) -> dict[str, list
     return out
 
 
+def _is_part_dir(path: Path) -> bool:
+    parts = path.name.split("-")
+    return path.is_dir() and len(parts) == 4 and parts[0] == "part" and parts[2] == "of"
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -385,7 +471,7 @@ class _Conversion:
                                 f"pass --overwrite to replace it, or choose another --output")
             self._clear()
         elif self.out.exists() and any(p.name != LOCK_NAME and not p.name.startswith(WRITE_PROBE_PREFIX)
-                                       for p in self.out.iterdir()):
+                                       and not _is_part_dir(p) for p in self.out.iterdir()):
             raise DataError(f"{self.out}: directory is not empty and holds no {S.MANIFEST}; choose an empty "
                             f"or new --output")
         return None
@@ -436,25 +522,30 @@ class _Conversion:
         return not in_shard and not (self.work / f"{eid}.spill").is_file()
 
     # ------------------------------------------------------------------ the work
-    def run(self, reader, refs: dict[str, EpisodeRef], encode: EncodeSettings, workers: int, progress: bool) -> None:
-        """Process every unfinished episode and write every unfinished shard."""
+    def run(self, reader, refs: dict[str, EpisodeRef], encode: EncodeSettings, workers: int, progress: bool,
+            only: set[str] | None = None) -> None:
+        """Process every unfinished episode and write every unfinished shard; with ``only`` (a part), process
+        just those episodes and write no shard (the merge does)."""
         bad = [r for r in self.records.values() if "bad" in r]
         if bad and not encode.skip_bad:
             raise DataError(bad[0]["bad"])
         jobs = []
         for split in S.SPLITS:
             for pos, eid in enumerate(self.orders[split]):
+                if only is not None and eid not in only:
+                    continue
                 if self._needs_work(eid, pos < self.cursor[split]):
                     self.records.pop(eid, None)
                     jobs.append((refs[eid], split))
-        total = sum(len(o) for o in self.orders.values())
+        total = len(only) if only is not None else sum(len(o) for o in self.orders.values())
+        assemble = self._assemble if only is None else (lambda: None)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=total - len(jobs), unit="episode", desc="convert", disable=not progress,
                    dynamic_ncols=True)
         started, frames, n_bad = time.perf_counter(), 0, len(bad)
         try:
-            self._assemble()  # shards whose episodes all finished before a kill
+            assemble()  # shards whose episodes all finished before a kill
             for rec in self._results(reader, jobs, encode, workers):
                 self.records[rec["episode"]] = rec
                 frames += rec.get("length", 0) * self.emb.num_cameras
@@ -462,11 +553,11 @@ class _Conversion:
                 bar.update(1)
                 bar.set_postfix(frames_per_s=f"{frames / max(time.perf_counter() - started, 1e-9):.0f}",
                                 bad=n_bad)
-                self._assemble()
+                assemble()
         finally:
             bar.close()
             reader.close()
-        self._assemble()
+        assemble()
 
     def _results(self, reader, jobs, encode: EncodeSettings, workers: int):
         if workers <= 1 or len(jobs) <= 1:
