@@ -93,3 +93,35 @@ def test_a_max_time_stop_writes_last_and_resumes_from_it(toy_data, tmp_path):
     cli = run_lightning_cli(["fit", "--config", QUICKSTART, "--config", str(over), "--ckpt_path", "last",
                              "--trainer.max_steps", str(reached + 1), "--trainer.max_time", "null"])
     assert cli.trainer.global_step == reached + 1 and _step(last) == reached + 1
+
+
+def test_sigterm_writes_a_final_last_checkpoint_that_resumes(toy_data, tmp_path):
+    """Finding 14 for a pre-empted job: SIGTERM (Lightning stops at the next batch boundary) wrote nothing when
+    no periodic save had happened yet; now ``last.ckpt`` holds the step reached and resumes."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from .faults import cli_command
+
+    over = _override(tmp_path, toy_data, max_steps=100000, log_every_n_steps=1)
+    cfg = yaml.safe_load(over.read_text())
+    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100000  # no periodic save
+    over.write_text(yaml.safe_dump(cfg))
+    args = ["fit", "--config", QUICKSTART, "--config", over]
+    proc = subprocess.Popen(cli_command(args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    events = tmp_path / "run" / "tb"
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(p.stat().st_size > 2000 for p in events.rglob("events.out.tfevents.*")):
+        time.sleep(0.5)  # a few steps logged
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_file(), err[-2000:]
+    step = _step(last)
+    assert step >= 1
+    cli = run_lightning_cli(["fit", "--config", QUICKSTART, "--config", str(over), "--ckpt_path", "last",
+                             "--trainer.max_steps", str(step + 1)])
+    assert cli.trainer.global_step == step + 1
