@@ -17,6 +17,11 @@ from cosmos_policy_lightning.sim.evaluate import evaluate
 from ..fixtures.checkpoint_factory import make_checkpoint
 
 
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("options"))
+
+
 def _options(fn) -> dict[str, tuple]:
     params = inspect.signature(fn).parameters
     return {n: (params[n].kind, params[n].default, params[n].annotation) for n in OPTION_NAMES}
@@ -70,8 +75,7 @@ def test_evaluate_applies_the_rule_before_loading_anything(tmp_path, capsys):
     assert "--server runs the server's policy" in capsys.readouterr().err
 
 
-def test_build_policy_builds_the_planner_the_options_ask_for(tmp_path):
-    ckpt = make_checkpoint(tmp_path / "policy")
+def test_build_policy_builds_the_planner_the_options_ask_for(ckpt):
     direct = build_policy(ckpt, PolicyOptions(num_steps=2))
     assert direct.planner is None and direct.judge is direct.policy
     built = build_policy(ckpt, PolicyOptions(planning_checkpoint=ckpt, num_steps=2, num_proposals=3, value_steps=1))
@@ -80,3 +84,25 @@ def test_build_policy_builds_the_planner_the_options_ask_for(tmp_path):
     assert (planner.num_proposals, planner.policy_steps, planner.world_model_steps, planner.value_steps) == (3, 2, 2, 1)
     itself = build_policy(ckpt, PolicyOptions(planning=True))
     assert itself.planner is not None and itself.judge is itself.policy  # no planning checkpoint: it judges itself
+
+
+@pytest.mark.parametrize(("args", "plans"), [([], False), (["--planning"], True), (["--planning_checkpoint", "CKPT"], True)])
+def test_serve_plans_by_the_same_rule(ckpt, args, plans, monkeypatch):
+    import cosmos_policy_lightning.inference.server as server_module
+
+    services = []
+
+    class NoNetwork:  # the server is built, then returns at once instead of listening
+        def __init__(self, service, **kwargs):
+            services.append(service)
+
+        async def serve(self, handle_signals=False):
+            return None
+
+    monkeypatch.setattr(server_module, "PolicyServer", NoNetwork)
+    assert main(["serve", str(ckpt), "--num_steps", "2", "--num_proposals", "2",
+                 *[str(ckpt) if a == "CKPT" else a for a in args]]) == 0
+    (service,) = services
+    assert (service.planner is not None) == plans and service.num_steps == 2
+    if plans:
+        assert service.planner.num_proposals == 2 and service.metadata()["planning"]["policy_steps"] == 2

@@ -89,6 +89,17 @@ def test_planning_mode_runs_the_planner_per_chunk(ckpt, tmp_path):
     assert len(res["episodes"][0]["values"]) == 1
 
 
+def test_a_planning_checkpoint_alone_turns_planning_on_as_in_serve(ckpt, tmp_path):
+    # the rule of inference/options.py PolicyOptions.plans: no --planning needed with --planning_checkpoint
+    assert main(["evaluate", "metaworld", "--checkpoint", str(ckpt), "--planning_checkpoint", str(ckpt),
+                 "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "4", "--num-proposals", "2",
+                 "--num-futures", "1", "--num-values", "1", "--num-steps", "1", "--videos", "0",
+                 "--output", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["config"]["policy"] == "planning" and res["config"]["planning_checkpoint"] == str(ckpt)
+    assert res["config"]["num_proposals"] == 2
+
+
 def test_expert_and_random_baselines_use_the_same_command(tmp_path, gl):
     out = tmp_path / "expert"
     assert main(["evaluate", "metaworld", "--policy", "expert", "--tasks", "reach-v3", "--episodes", "1",
