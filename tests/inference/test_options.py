@@ -57,7 +57,8 @@ def test_a_planning_checkpoint_turns_planning_on():
         PolicyOptions(planning=False, planning_checkpoint="judge.ckpt")
 
 
-@pytest.mark.parametrize("command", [["serve", "missing.ckpt"], ["evaluate", "metaworld", "--checkpoint", "missing.ckpt"]])
+@pytest.mark.parametrize("command", [["serve", "missing.ckpt"],
+                                     ["evaluate", "metaworld", "--checkpoint", "missing.ckpt"]])
 def test_both_commands_refuse_contradicting_or_bad_options_in_one_line(command, tmp_path, capsys):
     assert main([*command, "--planning", "false", "--planning_checkpoint", "judge.ckpt"]) == 2
     err = capsys.readouterr().err
@@ -68,7 +69,8 @@ def test_both_commands_refuse_contradicting_or_bad_options_in_one_line(command, 
 
 def test_evaluate_applies_the_rule_before_loading_anything(tmp_path, capsys):
     # a planning checkpoint alone asks for planning: refused with a baseline and with a server, as --planning is
-    base = ["evaluate", "metaworld", "--tasks", "reach-v3", "--output", str(tmp_path), "--planning_checkpoint", "j.ckpt"]
+    base = ["evaluate", "metaworld", "--tasks", "reach-v3", "--output", str(tmp_path),
+            "--planning_checkpoint", "j.ckpt"]
     assert main([*base, "--policy", "expert"]) == 2
     assert "--planning (or --planning_checkpoint) needs --policy model" in capsys.readouterr().err
     assert main([*base, "--server", "ws://127.0.0.1:1"]) == 2
@@ -86,7 +88,8 @@ def test_build_policy_builds_the_planner_the_options_ask_for(ckpt):
     assert itself.planner is not None and itself.judge is itself.policy  # no planning checkpoint: it judges itself
 
 
-@pytest.mark.parametrize(("args", "plans"), [([], False), (["--planning"], True), (["--planning_checkpoint", "CKPT"], True)])
+@pytest.mark.parametrize(("args", "plans"), [([], False), (["--planning"], True),
+                                             (["--planning_checkpoint", "CKPT"], True)])
 def test_serve_plans_by_the_same_rule(ckpt, args, plans, monkeypatch):
     import cosmos_policy_lightning.inference.server as server_module
 
