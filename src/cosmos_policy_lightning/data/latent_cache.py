@@ -45,6 +45,7 @@ This module only reads and writes caches: the encoder comes in as an argument (t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -59,7 +60,7 @@ import torch
 
 from ..atomic import atomic_path, write_json_atomic
 from ..embodiment import Embodiment
-from ..errors import DataError
+from ..errors import CosmosPolicyError, DataError
 from ..layout import SequenceLayout
 from ..locking import folder_lock
 from . import schema as S
@@ -287,7 +288,7 @@ def build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None 
         try:
             info = read_dataset_info(data_dir, embodiment)
             manifest = read_cache_manifest(out)
-        except DataError:
+        except CosmosPolicyError:
             return  # a conversion is running: wait for it
         if manifest is None or manifest.get("status") == "complete":
             return
@@ -300,9 +301,11 @@ def build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None 
     previous = torch.get_num_threads()
     torch.set_num_threads(int(threads or encode_threads()))
     try:
-        # One lock order: the dataset's folder, then the cache's (the same folder lock convert takes).
-        with folder_lock(data_dir, "conversion or latent cache", refuse_other_options), \
-                folder_lock(out, "latent cache", refuse_other_options):
+        # One lock order: the dataset's folder, then the cache's (the same folder lock convert takes). A
+        # read-only dataset (its cache elsewhere) cannot be converted into, so it needs no lock.
+        data_lock = folder_lock(data_dir, "conversion or latent cache", refuse_other_options) \
+            if os.access(data_dir, os.W_OK) else contextlib.nullcontext()
+        with data_lock, folder_lock(out, "latent cache", refuse_other_options):
             return _build_latent_cache(data_dir, encoder, out, augment, augment_views, seed, dtype, batch_size,
                                        embodiment, progress)
     finally:
@@ -315,7 +318,9 @@ def encode_threads() -> int:
 
     OpenMP threads that outnumber the free cores spin against the other jobs (``tools/benchmark_cache.py``
     measured it); with ``OMP_WAIT_POLICY=PASSIVE`` (set by the ``cosmos-policy`` command unless given)
-    waiting threads sleep instead.
+    waiting threads sleep instead. The choice is conservative: the load average also counts this process's
+    own recent work (loading the VAE), so an otherwise idle 2-core machine may get 1 thread, not 2 (at most
+    1.5x slower there; pass ``threads`` to choose).
     """
     try:
         cores = len(os.sched_getaffinity(0))
