@@ -11,7 +11,7 @@ loads) on the same converted dataset, and times the build alone (not the imports
 * ``after``: :func:`~cosmos_policy_lightning.data.latent_cache.encode_threads` (cores minus the one-minute
   load of other processes, at least 1) and ``OMP_WAIT_POLICY=PASSIVE`` (what ``cosmos-policy`` sets unless
   given);
-* ``1 thread``: one torch thread, PASSIVE, for reference.
+* ``1 thread``: one torch thread, PASSIVE, and every core with PASSIVE, for reference.
 
 "loaded" starts one pure-Python busy loop (one core's worth of load) beside the build. The machine's
 load average before each run is printed: on a shared machine "idle" means "no busy loop of ours".
@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--step_stride", type=int, default=4)
     parser.add_argument("--integrity", action="store_true", help="measure the checksum cost on the training path")
     parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--settings", type=int, nargs="*", default=None,
+                        help="indices of the settings to run (0 before, 1 after, 2 one thread, 3 all cores PASSIVE)")
     args = parser.parse_args()
     if args.child:
         _child(args)
@@ -136,9 +138,11 @@ def main() -> None:
             _integrity(data, args.batches)
             return
         settings = [("before (all cores, spinning)", cores, False), ("after (encode_threads, PASSIVE)", None, True),
-                    ("1 thread, PASSIVE", 1, True)]
+                    ("1 thread, PASSIVE", 1, True), (f"{cores} threads, PASSIVE", cores, True)]
         rows = []
-        for label, threads, passive in settings:
+        for i, (label, threads, passive) in enumerate(settings):
+            if args.settings and i not in args.settings:
+                continue
             for loaded in (False, True):
                 name = f"{len(rows)}"
                 r = _run(data, work, name, threads, passive, loaded, args.views)

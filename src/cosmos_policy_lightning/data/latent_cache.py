@@ -316,11 +316,13 @@ def encode_threads() -> int:
     """Torch threads of a cache build: the cores this process may use minus the load other processes put
     on them (``os.getloadavg``'s one-minute figure, rounded), at least 1.
 
-    OpenMP threads that outnumber the free cores spin against the other jobs (``tools/benchmark_cache.py``
-    measured it); with ``OMP_WAIT_POLICY=PASSIVE`` (set by the ``cosmos-policy`` command unless given)
-    waiting threads sleep instead. The choice is conservative: the load average also counts this process's
-    own recent work (loading the VAE), so an otherwise idle 2-core machine may get 1 thread, not 2 (at most
-    1.5x slower there; pass ``threads`` to choose).
+    Measured with ``tools/benchmark_cache.py`` on a 2-core machine shared with other jobs (docs/datamodule.md):
+    two *spinning* OpenMP threads ran at 0.3-0.6 samples/s, one thread at 2.1-4.6; two sleeping threads
+    (``OMP_WAIT_POLICY=PASSIVE``, which the ``cosmos-policy`` command sets unless given) matched one thread
+    at moderate load but fell to half of it beside a busy loop when the machine was loaded to 5-6. So
+    PASSIVE, and no more threads than free cores. The load average also counts this process's own recent
+    work, so the choice is conservative (an otherwise idle 2-core machine may get 1 thread); pass
+    ``threads`` to choose.
     """
     try:
         cores = len(os.sched_getaffinity(0))
