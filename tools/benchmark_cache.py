@@ -92,7 +92,8 @@ def _integrity(data: Path, batches: int) -> None:
     for p in shards:
         file_sha256(p)
     hashing = time.perf_counter() - started
-    print(f"SHA-256 of {len(shards)} shards, {size / 1e6:.1f} MB: {hashing * 1e3:.0f} ms ({size / 1e6 / hashing:.0f} MB/s)")
+    print(f"SHA-256 of {len(shards)} shards, {size / 1e6:.1f} MB: {hashing * 1e3:.0f} ms "
+          f"({size / 1e6 / hashing:.0f} MB/s)")
     times: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(3):
         for check in (True, False):

@@ -336,7 +336,8 @@ def test_lerobot_video_window_shorter_than_the_rows_is_refused(tmp_path):
     field = table.schema.get_field_index(column)
     pq.write_table(table.set_column(field, column, pa.array(ends, type=table.schema.field(column).type)), meta)
     with pytest.raises(DataError, match=r"episode episode_000000: key observation.images.front: video window "
-                                        r"from_timestamp 0 .. to_timestamp 0.4 .* is shorter than the episode's 6 rows"):
+                                        r"from_timestamp 0 .. to_timestamp 0.4 .* is shorter than the episode's "
+                                        r"6 rows"):
         convert(str(src), output=str(tmp_path / "out"), embodiment=str(emb), format="lerobot", val_fraction=0.0,
                 text_encoder="none", progress=False)
 

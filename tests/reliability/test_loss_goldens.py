@@ -55,8 +55,8 @@ class LossRecorder(Callback):
 @pytest.fixture(scope="module")
 def sample_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("goldens") / "metaworld_sample"
-    convert(str(REPO / "samples" / "metaworld"), output=str(out), embodiment=str(REPO / "embodiments" / "metaworld.yaml"),
-            val_fraction=0.15, text_encoder="none", progress=False)
+    convert(str(REPO / "samples" / "metaworld"), output=str(out),
+            embodiment=str(REPO / "embodiments" / "metaworld.yaml"), val_fraction=0.15, text_encoder="none", progress=False)
     return out
 
 

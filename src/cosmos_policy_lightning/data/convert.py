@@ -639,7 +639,8 @@ class _Conversion:
         self.manifest["shards"].sort(key=lambda sh: (S.SPLITS.index(sh["split"]), sh["name"]))
         counts, episodes = manifest_summary(good, bad, self.manifest["shards"])
         self.manifest.update(status="complete", counts=counts, episodes=episodes, bad_episodes=bad,
-                             instructions=instructions, stats_fingerprint=fp, stats_sha256=stats_sha256, text_encoder=identity,
+                             instructions=instructions, stats_fingerprint=fp, stats_sha256=stats_sha256,
+                             text_encoder=identity,
                              finished_episodes=len(episodes) + len(bad))
         self._save_manifest()
         shutil.rmtree(self.work, ignore_errors=True)

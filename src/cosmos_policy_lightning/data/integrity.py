@@ -248,7 +248,8 @@ def verify_dataset(data_dir: Path, checksums: bool = True) -> None:
         for entry in entries:
             path = manifest.parent / entry["name"]
             checked += 1
-            fix = CONVERT_AGAIN if manifest.parent == data_dir else f"rebuild the latent cache: cosmos-policy cache-latents {data_dir}"
+            fix = CONVERT_AGAIN if manifest.parent == data_dir else \
+                f"rebuild the latent cache: cosmos-policy cache-latents {data_dir}"
             try:
                 check_shard_sizes([(path, entry.get("bytes"))], manifest, fix)
                 if not checksums:
@@ -270,4 +271,5 @@ def verify_dataset(data_dir: Path, checksums: bool = True) -> None:
     print(f"{data_dir}: {checked} shards, {what} as recorded")
 
 
-__all__ = ["CONVERT_AGAIN", "CheckedTarSamples", "check_shard_sizes", "file_sha256", "scan_shard", "verify_checksums", "verify_dataset"]
+__all__ = ["CONVERT_AGAIN", "CheckedTarSamples", "check_shard_sizes", "file_sha256", "scan_shard", "verify_checksums",
+           "verify_dataset"]

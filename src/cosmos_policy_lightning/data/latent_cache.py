@@ -422,7 +422,8 @@ def _build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None
             bar.update(len(pending))
             pending.clear()
 
-        for sample in wds.DataPipeline(wds.SimpleShardList([str(shard)]), CheckedTarSamples(counts, PASSTHROUGH, digests, info.data_dir / S.MANIFEST)):
+        reader = CheckedTarSamples(counts, PASSTHROUGH, digests, info.data_dir / S.MANIFEST)
+        for sample in wds.DataPipeline(wds.SimpleShardList([str(shard)]), reader):
             key = sample["__key__"]
             missing = [m for m in PASSTHROUGH if m not in sample]
             if missing:

@@ -99,7 +99,8 @@ class CosmosPolicyCLI(LightningCLI):
         if ckpt == "last":
             ckpt = _last_checkpoint(self.trainer)
             if ckpt is None and subcommand != "fit":  # fit starts from scratch (a first run of a resumable job)
-                dirs = sorted({str(c.dirpath) for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)})
+                dirs = sorted({str(c.dirpath) for c in self.trainer.checkpoint_callbacks
+                               if getattr(c, "dirpath", None)})
                 raise CosmosPolicyError(f"--ckpt_path last: no last checkpoint found (looked in "
                                         f"{', '.join(dirs) or 'no ModelCheckpoint directory'}); {subcommand} needs a "
                                         f"trained model: train first, or give --ckpt_path PATH")

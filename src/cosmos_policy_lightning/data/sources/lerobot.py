@@ -309,7 +309,8 @@ def _check_video_window(ds: "LeRobotDataset", index: int, key: str, timestamps: 
     window = float(end) - float(start)
     if float(timestamps[-1]) + 0.5 / ds.fps > window + tolerance_s:
         raise DataError(f"{where}: key {key}: video window from_timestamp {float(start):.4g} .. to_timestamp "
-                        f"{float(end):.4g} ({window:.3f} s, {ds.episodes[index]['meta']}) is shorter than the episode's "
+                        f"{float(end):.4g} ({window:.3f} s, {ds.episodes[index]['meta']}) is shorter than the "
+                        f"episode's "
                         f"{len(timestamps)} rows (last timestamp {float(timestamps[-1]):.3f} s at {ds.fps} fps): the "
                         f"last rows would read frames outside the episode")
 
