@@ -326,9 +326,10 @@ class CosmosDataModule(L.LightningDataModule):
                                 f"the model's VAE (from Python: training.prepare.prepare_latent_cache(datamodule, "
                                 f"model.vae)), or run cosmos-policy cache-latents {self.data_dir}")
             info = self.info
-            want = cache_fingerprint(SequenceLayout.from_embodiment(info.embodiment), info.embodiment.image_size,
-                                     "", self.augment, self.latent_views, self.seed, self.latent_dtype,
-                                     info.stats.fingerprint, dataset_content(info))
+            want = cache_fingerprint(layout=SequenceLayout.from_embodiment(info.embodiment),
+                                     image_size=info.embodiment.image_size, vae_hash="", augment=self.augment,
+                                     augment_views=self.latent_views, seed=self.seed, dtype=self.latent_dtype,
+                                     stats_fingerprint=info.stats.fingerprint, content=dataset_content(info))
             refuse_other_fingerprint(manifest, want, self.cache_dir, ignore=("vae",))
             self._cache_manifest = manifest
         return self._cache_manifest

@@ -116,7 +116,7 @@ def rebuild_hint(data_dir: str | Path, cache_dir: str | Path | None = None, vae:
     return f"rebuild the latent cache: {cmd}"
 
 
-def cache_fingerprint(layout: SequenceLayout, image_size: tuple[int, int], vae_hash: str, augment: bool,
+def cache_fingerprint(*, layout: SequenceLayout, image_size: tuple[int, int], vae_hash: str, augment: bool,
                       augment_views: int, seed: int, dtype: str, stats_fingerprint: str,
                       content: str | None = None) -> dict[str, Any]:
     """Everything the stored latents depend on, as a JSON-able dict (compared key by key, in its JSON
@@ -337,8 +337,9 @@ def encode_threads() -> int:
 
 def _fingerprint(info, vae_hash: str, augment: bool, augment_views: int, seed: int, dtype: str) -> dict[str, Any]:
     layout = SequenceLayout.from_embodiment(info.embodiment)
-    return cache_fingerprint(layout, info.embodiment.image_size, vae_hash, augment, augment_views, seed, dtype,
-                             info.stats.fingerprint, dataset_content(info))
+    return cache_fingerprint(layout=layout, image_size=info.embodiment.image_size, vae_hash=vae_hash, augment=augment,
+                             augment_views=augment_views, seed=seed, dtype=dtype,
+                             stats_fingerprint=info.stats.fingerprint, content=dataset_content(info))
 
 
 def _intact(path: Path, entry: dict) -> bool:
