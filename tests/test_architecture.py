@@ -103,11 +103,7 @@ def test_tests_mirror_the_packages_and_share_only_fixtures():
 
 
 #: Import cycles not removed yet, each with where it is left (the test fails on any other).
-KNOWN_CYCLES = {
-    # dataset_info lazily imports integrity.file_sha256, integrity imports dataset_info.load_json (data/ is
-    # being reworked for issue 22; remove the entry with the cycle)
-    frozenset({f"{NAME}.data.dataset_info", f"{NAME}.data.integrity"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()  # none: keep it so
 
 
 def _cycles(modules: list[Path], package_root: Path = PACKAGE) -> list[frozenset[str]]:

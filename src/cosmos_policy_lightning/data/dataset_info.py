@@ -9,7 +9,6 @@ sizes and checksums. The data module, the latent cache and the CLI links read da
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from ..errors import CosmosPolicyError, DataError
 from ..normalization import DatasetStats
 from ..text import INDEX_FILE, TextEmbeddingCache
 from . import schema as S
+from .schema import load_json
 
 
 @dataclass(frozen=True)
@@ -77,20 +77,6 @@ class DatasetInfo:
     text_dim: int
     splits: dict[str, SplitInfo] = field(default_factory=dict)
 
-
-
-def load_json(path: Path) -> Any:
-    """Read a dataset's JSON file.
-
-    Raises:
-        DataError: missing (with the conversion hint) or not valid JSON.
-    """
-    if not path.is_file():
-        raise DataError(f"{path}: not found (convert the dataset first: cosmos-policy convert ...)")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
 
 
 def is_converted(data_dir: str | Path) -> bool:
@@ -232,4 +218,4 @@ def read_dataset_info(data_dir: str | Path, embodiment: str | Path | None = None
     return DatasetInfo(data_dir, robot, stats, manifest, identity, dim, splits)
 
 
-__all__ = ["DatasetInfo", "SplitInfo", "is_converted", "load_json", "read_dataset_info"]
+__all__ = ["DatasetInfo", "SplitInfo", "is_converted", "read_dataset_info"]

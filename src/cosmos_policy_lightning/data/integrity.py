@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 from webdataset.filters import PipelineStage
 
 from ..errors import DataError
-from .dataset_info import load_json
+from .schema import load_json
 
 #: Read size of checksum computation.
 _CHUNK = 1 << 20

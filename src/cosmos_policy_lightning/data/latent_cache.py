@@ -65,7 +65,8 @@ from ..layout import SequenceLayout
 from ..locking import folder_lock
 from . import schema as S
 from .augment import REFERENCE_AUGMENT, apply_uint8, center_crop_params, sample_params
-from .dataset_info import load_json, read_dataset_info
+from .dataset_info import read_dataset_info
+from .schema import load_json
 from .integrity import CheckedTarSamples, check_shard_sizes
 from .shards import BLOCK, RECORD, sample_record
 from .stages import decode_images

@@ -33,7 +33,12 @@ conversion serves any normalisation mode.
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
 
 IMAGE = "image"
 FUTURE_IMAGE = "future_image"
@@ -65,3 +70,19 @@ def sanitize_episode_id(raw: str) -> str:
 def sample_key(episode_id: str, step: int) -> str:
     """Key of the sample at ``step`` of ``episode_id``: ``<episode_id>_<step:06d>``."""
     return f"{episode_id}_{step:06d}"
+
+
+def load_json(path: Path) -> Any:
+    """Read a dataset's JSON file.
+
+    Raises:
+        DataError: missing (with the conversion hint) or not valid JSON.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: not found (convert the dataset first: cosmos-policy convert ...)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+
+
