@@ -43,6 +43,18 @@ def _scalars_and_images(logdir: Path) -> tuple[set, set]:
     return scalars, images
 
 
+def _recipe_on_cpu(recipe: Path, tmp_path: Path, *extra: str) -> CosmosPolicyCLI:
+    """A 2B recipe instantiated (not run) on this CPU: no GPU, no hub here, so a CPU trainer, a random DiT of
+    the recipe's config and the tiny VAE, on the data written to ``tmp_path / "data"``."""
+    return CosmosPolicyCLI(CosmosPolicyModule, CosmosDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                           run=False, args=[
+                               "--config", str(recipe), "--data.init_args.data_dir", str(tmp_path / "data"),
+                               "--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu",
+                               "--trainer.precision", "32-true", "--trainer.default_root_dir", str(tmp_path),
+                               "--model.init_args.pretrained_transformer", "null",
+                               "--model.init_args.vae", json.dumps(TINY_VAE), *extra])
+
+
 def _recipe_data(recipe: Path) -> Path:
     """The data config a recipe names: every recipe has ``data: ../datamodules/<name>.yaml`` (one way)."""
     data = yaml.safe_load(recipe.read_text()).get("data")
@@ -97,17 +109,8 @@ def test_2b_recipe_instantiates_on_meta_device(name, tmp_path):
     emb = Embodiment.from_yaml(REPO / "embodiments" / f"{name}.yaml")
     write_dataset(tmp_path / "data", standard_episodes(1, 1, 1, 1, length=2), embodiment=emb,
                   text_encoder=_T5Sized())
-    cli = CosmosPolicyCLI(CosmosPolicyModule, CosmosDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                          run=False, args=[
-                              "--config", str(REPO / "recipes" / f"{name}.yaml"),  # data: datamodules/<name>.yaml
-                              "--data.init_args.data_dir", str(tmp_path / "data"),
-                              "--data.init_args.num_workers", "0",
-                              # no GPU, no hub here: CPU trainer, random DiT, tiny VAE; the DiT config is the recipe's
-                              "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
-                              "--trainer.strategy", "auto", "--trainer.precision", "32-true",
-                              "--trainer.default_root_dir", str(tmp_path),
-                              "--model.init_args.pretrained_transformer", "null",
-                              "--model.init_args.vae", json.dumps(TINY_VAE)])
+    cli = _recipe_on_cpu(REPO / "recipes" / f"{name}.yaml", tmp_path,  # data: datamodules/<name>.yaml
+                         "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto")
     model = cli.model
     assert model.hparams.transformer == "cosmos-predict2-2b" and model.hparams.activation_checkpointing
     assert model.layout.num_latent_frames == {"libero": 9, "robocasa": 11, "aloha": 11}[name]
@@ -237,15 +240,8 @@ def test_one_gpu_lora_recipe_instantiates_on_meta_device(name, tmp_path):
     emb = Embodiment.from_yaml(REPO / data["embodiment"])
     write_dataset(tmp_path / "data", standard_episodes(1, 1, 1, 1, length=2), embodiment=emb,
                   text_encoder=_T5Sized())
-    cli = CosmosPolicyCLI(CosmosPolicyModule, CosmosDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                          run=False, args=[
-                              "--config", str(recipe), "--data.init_args.data_dir", str(tmp_path / "data"),
-                              "--data.init_args.num_workers", "0", "--data.init_args.convert_from", "null",
-                              "--data.init_args.latent_cache", "false",
-                              "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
-                              "--trainer.default_root_dir", str(tmp_path),
-                              "--model.init_args.pretrained_transformer", "null",
-                              "--model.init_args.vae", json.dumps(TINY_VAE)])
+    cli = _recipe_on_cpu(recipe, tmp_path, "--data.init_args.convert_from", "null",
+                         "--data.init_args.latent_cache", "false")
     model = cli.model
     assert model.hparams.transformer == "cosmos-predict2-2b" and model.hparams.activation_checkpointing
     assert model.lora_settings.rank == 16 and model.lora_settings.base_dtype == "bfloat16"
