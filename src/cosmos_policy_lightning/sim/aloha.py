@@ -161,6 +161,14 @@ class GripperIK:
     rotation-vector (rad) error and ``J`` MuJoCo's body Jacobian (``mj_jacBody``), joints clipped to their
     ranges; warm-started from the previous solution, so a smooth target path gives a smooth joint path.
 
+    Of the wrist's two branches (``(roll, angle, rotate)`` and ``(roll -+ pi, -angle, rotate -+ pi)`` give
+    the same gripper pose), the one with ``|forearm roll| < FLIP_ROLL`` is kept: a solution past it is
+    solved again from its flipped twin. Why: the plans' paths cross the wrist singularity (wrist angle 0,
+    where forearm roll and wrist rotation turn about one axis) and the solver left it on either branch
+    (right-arm roll about +2.8 or -2.8 rad at the grasp, by the sign of a small difference in the cube's
+    position), so neighbouring placements got joint paths almost pi apart in two joints: demonstrations
+    that a policy learns as their average, which reaches neither.
+
     Args:
         model: the joint-space ``mujoco.MjModel`` (not modified).
         damping: lambda, in m^2 / rad^2.
@@ -189,8 +197,26 @@ class GripperIK:
         b = self.body[side]
         return self.data.xpos[b].copy(), self.data.xquat[b].copy()
 
+    #: forearm roll (rad) beyond which the flipped wrist branch is tried (the left arm's hand-over pose
+    #: holds 1.57, the right arm's flipped grasp 2.4-3.1)
+    FLIP_ROLL = 2.0
+
     def solve(self, side: str, start: np.ndarray, position: np.ndarray, quat: np.ndarray) -> tuple[np.ndarray, float]:
-        """Joint angles ``(6,)`` (rad) reaching the pose, from ``start``; returns them and the final error norm."""
+        """Joint angles ``(6,)`` (rad) reaching the pose, from ``start``, on the unflipped wrist branch
+        where it reaches the pose as closely; returns them and the final error norm."""
+        q, error = self._solve(side, start, position, quat)
+        roll, angle, rotate = (ARM_JOINTS.index(j) for j in ("forearm_roll", "wrist_angle", "wrist_rotate"))
+        if abs(q[roll]) > self.FLIP_ROLL:
+            twin = q.copy()
+            twin[roll] -= np.sign(q[roll]) * np.pi
+            twin[angle] = -q[angle]
+            twin[rotate] -= np.sign(q[rotate]) * np.pi
+            q2, error2 = self._solve(side, twin, position, quat)
+            if abs(q2[roll]) <= self.FLIP_ROLL and error2 <= max(error, 10 * self.tolerance):
+                return q2, error2
+        return q, error
+
+    def _solve(self, side: str, start: np.ndarray, position: np.ndarray, quat: np.ndarray) -> tuple[np.ndarray, float]:
         q = np.asarray(start, dtype=np.float64).copy()
         err = np.zeros(6)
         for _ in range(self.iterations):
@@ -315,10 +341,32 @@ class ScriptedExpert:
         self.worst_error = 0.0
 
     def reset(self, objects: np.ndarray) -> None:
-        """Plan for the objects' poses (gym-aloha ``env_state``)."""
+        """Plan for the objects' poses (gym-aloha ``env_state``).
+
+        Each arm's first segment (start pose to the plan's first waypoint) is interpolated in joint space,
+        to that waypoint's IK solution found from the start pose with the wrist angle mirrored positive
+        (the unflipped branch of the plans' downward-pitched grippers). Why: the Cartesian path of that
+        segment passes close to the wrist singularity, where IK turns the forearm roll by up to pi within
+        a few steps, at a moment that depends on the placement; the joint-space segment is smooth and a
+        smooth function of the placement, which is what a policy can learn.
+        """
         self.plan = PLANS[self.task](self.start_mocap, objects)
         self._q = {side: self.start[side].copy() for side in SIDES}
         self.worst_error = 0.0
+        self._approach = {}
+        angle = ARM_JOINTS.index("wrist_angle")
+        for side in SIDES:
+            first = self.plan[side][1]
+            seed = self.start[side].copy()
+            seed[angle] = abs(seed[angle])
+            q, error = self.ik.solve(side, seed, *self._gripper_pose(side, first["xyz"], first["quat"]))
+            self.worst_error = max(self.worst_error, error)
+            self._approach[side] = (first["t"], q)
+
+    def _gripper_pose(self, side: str, xyz: np.ndarray, mquat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mocap pose -> gripper-link pose through the weld's relative pose."""
+        rpos, rquat = self._relpose[side]
+        return xyz + _rotate(mquat, rpos), _quat_mul(mquat, rquat)
 
     def __call__(self, t: int) -> np.ndarray:
         """The ``(14,)`` float32 action of step ``t``: per arm 6 joint targets (rad), gripper opening [0, 1]."""
@@ -327,11 +375,12 @@ class ScriptedExpert:
         out = []
         for side in SIDES:
             xyz, mquat, gripper = interpolate(self.plan[side], t)
-            rpos, rquat = self._relpose[side]
-            # mocap pose -> gripper-link pose through the weld's relative pose
-            self._q[side], error = self.ik.solve(side, self._q[side], xyz + _rotate(mquat, rpos),
-                                                 _quat_mul(mquat, rquat))
-            self.worst_error = max(self.worst_error, error)
+            t_first, q_first = self._approach[side]
+            if t <= t_first:  # the joint-space first segment (reset)
+                self._q[side] = self.start[side] + (t / t_first) * (q_first - self.start[side])
+            else:
+                self._q[side], error = self.ik.solve(side, self._q[side], *self._gripper_pose(side, xyz, mquat))
+                self.worst_error = max(self.worst_error, error)
             out.extend([*self._q[side], gripper])
         return np.asarray(out, dtype=np.float32)
 
