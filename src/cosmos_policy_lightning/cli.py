@@ -29,6 +29,8 @@ TOOLS: dict[tuple[str, ...], tuple[str, str, str]] = {
                    "convert HDF5 / Zarr / LeRobot demonstrations into WebDataset shards + statistics"),
     ("cache-latents",): ("cosmos_policy_lightning.training.prepare", "cache_latents",
                          "encode a converted dataset once with the frozen VAE (fast training from latents)"),
+    ("push-dataset",): ("cosmos_policy_lightning.data.publish", "push_dataset",
+                        "upload a converted dataset (+ latent cache) to a Hub dataset repo or an fsspec URL"),
     ("verify",): ("cosmos_policy_lightning.data.integrity", "verify_dataset",
                   "check a converted dataset's shards (size, sample count, SHA-256) against its manifest"),
     ("collect",): ("cosmos_policy_lightning.sim.collect", "collect",

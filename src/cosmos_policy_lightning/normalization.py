@@ -319,8 +319,9 @@ class DatasetStats:
 
     @classmethod
     def load(cls, path: str | Path) -> "DatasetStats":
-        """Read ``stats.json``. Raises ValueError (one line, naming the file) when malformed."""
-        path = Path(path)
+        """Read ``stats.json`` (a path, or a ``UPath`` of a URL). Raises ValueError (one line, naming the
+        file) when malformed."""
+        path = path if hasattr(path, "read_text") else Path(path)
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:

@@ -33,6 +33,7 @@ import numpy as np
 
 from .atomic import write_bytes_atomic
 from .dtypes import dtype_from_name
+from .storage import location
 from .errors import CosmosPolicyError, DataError
 
 INDEX_FILE = "index.json"
@@ -264,7 +265,7 @@ class TextEmbeddingCache:
     """
 
     def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
+        self.directory = location(directory)  # a folder, or a URL whose files are read through fsspec
         self._index = self._load_index()
 
     # ------------------------------------------------------------------ index
@@ -358,7 +359,8 @@ class TextEmbeddingCache:
         entry = self._index["entries"][instruction]
         path = self.directory / entry["file"]
         try:
-            emb = np.load(path, allow_pickle=False)
+            with path.open("rb") as f:
+                emb = np.load(f, allow_pickle=False)
         except (OSError, ValueError) as err:
             raise CosmosPolicyError(f"{path}: cannot read embedding of instruction {instruction!r} ({err})") from None
         if emb.shape != (entry["tokens"], self._index["dim"]):

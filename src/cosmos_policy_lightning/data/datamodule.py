@@ -57,6 +57,7 @@ from ..errors import CosmosPolicyError, DataError
 from ..layout import OBJECTIVE_TABLE, OBJECTIVES, SequenceLayout
 from ..inference_record import InferenceRecord
 from ..normalization import DatasetStats, Normalizer
+from ..storage import is_url, location
 from . import schema as S
 from .dataset_info import DatasetInfo, is_converted, read_dataset_info
 from .latent_cache import cache_fingerprint, dataset_content, read_cache_manifest, refuse_other_fingerprint
@@ -306,7 +307,7 @@ class CosmosDataModule(L.LightningDataModule):
     @property
     def cache_dir(self) -> Path:
         """Directory of the latent cache (``latent_dir`` or ``<data_dir>/latents``)."""
-        return Path(self.latent_dir) if self.latent_dir else Path(self.data_dir) / "latents"
+        return location(self.latent_dir) if self.latent_dir else location(self.data_dir) / "latents"
 
     @property
     def cache_manifest(self) -> dict | None:

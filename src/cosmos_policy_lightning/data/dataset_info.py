@@ -16,6 +16,7 @@ from typing import Any
 from ..embodiment import Embodiment
 from ..errors import CosmosPolicyError, DataError
 from ..normalization import DatasetStats
+from ..storage import is_url, location
 from ..text import INDEX_FILE, TextEmbeddingCache
 from . import schema as S
 from .schema import load_json
@@ -59,7 +60,7 @@ class DatasetInfo:
     """Everything about a converted dataset that is known without reading a shard.
 
     Attributes:
-        data_dir: the dataset directory.
+        data_dir: the dataset directory: a ``pathlib.Path``, or a ``UPath`` for a URL (``storage.py``).
         embodiment: the robot (the given one, checked against the manifest's; else the manifest's).
         stats: normalisation statistics (``stats.json``), fingerprint checked against the manifest.
         manifest: ``manifest.json`` as a dict.
@@ -85,7 +86,7 @@ def is_converted(data_dir: str | Path) -> bool:
     Raises:
         DataError: the manifest exists but is not valid JSON.
     """
-    manifest = Path(data_dir) / S.MANIFEST
+    manifest = location(data_dir) / S.MANIFEST
     return manifest.is_file() and load_json(manifest).get("status") == "complete"
 
 
@@ -120,7 +121,8 @@ def _split_info(manifest: dict, split: str, data_dir: Path, manifest_path: Path)
         if entry.get("split") != split:
             continue
         path = data_dir / entry["name"]
-        if not path.is_file():
+        # (remote shards are not probed one by one here: set-up checks every size, data/integrity.py)
+        if not is_url(path) and not path.is_file():
             raise DataError(f"{manifest_path}: lists shard {entry['name']}, which is missing from {data_dir}")
         shards.append(str(path))
         samples.append(int(entry["samples"]) if entry.get("samples") is not None else None)
@@ -137,7 +139,7 @@ def read_dataset_info(data_dir: str | Path, embodiment: str | Path | None = None
     small JSON files). This is what the CLI links into the model (embodiment, text width).
 
     Args:
-        data_dir: the converted dataset directory.
+        data_dir: the converted dataset directory, or its URL (any fsspec protocol, ``storage.py``).
         embodiment: embodiment YAML path to use instead of the manifest's; it must describe the same
             robot (cameras, image size, dims, chunk size, gamma) -- its normalisation modes may differ.
 
@@ -149,8 +151,8 @@ def read_dataset_info(data_dir: str | Path, embodiment: str | Path | None = None
             manifest's ``stats_fingerprint``, or the embodiment does not match the shards.
         EmbodimentError: the embodiment YAML (or the manifest's copy) is invalid.
     """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
+    data_dir = location(data_dir)
+    if not is_url(data_dir) and not data_dir.is_dir():
         raise DataError(f"{data_dir}: dataset directory not found")
     manifest_path, stats_path = data_dir / S.MANIFEST, data_dir / S.STATS
     manifest = load_json(manifest_path)

@@ -14,7 +14,9 @@ shard, its sample count (``samples``), its size in bytes (``bytes``) and the SHA
 * the first time a process reads a shard (:class:`CheckedTarSamples` given the manifest's ``sha256``), its
   SHA-256, before any of its samples is yielded: a flipped byte is never trained on. The check reads the
   shard once more per process (then it is in the page cache); ``tools/benchmark_cache.py --integrity`` prints its cost
-  per training step;
+  per training step. A shard at a URL (``storage.py``) is streamed once: its SHA-256 is computed as it
+  streams and compared when its last byte has been read, so a corrupt remote shard stops the run at its
+  end (its samples may already be in a batch) instead of being downloaded twice;
 * on request (:func:`verify_checksums`; ``cosmos-policy verify DATA_DIR``, :func:`verify_dataset`), the
   SHA-256 and sample count of every shard (reads every byte).
 
@@ -34,6 +36,7 @@ from typing import Any, BinaryIO
 from webdataset.filters import PipelineStage
 
 from ..errors import DataError
+from ..storage import file_size, is_url, location, open_binary
 from .schema import load_json
 
 #: Read size of checksum computation.
@@ -43,9 +46,9 @@ CONVERT_AGAIN = "convert the dataset again"
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (streamed, 1 MiB at a time)."""
+    """Hex SHA-256 of a file's bytes (streamed, 1 MiB at a time; a local path or a URL, ``storage.py``)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for block in iter(lambda: f.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()
@@ -65,9 +68,8 @@ def check_shard_sizes(shards: Iterable[tuple[str | Path, int | None]], manifest:
             ``changed size: expected N bytes, got M``.
     """
     for path, expected in shards:
-        path = Path(path)
         try:
-            size = path.stat().st_size
+            size = file_size(path)
         except FileNotFoundError:
             raise DataError(f"{path}: shard listed in {manifest} is missing; {fix}") from None
         if expected is None or size == int(expected):
@@ -153,8 +155,22 @@ class CheckedTarSamples(PipelineStage):
         expected = self.counts.get(name)
         n = 0
         fix = self.fix
-        self._verify(url, name)
-        stream = wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([dict(shard)]))
+        hashing = None
+        if is_url(url):
+            # Streamed through fsspec in blocks (webdataset's own transports cover only some schemes): the
+            # checksum is computed on the way and compared at the end (module docstring).
+            try:
+                hashing = _HashingReader(open_binary(url))
+            except FileNotFoundError:
+                raise DataError(f"{url}: shard is missing (listed in the manifest); {fix}") from None
+            opened = [{**shard, "stream": io.BufferedReader(hashing, _CHUNK)}]
+            from webdataset.tariterators import group_by_keys, tar_file_expander
+
+            stream = group_by_keys(tar_file_expander(iter(opened), handler=wds.reraise_exception),
+                                   handler=wds.reraise_exception)
+        else:
+            self._verify(url, name)
+            stream = wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([dict(shard)]))
         try:
             for sample in stream:
                 missing = [m for m in self.required if m not in sample]
@@ -173,6 +189,21 @@ class CheckedTarSamples(PipelineStage):
         if expected is not None and n != expected:
             raise DataError(f"{url}: truncated: expected {expected} samples, read {n} (as recorded in the manifest); "
                             f"{fix}")
+        if hashing is not None:
+            self._check_streamed(url, name, hashing)
+
+    def _check_streamed(self, url: str, name: str, hashing: "_HashingReader") -> None:
+        """A remote shard read to its end: compare the SHA-256 of the streamed bytes with the manifest's."""
+        # the end-of-archive padding counts too (read from the file itself: webdataset may have closed
+        # the buffered wrapper, which leaves the fsspec file open)
+        for block in iter(lambda: hashing.f.read(_CHUNK), b""):
+            hashing.sha256.update(block)
+        hashing.f.close()
+        want = self.sha256.get(name)
+        got = hashing.sha256.hexdigest()
+        if want is not None and got != want:
+            raise DataError(f"{url}: checksum mismatch: expected sha256 {want[:16]}..., got {got[:16]}... "
+                            f"(as recorded in {self.manifest}); the shard is corrupt, {self.fix}")
 
     def run(self, src: Iterable[dict]) -> Iterator[dict]:
         for shard in src:
@@ -206,7 +237,7 @@ def scan_shard(path: str | Path) -> dict[str, Any]:
     Raises:
         DataError: the tar cannot be read to its end (names the shard and the samples read).
     """
-    raw = _HashingReader(open(path, "rb"))
+    raw = _HashingReader(open_binary(path))
     stream = io.BufferedReader(raw, _CHUNK)
     samples, last = 0, None
     try:
@@ -226,19 +257,19 @@ def scan_shard(path: str | Path) -> dict[str, Any]:
     return {"samples": samples, "bytes": raw.bytes, "sha256": raw.sha256.hexdigest()}
 
 
-def verify_dataset(data_dir: Path, checksums: bool = True) -> None:
+def verify_dataset(data_dir: str | Path, checksums: bool = True) -> None:
     """Check every shard of a converted dataset -- and of its latent cache (``latents/``), if there is one
     -- against what the manifests recorded: size, sample count and SHA-256 (reads every byte; set-up
     only checks sizes). Prints one line per shard that differs, then a summary.
 
     Args:
-        data_dir: the converted dataset (``cosmos-policy convert`` output).
+        data_dir: the converted dataset (``cosmos-policy convert`` output): a folder or a URL (``storage.py``).
         checksums: also read every shard for sample counts and SHA-256 (else sizes only).
 
     Raises:
         DataError: one line: how many shards differ, and the first difference.
     """
-    data_dir = Path(data_dir)
+    data_dir = location(data_dir)
     manifests = [data_dir / "manifest.json", data_dir / "latents" / "manifest.json"]
     problems, checked = [], 0
     for manifest in manifests:

@@ -63,6 +63,7 @@ from ..embodiment import Embodiment
 from ..errors import CosmosPolicyError, DataError
 from ..layout import SequenceLayout
 from ..locking import folder_lock
+from ..storage import is_url, join, location
 from . import schema as S
 from .augment import REFERENCE_AUGMENT, apply_uint8, center_crop_params, sample_params
 from .dataset_info import read_dataset_info
@@ -103,14 +104,14 @@ def dataset_content(info) -> str:
               for p, n, b, d in zip(info.splits[split].shards, info.splits[split].samples,
                                     info.splits[split].bytes or (None,) * len(info.splits[split].shards),
                                     info.splits[split].sha256 or (None,) * len(info.splits[split].shards))]
-    stats = file_sha256(Path(info.data_dir) / S.STATS)
+    stats = file_sha256(info.data_dir / S.STATS)
     return hashlib.sha256(json.dumps([shards, stats]).encode()).hexdigest()[:16]
 
 
 def rebuild_hint(data_dir: str | Path, cache_dir: str | Path | None = None, vae: Any = None) -> str:
     """What to run to rebuild a damaged cache (the pixel data is fine), for the end of a message."""
     cmd = f"cosmos-policy cache-latents {data_dir}"
-    if cache_dir is not None and Path(cache_dir) != Path(data_dir) / "latents":
+    if cache_dir is not None and str(cache_dir).rstrip("/") != join(str(data_dir), "latents"):
         cmd += f" --output {cache_dir}"
     if isinstance(vae, (str, Path)):
         cmd += f" --vae {vae}"
@@ -154,7 +155,7 @@ def read_cache_manifest(cache_dir: str | Path) -> dict | None:
     Raises:
         DataError: the manifest exists but is not valid JSON.
     """
-    path = Path(cache_dir) / S.MANIFEST
+    path = location(cache_dir) / S.MANIFEST
     return load_json(path) if path.is_file() else None
 
 
@@ -164,10 +165,10 @@ def refuse_other_fingerprint(manifest: dict, want: dict, cache_dir: str | Path, 
     diff = fingerprint_difference(have, {k: v for k, v in want.items() if k not in ignore})
     if diff is not None:
         if have.get("version") == want.get("version") and have.get("content") != want.get("content"):
-            raise DataError(f"{Path(cache_dir) / S.MANIFEST}: the latent cache is stale: it encodes other shards or "
+            raise DataError(f"{join(cache_dir, S.MANIFEST)}: the latent cache is stale: it encodes other shards or "
                             f"statistics than the dataset now holds (converted again?); delete {cache_dir} and "
                             f"rebuild it (cosmos-policy cache-latents, or fit with latent_cache: true)")
-        raise DataError(f"{Path(cache_dir) / S.MANIFEST}: a latent cache with another fingerprint is there: {diff}; "
+        raise DataError(f"{join(cache_dir, S.MANIFEST)}: a latent cache with another fingerprint is there: {diff}; "
                         f"delete {cache_dir} or choose another cache directory")
 
 
@@ -179,7 +180,7 @@ def check_cache_matches_model(cache_manifest: dict, cache_dir: str | Path, vae_h
         DataError: one line naming the cache and what differs.
     """
     fp = cache_manifest.get("fingerprint") or {}
-    where = Path(cache_dir) / S.MANIFEST
+    where = join(cache_dir, S.MANIFEST)
     if fp.get("vae") != vae_hash:
         raise DataError(f"{where}: latents were encoded by VAE {fp.get('vae')!r}, but the model's VAE is "
                         f"{vae_hash!r}; rebuild the cache (cosmos-policy cache-latents) with the model's VAE")
@@ -257,7 +258,7 @@ def build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None 
     their sample count, size and SHA-256.
 
     Args:
-        data_dir: converted (pixel) dataset directory.
+        data_dir: converted (pixel) dataset directory, or its URL (its shards are streamed; ``storage.py``).
         encoder: ``encoder(layout, images, future_images) -> (B, 16, T, h, w)`` latents of uint8
             ``(B, N, H, W, 3)`` images, with a ``fingerprint`` attribute naming its VAE (the model's
             ``model/sequence.py`` ``PixelSequenceEncoder(vae)``).
@@ -279,8 +280,13 @@ def build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None 
             fingerprint (one line naming what differs), or another process builds it with other options
             (refused at once).
     """
-    if not Path(data_dir).is_dir():
+    remote = is_url(data_dir)
+    if not remote and not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: dataset directory not found")
+    if is_url(output) or (output is None and remote):
+        raise DataError(f"{output or join(data_dir, 'latents')}: a latent cache is built into a local folder; "
+                        f"set data.latent_dir (cache-latents --output) to one, or build the cache where the "
+                        f"dataset was converted and push it with it (cosmos-policy push-dataset)")
     out = Path(output) if output is not None else Path(data_dir) / "latents"
 
     def refuse_other_options() -> None:
@@ -305,7 +311,7 @@ def build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None 
         # One lock order: the dataset's folder, then the cache's (the same folder lock convert takes). A
         # read-only dataset (its cache elsewhere) cannot be converted into, so it needs no lock.
         data_lock = folder_lock(data_dir, "conversion or latent cache", refuse_other_options) \
-            if os.access(data_dir, os.W_OK) else contextlib.nullcontext()
+            if not remote and os.access(data_dir, os.W_OK) else contextlib.nullcontext()
         with data_lock, folder_lock(out, "latent cache", refuse_other_options):
             return _build_latent_cache(data_dir, encoder, out, augment, augment_views, seed, dtype, batch_size,
                                        embodiment, progress)
@@ -383,7 +389,7 @@ def _build_latent_cache(data_dir: str | Path, encoder, output: str | Path | None
                   f"encoding it again", file=sys.stderr, flush=True)
     if manifest is not None and manifest.get("status") == "complete" and len(done) == len(manifest["shards"]):
         return out
-    jobs = [(split, Path(p)) for split in S.SPLITS for p in info.splits[split].shards]
+    jobs = [(split, location(p)) for split in S.SPLITS for p in info.splits[split].shards]
     counts = {Path(p).name: n for split in S.SPLITS for p, n in zip(info.splits[split].shards,
                                                                      info.splits[split].samples)}
     check_shard_sizes([(p, b) for split in S.SPLITS for p, b in zip(info.splits[split].shards,

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..storage import location
 
 IMAGE = "image"
 FUTURE_IMAGE = "future_image"
@@ -72,12 +73,13 @@ def sample_key(episode_id: str, step: int) -> str:
     return f"{episode_id}_{step:06d}"
 
 
-def load_json(path: Path) -> Any:
-    """Read a dataset's JSON file.
+def load_json(path: str | Path) -> Any:
+    """Read a dataset's JSON file (a local path or a URL, ``storage.py``).
 
     Raises:
         DataError: missing (with the conversion hint) or not valid JSON.
     """
+    path = location(path)
     if not path.is_file():
         raise DataError(f"{path}: not found (convert the dataset first: cosmos-policy convert ...)")
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..storage import location
 from . import schema as S
 from .dataset_info import DatasetInfo
 from .integrity import CONVERT_AGAIN, CheckedTarSamples, check_shard_sizes
@@ -109,14 +110,14 @@ class LatentCache(PixelShards):
 
     Args:
         info: the converted dataset's metadata.
-        cache_dir: the cache's folder.
+        cache_dir: the cache's folder, or its URL (``storage.py``).
         manifest: the cache's manifest, already checked against the data module's settings.
         vae: the VAE named in the rebuild command of error messages.
     """
 
     def __init__(self, info: DatasetInfo, cache_dir: Path, manifest: dict, vae: str | None):
         super().__init__(info)
-        self.cache_dir, self.manifest, self.vae = Path(cache_dir), manifest, vae
+        self.cache_dir, self.manifest, self.vae = location(cache_dir), manifest, vae
         self._entries = {e.get("name"): e for e in manifest.get("shards", []) if isinstance(e, dict)}
 
     @property

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..atomic import ensure_writable_dir, write_bytes_atomic
+from ..storage import location
 
 
 def batch_size(batch: dict[str, Any]) -> int:
@@ -112,7 +113,7 @@ class InstructionEmbeddingsInCheckpoint(Callback):
 
             self._table = {}
             data_dir = getattr(trainer.datamodule, "data_dir", None) if trainer.datamodule is not None else None
-            directory = Path(str(data_dir)) / "text_embeddings" if data_dir else None
+            directory = location(str(data_dir)) / "text_embeddings" if data_dir else None
             if directory is not None and (directory / "index.json").is_file():
                 cache = TextEmbeddingCache(directory)
                 if cache.identity is not None:

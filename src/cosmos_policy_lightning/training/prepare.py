@@ -21,10 +21,12 @@ from typing import Any
 from ..data.datamodule import check_convert_from
 from ..data.dataset_info import is_converted
 from ..data.latent_cache import build_latent_cache, check_cache_matches_model, read_cache_manifest
+from ..errors import DataError
 from ..layout import SequenceLayout
 from ..model.sequence import PixelSequenceEncoder
 from ..model.vae import VideoVAE
 from ..shipped import resolve_path
+from ..storage import is_url
 
 
 def convert_if_missing(data_dir: str | Path, embodiment: str | None, convert_from: dict[str, Any] | None) -> bool:
@@ -48,6 +50,9 @@ def convert_if_missing(data_dir: str | Path, embodiment: str | None, convert_fro
         return False
     if is_converted(data_dir):
         return False
+    if is_url(data_dir):
+        raise DataError(f"{data_dir}: no finished conversion at this URL, and convert_from converts into local "
+                        f"folders only; convert locally, then upload (cosmos-policy push-dataset)")
     check_convert_from(convert_from, embodiment)
     from ..data.convert import convert
 
