@@ -1,8 +1,15 @@
 """Training throughput: online VAE encoding vs the latent cache, Lightning vs a bare PyTorch loop, per
-DiT config, and the 2B model on a GPU.
+DiT config, the 2B model on a GPU, and the data stream from local vs remote (HTTP) shards.
 
     OMP_NUM_THREADS=1 python tools/benchmark_train.py                 # tiny and small models, CPU
     python tools/benchmark_train.py --gpu_2b true                        # + 2B model, LIBERO layout, when CUDA is present
+    OMP_NUM_THREADS=1 python tools/benchmark_train.py --configs '[small]' --remote_data true  # + streamed shards
+
+``--remote_data true`` converts the bundled Meta-World demonstrations (``samples/metaworld``), serves them
+over HTTP from 127.0.0.1 (the standard library's server, in this process; ``--latency_ms`` delays every
+response, like a far object store) and times the data module's training stream -- shard reading, JPEG
+decoding, augmentation, batching, with the integrity checks -- from the local folder and from the URL
+(``storage.py``). Streaming does not starve the step when its samples/s stays above the step's.
 
 "From latent cache" runs the same steps on batches whose images were replaced by their VAE latents
 (what ``data/latent_cache.py`` stores), so the difference is the VAE's share of an online step.
@@ -178,8 +185,66 @@ def _report(name: str, r: dict, peak: float | None = None) -> None:
               f"(target <= 1.05)")
 
 
+def _serve(folder: Path, latency_ms: float) -> str:
+    """Serve ``folder`` over HTTP on 127.0.0.1 in a daemon thread, each response ``latency_ms`` late."""
+    import functools
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def send_head(self):
+            time.sleep(latency_ms / 1000.0)
+            return super().send_head()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def stream_rate(data_dir: str, batches: int, batch_size: int, workers: int) -> float:
+    """Samples/s of the data module's training stream (after one warm-up batch) from ``data_dir``."""
+    from cosmos_policy_lightning.data.datamodule import CosmosDataModule
+
+    dm = CosmosDataModule(data_dir, batch_size=batch_size, num_workers=workers, latent_cache=False, shuffle_buffer=200)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch_size / (time.perf_counter() - t0)
+
+
+def compare_streams(batches: int, batch_size: int, workers: int, latency_ms: float, step_rate: float | None) -> None:
+    """Print the training stream's samples/s from local shards and from the same shards over HTTP."""
+    import tempfile
+
+    from cosmos_policy_lightning.data.convert import convert
+
+    with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp:
+        convert(str(REPO / "samples" / "metaworld"), output=f"{tmp}/ds", embodiment=str(REPO / "embodiments" / "metaworld.yaml"),
+                format="robomimic", val_fraction=0.15, text_encoder="minilm", progress=False)
+        rows = [("local folder", f"{tmp}/ds"), ("http://127.0.0.1", _serve(Path(tmp), 0.0) + "/ds")]
+        if latency_ms:
+            rows.append((f"http://127.0.0.1 + {latency_ms:g} ms per request", _serve(Path(tmp), latency_ms) + "/ds"))
+        print(f"Data stream, Meta-World sample shards (64x64, 2 cameras, JPEG decode + augmentation), batch "
+              f"{batch_size}, {workers} loader worker(s), {batches} batches:")
+        local = None
+        for name, where in rows:
+            rate = stream_rate(where, batches, batch_size, workers)
+            local = local or rate
+            line = f"  {name:<40} {rate:7.1f} samples/s  ({rate / local:.2f} x local)"
+            if step_rate:
+                line += f", {rate / step_rate:.1f} x the training step's {step_rate:.1f} samples/s"
+            print(line, flush=True)
+
+
 def main(steps: int = 30, batch_size: int = 16, repeats: int = 2, configs: list[str] = ("tiny", "small"),
-         gpu_2b: bool = False, gpu_batch_size: int = 16) -> None:
+         gpu_2b: bool = False, gpu_batch_size: int = 16, remote_data: bool = False, latency_ms: float = 20.0,
+         stream_batches: int = 40, stream_workers: int = 1) -> None:
     """Print training samples/s with online VAE encoding and from the latent cache, per DiT config,
     with Lightning vs a bare loop for the overhead, and for the 2B model on a GPU.
 
@@ -190,16 +255,26 @@ def main(steps: int = 30, batch_size: int = 16, repeats: int = 2, configs: list[
         configs: CPU-sized DiT configs to measure (``model/dit.py``).
         gpu_2b: also measure the 2B model on CUDA (LIBERO layout, 224x224, Wan2.1-sized VAE).
         gpu_batch_size: samples per batch for the 2B model.
+        remote_data: also time the data stream from local vs HTTP-served shards (module docstring), next
+            to the last CPU config's training samples/s with online VAE encoding (the step that consumes
+            pixel batches).
+        latency_ms: added delay per HTTP request of the second remote case (0: only the plain one).
+        stream_batches: batches timed per data-stream case.
+        stream_workers: data-loader worker processes of the data-stream cases.
     """
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     mw = Embodiment.from_yaml(REPO / "embodiments" / "metaworld.yaml")
     vae = str(REPO / "assets" / "tiny_wan_vae") if (REPO / "assets" / "tiny_wan_vae").is_dir() else TINY_VAE
     print(f"Meta-World layout (64x64, 2 cameras, 9 latent frames), tiny Wan VAE, batch {batch_size}, CPU "
           f"{torch.get_num_threads()} thread(s):")
+    step_rate = None
     for name in configs:
         r = compare(mw, name, vae, steps, batch_size, 384, "cpu", "32-true", None, False, repeats,
                     bare=name == "tiny")
         _report(name, r)
+        step_rate = r["lightning"]
+    if remote_data:
+        compare_streams(stream_batches, batch_size, stream_workers, latency_ms, step_rate)
 
     if gpu_2b:
         if not torch.cuda.is_available():

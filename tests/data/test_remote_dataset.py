@@ -28,8 +28,8 @@ from cosmos_policy_lightning.errors import DataError
 from cosmos_policy_lightning.storage import is_url, join, location
 
 from ..fixtures.cli_config import cli_override
+from ..fixtures.recorder import Recorder
 from ..fixtures.shard_factory import standard_episodes, write_dataset
-from ..reliability.test_resume_stream import Recorder
 
 REPO = Path(__file__).resolve().parents[2]
 HALF, BATCH = 6, 4

@@ -114,8 +114,9 @@ def test_sigterm_writes_a_final_last_checkpoint_that_resumes(toy_data, tmp_path)
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     events = tmp_path / "run" / "tb"
     deadline = time.time() + 240
-    while time.time() < deadline and not any(p.stat().st_size > 2000 for p in events.rglob("events.out.tfevents.*")):
-        time.sleep(0.5)  # a few steps logged
+    # a training step logged (not just the run's hyper-parameters: on a loaded machine those come well before)
+    while time.time() < deadline and not any(b"train/loss" in p.read_bytes() for p in events.rglob("events.out.tfevents.*")):
+        time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -16,26 +16,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cosmos_policy_lightning.data.datamodule import CosmosDataModule
 
+from ..fixtures.recorder import Recorder
 from ..fixtures.shard_factory import standard_episodes, write_dataset
 
 HALF = 12  # steps before the stop; an epoch here is 21 batches, so the stop is mid-epoch
 BATCH = 4
-
-
-class Recorder(L.LightningModule):
-    """Trains one scalar on the batch's proprio and records the ``(episode, step)`` keys of every batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-        self.seen: list[tuple[tuple[str, int], ...]] = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(tuple(zip(batch["episode"], batch["step"].tolist())))
-        return (self.w * batch["proprio"].mean() - 1.0) ** 2
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 @pytest.fixture(scope="module")
