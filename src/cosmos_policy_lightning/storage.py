@@ -73,14 +73,21 @@ def file_size(path: str | os.PathLike) -> int:
 
 
 def open_binary(path: str | os.PathLike, block_size: int = 1 << 22):
-    """A binary file object for reading, streamed in ``block_size`` blocks for a URL.
+    """A binary file object for sequential reading, streamed in ``block_size`` blocks for a URL.
+
+    Over ``http(s)://`` the response is read as one stream (fsspec's ``block_size=0``): blocks would be range
+    requests, which not every server answers (Python's ``http.server`` does not), and the readers here read
+    from the start to the end anyway.
 
     Raises:
         FileNotFoundError: nothing is there.
     """
     if not is_url(path):
         return open(path, "rb")
-    return location(path).open("rb", block_size=block_size)
+    p = location(path)
+    if str(path).split("://", 1)[0].lower() in ("http", "https"):
+        block_size = 0
+    return p.open("rb", block_size=block_size)
 
 
 __all__ = ["file_size", "is_url", "join", "location", "open_binary"]
