@@ -14,12 +14,10 @@ import warnings
 from pathlib import Path
 
 import fsspec
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cosmos_policy_lightning.cli import main
 from cosmos_policy_lightning.data.datamodule import CosmosDataModule
@@ -29,7 +27,7 @@ from cosmos_policy_lightning.errors import DataError
 from cosmos_policy_lightning.storage import file_size, is_url, join, location, open_binary
 
 from ..fixtures.cli_config import cli_override
-from ..fixtures.recorder import Recorder
+from ..fixtures.recorder import fit_recorder
 from ..fixtures.shard_factory import standard_episodes, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,15 +80,7 @@ def remote(request, dataset, served) -> str:
 
 
 def _fit(data: str, root: Path, max_steps: int, ckpt_path: str | None = None, save_every: int | None = None):
-    dm = CosmosDataModule(str(data), batch_size=BATCH, num_workers=0, shuffle_buffer=16, seed=3)
-    module = Recorder()
-    callbacks = [ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True, every_n_train_steps=save_every)] \
-        if save_every else []
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, limit_val_batches=0,
-                        enable_checkpointing=bool(save_every), callbacks=callbacks, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(root))
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    return module.seen
+    return fit_recorder(data, root, max_steps, 0, ckpt_path, save_every, batch_size=BATCH).seen
 
 
 def test_urls_and_locations():

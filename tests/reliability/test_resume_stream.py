@@ -9,14 +9,11 @@ import collections
 import warnings
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from cosmos_policy_lightning.data.datamodule import CosmosDataModule
 
-from ..fixtures.recorder import Recorder
+from ..fixtures.recorder import Recorder, fit_recorder
 from ..fixtures.shard_factory import standard_episodes, write_dataset
 
 HALF = 12  # steps before the stop; an epoch here is 21 batches, so the stop is mid-epoch
@@ -32,15 +29,7 @@ def dataset(tmp_path_factory) -> Path:
 
 def _fit(data: Path, root: Path, max_steps: int, workers: int, ckpt_path: str | None = None,
          save_every: int | None = None) -> Recorder:
-    dm = CosmosDataModule(str(data), batch_size=BATCH, num_workers=workers, shuffle_buffer=16, seed=3)
-    module = Recorder()
-    callbacks = [ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True, every_n_train_steps=save_every)] \
-        if save_every else []
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, limit_val_batches=0,
-                        enable_checkpointing=bool(save_every), callbacks=callbacks, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(root))
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    return module
+    return fit_recorder(data, root, max_steps, workers, ckpt_path, save_every, batch_size=BATCH)
 
 
 def _episodes(batches) -> collections.Counter:

@@ -57,7 +57,7 @@ from ..errors import CosmosPolicyError, DataError
 from ..layout import OBJECTIVE_TABLE, OBJECTIVES, SequenceLayout
 from ..inference_record import InferenceRecord
 from ..normalization import DatasetStats, Normalizer
-from ..storage import is_url, location
+from ..storage import location
 from . import schema as S
 from .dataset_info import DatasetInfo, is_converted, read_dataset_info
 from .latent_cache import cache_fingerprint, dataset_content, read_cache_manifest, refuse_other_fingerprint
