@@ -91,6 +91,8 @@ def test_urls_and_locations():
     assert isinstance(location("runs/ds"), Path)
     with pytest.raises(DataError, match="nosuchproto://x: cannot open this URL with fsspec"):
         location("nosuchproto://x")
+    with pytest.raises(DataError, match="memory://nothing/manifest.json: not found or not reachable"):
+        read_dataset_info("memory://nothing")
 
 
 def test_http_streams_files_larger_than_a_block(served, tmp_path):

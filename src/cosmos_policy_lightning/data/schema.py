@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..storage import location
+from ..storage import is_url, location
 
 IMAGE = "image"
 FUTURE_IMAGE = "future_image"
@@ -79,7 +79,11 @@ def load_json(path: str | Path) -> Any:
     Raises:
         DataError: missing (with the conversion hint) or not valid JSON.
     """
+    remote = is_url(path)
     path = location(path)
+    if remote and not path.is_file():
+        raise DataError(f"{path}: not found or not reachable (check the URL, the network and the filesystem's "
+                        f"credentials; a dataset gets there with cosmos-policy push-dataset)")
     if not path.is_file():
         raise DataError(f"{path}: not found (convert the dataset first: cosmos-policy convert ...)")
     try:
