@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .atomic import write_json_atomic
+from .storage import location
 
 ArrayLike = Any  # np.ndarray | torch.Tensor
 
@@ -321,7 +322,7 @@ class DatasetStats:
     def load(cls, path: str | Path) -> "DatasetStats":
         """Read ``stats.json`` (a path, or a ``UPath`` of a URL). Raises ValueError (one line, naming the
         file) when malformed."""
-        path = path if hasattr(path, "read_text") else Path(path)
+        path = location(path)
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:

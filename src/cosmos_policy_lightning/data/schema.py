@@ -81,10 +81,10 @@ def load_json(path: str | Path) -> Any:
     """
     remote = is_url(path)
     path = location(path)
-    if remote and not path.is_file():
-        raise DataError(f"{path}: not found or not reachable (check the URL, the network and the filesystem's "
-                        f"credentials; a dataset gets there with cosmos-policy push-dataset)")
-    if not path.is_file():
+    if not path.is_file():  # one probe (for a URL, a request)
+        if remote:
+            raise DataError(f"{path}: not found or not reachable (check the URL, the network and the filesystem's "
+                            f"credentials; a dataset gets there with cosmos-policy push-dataset)")
         raise DataError(f"{path}: not found (convert the dataset first: cosmos-policy convert ...)")
     try:
         return json.loads(path.read_text())
