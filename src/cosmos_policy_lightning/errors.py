@@ -16,6 +16,12 @@ USER_OS_ERRNOS = frozenset({1, 2, 13, 17, 20, 21, 27, 28, 30, 36, 40, 122})  # E
 # ENOTDIR EISDIR EFBIG ENOSPC EROFS ENAMETOOLONG ELOOP EDQUOT
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def os_error_line(err: OSError) -> str:
     """``<file>: <reason>`` for an OSError (``[Errno 28] No space left on device: 'x'`` -> ``x: no space
     left on device (errno 28)``)."""

@@ -34,7 +34,7 @@ import numpy as np
 from .atomic import write_bytes_atomic
 from .dtypes import dtype_from_name
 from .storage import location
-from .errors import CosmosPolicyError, DataError
+from .errors import CosmosPolicyError, DataError, first_line
 
 INDEX_FILE = "index.json"
 MINILM_IDENTITY = "minilm:all-MiniLM-L6-v2"
@@ -183,7 +183,7 @@ def _build_t5(source: str, torch_dtype) -> HFTextEncoder:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = T5EncoderModel.from_pretrained(source, dtype=torch_dtype)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CosmosPolicyError(f"text encoder 't5:{source}': cannot load tokenizer/model ({first})") from None
     return HFTextEncoder(f"t5:{source}", tokenizer, model, T5_MAX_TOKENS)
 

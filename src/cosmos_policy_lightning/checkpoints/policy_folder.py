@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..atomic import write_bytes_atomic, write_json_atomic, write_path_atomic
-from ..errors import CosmosPolicyError
+from ..errors import CosmosPolicyError, first_line
 from ..inference_record import InferenceRecord
 
 FORMAT = "cosmos-policy-lightning"
@@ -392,7 +392,7 @@ def push_to_hub(ckpt: Path, repo_id: str, local_dir: Path | None = None, private
                 info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
                 url = getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}"
             except Exception as err:  # auth, network, permissions
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                first = first_line(err)
                 raise CosmosPolicyError(f"push-to-hub {repo_id}: upload failed ({type(err).__name__}: {first})") \
                     from None
     result = {"folder": str(local_dir) if local_dir else None, "files": files, "url": url}
@@ -420,7 +420,7 @@ def resolve_folder(source: str | Path) -> Path:
     try:
         return Path(snapshot_download(repo_id=text))
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CosmosPolicyError(f"{text}: cannot fetch the policy from the Hub ({type(err).__name__}: {first})") \
             from None
 

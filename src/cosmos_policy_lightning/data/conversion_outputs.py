@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..embodiment import Embodiment
-from ..errors import DataError
+from ..errors import DataError, first_line
 from . import schema as S
 
 Record = dict[str, Any]
@@ -212,7 +212,7 @@ def check_text_encoder(spec: str) -> None:
 
         AutoConfig.from_pretrained(source)  # config.json only: a few KB, from the cache when offline
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise DataError(f"--text_encoder {spec}: cannot find this model ({first})") from None
 
 

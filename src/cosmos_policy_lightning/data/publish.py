@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import CosmosPolicyError
+from ..errors import CosmosPolicyError, first_line
 from ..storage import is_url, location
 from . import schema as S
 from .dataset_info import read_dataset_info
@@ -73,7 +73,7 @@ def push_dataset(data_dir: Path, destination: str, include_latents: bool = True,
                 fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
                 fs.put_file(str(data_dir / rel), remote)
         except Exception as err:  # credentials, network, permissions
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise CosmosPolicyError(f"push-dataset {url}: upload failed ({type(err).__name__}: {first})") from None
     else:
         if destination.count("/") != 1 or not all(destination.split("/")):
@@ -88,7 +88,7 @@ def push_dataset(data_dir: Path, destination: str, include_latents: bool = True,
             api.upload_folder(repo_id=destination, repo_type="dataset", folder_path=str(data_dir),
                               commit_message=commit_message, ignore_patterns=ignore)
         except Exception as err:  # auth, network, permissions
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise CosmosPolicyError(f"push-dataset {destination}: upload failed ({type(err).__name__}: {first})") \
                 from None
         url = f"hf://datasets/{destination}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import CosmosPolicyError
+from ..errors import CosmosPolicyError, first_line
 
 
 def diffusers_module():
@@ -30,6 +30,6 @@ def from_pretrained(model_cls, source: str, subfolder: str | None, default_subfo
     try:
         return model_cls.from_pretrained(source, subfolder=subfolder, torch_dtype=torch_dtype)
     except (OSError, ValueError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         where = f"{source}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-        raise CosmosPolicyError(f"{where}: cannot load {model_cls.__name__} weights: {first_line}") from err
+        raise CosmosPolicyError(f"{where}: cannot load {model_cls.__name__} weights: {reason}") from err

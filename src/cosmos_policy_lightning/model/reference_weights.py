@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CosmosPolicyError
+from ..errors import CosmosPolicyError, first_line
 
 #: File suffixes of reference checkpoints.
 REFERENCE_SUFFIXES = (".pt", ".pth")
@@ -69,7 +69,7 @@ def fetch_file(source: str | os.PathLike, what: str = "file") -> Path:
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename))
     except Exception as err:  # network, gated repository, missing file, offline cache miss
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CosmosPolicyError(f"{text}: cannot fetch {filename!r} from the Hub repository {repo_id!r} "
                                 f"({type(err).__name__}: {first})") from None
 
