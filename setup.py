@@ -12,7 +12,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-SHIPPED_FOLDERS = ("embodiments", "assets/tiny_wan_vae")  # = cosmos_policy_lightning.shipped.SHIPPED_FOLDERS
+SHIPPED_FOLDERS = ("embodiments", "assets/tiny_wan_vae", "assets/tiny_aloha_vae")  # = cosmos_policy_lightning.shipped.SHIPPED_FOLDERS
 PACKAGE_FOLDER = Path("cosmos_policy_lightning") / "_shipped"
 
 

@@ -1,4 +1,4 @@
-"""Files shipped with the package: the embodiment YAMLs and the tiny Wan2.1 VAE.
+"""Files shipped with the package: the embodiment YAMLs and the tiny Wan2.1 VAEs (Meta-World, ALOHA simulation).
 
 The repository's top-level folders ``embodiments/`` and ``assets/tiny_wan_vae/`` are the source of truth. A
 built wheel carries copies of them inside the package, under ``cosmos_policy_lightning/_shipped/`` (``setup.py``
@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 #: The folders copied into the wheel, relative to the repository root (setup.py reads this list too).
-SHIPPED_FOLDERS = ("embodiments", "assets/tiny_wan_vae")
+SHIPPED_FOLDERS = ("embodiments", "assets/tiny_wan_vae", "assets/tiny_aloha_vae")
 #: Where the copies live inside the installed package.
 PACKAGE_FOLDER = "_shipped"
 #: Root of a source checkout (``src/cosmos_policy_lightning/shipped.py`` -> the repository); only used when it

@@ -67,6 +67,50 @@ def test_tool_trains_saves_and_reloads(tmp_path):
         tool.train_tiny_vae(data=str(SAMPLE / "reach-v3.hdf5"), output=out, image_steps=1)
 
 
+def test_hard_pixel_term_adds_the_worst_pixels_loss():
+    """vae_loss's hard-pixel term is the mean L1 + MSE of each frame's worst pixels (here 1 % = 10 of 1,024)."""
+    tool = _tool()
+    torch.manual_seed(0)
+    vae = tool.build_vae(base_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1, z_dim=16).eval()
+    x = torch.rand(2, 3, 1, 32, 32) * 2 - 1
+    plain, _ = tool.vae_loss(vae, x, 0.0, torch.Generator().manual_seed(1))
+    hard, _ = tool.vae_loss(vae, x, 0.0, torch.Generator().manual_seed(1), hard_pixel_weight=2.0,
+                            hard_pixel_fraction=0.01)
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist
+        g = torch.Generator().manual_seed(1)
+        err = vae.decode(posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)).sample - x
+        per_pixel = ((err.abs() + err.square()).mean(1))[:, 0].reshape(2, -1)   # (frames, pixels)
+        expected = per_pixel.topk(10, dim=1).values.mean()
+    torch.testing.assert_close(hard - plain, 2.0 * expected, rtol=1e-4, atol=1e-5)
+    assert expected > 2 * per_pixel.mean()        # the worst pixels weigh more than the average one
+
+
+def test_tool_reads_per_episode_act_files(tmp_path):
+    """ACT / ALOHA per-episode files (what `collect` writes), found below the folder, the last episodes of each
+    folder held out; a file of neither layout is named in one line."""
+    tool = _tool()
+    rng = np.random.default_rng(0)
+    for task in ("transfer_cube", "insertion"):
+        (tmp_path / "data" / task).mkdir(parents=True)
+        for ep in (0, 1, 2, 10):
+            with h5py.File(tmp_path / "data" / task / f"episode_{ep}.hdf5", "w") as f:
+                for cam in ("top", "left_wrist", "right_wrist"):
+                    f[f"observations/images/{cam}"] = rng.integers(0, 255, (9, 64, 64, 3), dtype=np.uint8)
+    record = tool.train_tiny_vae(data=str(tmp_path / "data"), output=tmp_path / "vae",
+                                 embodiment=REPO / "embodiments" / "aloha_sim.yaml", base_dim=8, image_steps=2,
+                                 image_batch=2, image_minutes=None, sequence_steps=0, holdout_episodes=1,
+                                 frame_stride=4, eval_pairs=2, stats_sequences=2)
+    # 2 tasks x 3 training episodes x 3 cameras x 3 kept steps (0, 4, 8); episode_10 sorts last and is held out
+    assert record["train_frames"] == 2 * 3 * 3 * 3 and record["heldout_frames"] == 2 * 3 * 3
+    assert sorted(record["holdout"].values()) == [["episode_10.hdf5"]] * 2
+    assert record["scenes"] == "aloha_sim" and record["image_size"] == "64x64"
+    with h5py.File(tmp_path / "other.hdf5", "w") as f:
+        f["action"] = np.zeros((3, 14), np.float32)
+    with pytest.raises(Exception, match=r"other\.hdf5: expected robomimic groups data/demo_N or per-episode"):
+        tool.train_tiny_vae(data=str(tmp_path / "other.hdf5"), output=tmp_path / "vae2", image_steps=1)
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
