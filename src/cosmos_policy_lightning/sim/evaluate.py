@@ -173,6 +173,15 @@ def call_seed(seed: int, episode: int, call: int) -> int:
     return seed * 1_000_003 + episode * 1_000 + call
 
 
+def best_score(score: float | None, info: Any) -> float | None:
+    """The best partial progress so far: ``max(score, info["success_score"])`` when the step's info has one
+    (a fraction in [0, 1]: ALOHA's stages / 4), else ``score`` unchanged (None for envs without stages)."""
+    new = info.get("success_score") if isinstance(info, dict) else None
+    if new is None:
+        return score
+    return float(new) if score is None else max(score, float(new))
+
+
 def run_rollout(env: SimEnv, controller: Controller, episode: int, execute_steps: int, record_images: bool,
                 seed: int, record_latency: bool = True) -> Rollout:
     """One episode from initial state ``episode``: query a chunk, execute ``execute_steps`` of it, repeat,
@@ -211,7 +220,8 @@ def run_rollout(env: SimEnv, controller: Controller, episode: int, execute_steps
                     r.images[cam].append(img)
             r.proprio.append(np.asarray(obs["proprio"], dtype=np.float32))
             r.actions.append(action)
-            obs, _, success, truncated, _ = env.step(action)
+            obs, _, success, truncated, info = env.step(action)
+            r.score = best_score(r.score, info)
             if success:
                 r.success, r.success_step = True, r.length - 1
                 return r
@@ -269,7 +279,7 @@ class EnvHost:
         env = self.env
         low, high = env.action_bounds
         out: dict[str, Any] = {"images": {c: [] for c in env.cameras} if record_images else {}, "proprio": [],
-                               "actions": [], "success": False, "done": False}
+                               "actions": [], "success": False, "done": False, "score": None}
         obs = self._obs
         for action in actions:
             action = np.clip(np.asarray(action, dtype=np.float32), low, high)
@@ -278,7 +288,8 @@ class EnvHost:
                     out["images"][cam].append(img)
             out["proprio"].append(np.asarray(obs["proprio"], dtype=np.float32))
             out["actions"].append(action)
-            obs, _, success, truncated, _ = env.step(action)
+            obs, _, success, truncated, info = env.step(action)
+            out["score"] = best_score(out["score"], info)
             if success or truncated:
                 out.update(success=bool(success), done=True)
                 break
@@ -473,8 +484,15 @@ def _stats(episodes: list[dict]) -> dict[str, Any]:
     n = len(episodes)
     succ = sum(bool(e["success"]) for e in episodes)
     lo, hi = wilson_interval(succ, n)
-    return {"episodes": n, "successes": succ, "success_rate": succ / n if n else 0.0, "ci95": [lo, hi],
-            "mean_length": float(np.mean([e["length"] for e in episodes])) if n else 0.0}
+    out = {"episodes": n, "successes": succ, "success_rate": succ / n if n else 0.0, "ci95": [lo, hi],
+           "mean_length": float(np.mean([e["length"] for e in episodes])) if n else 0.0}
+    scores = [e["score"] for e in episodes if e.get("score") is not None]
+    if scores:
+        # partial progress (e.g. ALOHA's stages): mean with a normal 95% interval of the mean, clipped to [0, 1]
+        m = float(np.mean(scores))
+        half = Z95 * float(np.std(scores, ddof=1)) / math.sqrt(len(scores)) if len(scores) > 1 else 0.0
+        out["mean_score"], out["score_ci95"] = m, [max(0.0, m - half), min(1.0, m + half)]
+    return out
 
 
 def _check_given_embodiment(given: Any, used: Any, where: str) -> None:
@@ -823,7 +841,7 @@ class _EpisodeFiles:
             write_rollout_hdf5(output / "rollouts" / file_stem(task) / f"{stem}.hdf5", r, attrs={
                 "seed": self.seed, "policy": self.label, "checkpoint": str(self.checkpoint or "")})
         rec = {"task": task, "episode": ep, "success": r.success, "length": r.length, "success_step": r.success_step,
-               "seconds": seconds, "values": [[s, v] for s, v in r.values], "latencies": list(r.latencies),
+               "score": r.score, "seconds": seconds, "values": [[s, v] for s, v in r.values], "latencies": list(r.latencies),
                "limit": limit, "run": self.run}
         write_json_atomic(_episode_path(output, task, ep), rec)
         self.records[(task, ep)] = rec
@@ -907,6 +925,7 @@ def _run_policy(workers: list[Any], pending: deque, controller: BatchController,
                 r.images[cam].extend(frames)
             r.proprio.extend(res["proprio"])
             r.actions.extend(res["actions"])
+            r.score = best_score(r.score, {"success_score": res["score"]})
             st["obs"] = res["obs"]
             if res["done"]:
                 if res["success"]:
@@ -966,7 +985,7 @@ def _print_table(results: dict[str, Any], output: Path) -> None:
 
     table = Table(title=f"{results['config']['simulator']} closed loop: {results['config']['policy']}",
                   caption=f"results: {output}/results.json")
-    for col in ("task", "success", "95% CI", "mean length", "latency/chunk mean", "p50", "p95", "value AUROC 25/50/100%",
+    for col in ("task", "success", "95% CI", "progress", "mean length", "latency/chunk mean", "p50", "p95", "value AUROC 25/50/100%",
                 "ranking", "ECE"):
         table.add_column(col, justify="left" if col == "task" else "right")
     rows = list(results["tasks"].items()) + [(f"suite {s}", t) for s, t in results.get("suites", {}).items()]
@@ -975,7 +994,8 @@ def _print_table(results: dict[str, Any], output: Path) -> None:
         lat = t.get("latency", {})
         fmt = lambda k: f"{lat[k]:.3f} s" if k in lat else "-"  # noqa: E731
         table.add_row(name, f"{t['successes']}/{t['episodes']} ({100 * t['success_rate']:.0f}%)",
-                      f"[{100 * t['ci95'][0]:.0f}%, {100 * t['ci95'][1]:.0f}%]", f"{t['mean_length']:.1f}",
+                      f"[{100 * t['ci95'][0]:.0f}%, {100 * t['ci95'][1]:.0f}%]", _fmt_opt(t.get("mean_score")),
+                      f"{t['mean_length']:.1f}",
                       fmt("mean_s"), fmt("p50_s"), fmt("p95_s"),
                       " / ".join("-" if a is None else f"{a:.2f}" for a in t["value_auroc"].values())
                       if t.get("value_auroc") else "-",
@@ -984,7 +1004,7 @@ def _print_table(results: dict[str, Any], output: Path) -> None:
     Console(width=170).print(table)
 
 
-__all__ = ["BatchController", "Controller", "EnvHost", "WorkerPool", "batch_policy_controller", "call_seed", "evaluate",
+__all__ = ["BatchController", "Controller", "EnvHost", "WorkerPool", "batch_policy_controller", "best_score", "call_seed", "evaluate",
            "expert_controller", "file_stem", "latency_summary", "noop_controller", "per_observation",
            "planner_controller", "policy_controller", "random_controller", "remote_controller", "run_rollout",
            "wilson_interval"]

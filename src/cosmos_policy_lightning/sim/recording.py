@@ -36,6 +36,8 @@ class Rollout:
         success: whether the task succeeded; success_step: step index of the first success (-1: none).
         values: ``(step, value)`` pairs: the predicted value in [0, 1] when a chunk was chosen.
         latencies: seconds per policy call (one per action chunk).
+        score: the best partial progress in [0, 1] the env reported (``info["success_score"]``, e.g. ALOHA's
+            stages / 4), None for an env that reports none.
     """
 
     task: str
@@ -48,6 +50,7 @@ class Rollout:
     success_step: int = -1
     values: list[tuple[int, float]] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    score: float | None = None
 
     @property
     def length(self) -> int:
